@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The one command that says whether the tree is good: scripts/test.sh [nextest args...]
+#
+# It is what CI runs (.ci/run) and what the README tells contributors to run, so it
+# must work from a fresh clone with nothing but Rust (+ cargo-nextest), python3 and
+# gcc installed, as root or not, with CI=true and no terminal. Anything else it needs
+# (Postgres) it provides itself and throws away afterwards.
+set -euo pipefail
+
+cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
+
+# A private cluster per run: parallel runs (two worktrees, CI retries) never share
+# databases, and nothing depends on a server the machine may not have.
+PG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/credbroker-test-pg.XXXXXXXX")
+# postgres.sh may turn PG_DIR into a symlink when user postgres cannot reach TMPDIR;
+# remember where the data really is so cleanup removes that too.
+cleanup() {
+    local real
+    real=$(realpath -- "$PG_DIR" 2>/dev/null || echo "$PG_DIR")
+    bash scripts/postgres.sh stop "$PG_DIR" || true
+    rm -rf -- "$real" "$PG_DIR"
+}
+trap cleanup EXIT
+# Make Ctrl-C and CI cancellation go through the EXIT trap, so no server outlives us.
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+bash scripts/postgres.sh start "$PG_DIR" </dev/null
+
+# Tests create (and drop) one database per test, so they are handed the maintenance
+# database rather than one they would all share.
+CREDBROKER_TEST_DATABASE_URL=$(bash scripts/postgres.sh url "$PG_DIR" postgres)
+export CREDBROKER_TEST_DATABASE_URL
+echo "test.sh: CREDBROKER_TEST_DATABASE_URL=$CREDBROKER_TEST_DATABASE_URL" >&2
+
+# Keep going after a failure so one run reports every broken step, then fail at the end.
+failed=()
+
+# nextest runs each test in its own process (no shared global state between tests,
+# better timeouts and output); plain cargo test is the fallback so the script still
+# works where nextest is not installed.
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast "$@" </dev/null || failed+=("cargo nextest run")
+else
+    echo "test.sh: cargo-nextest not found; falling back to cargo test" >&2
+    cargo test --no-fail-fast "$@" </dev/null || failed+=("cargo test")
+fi
+
+# The shipped policies are data the tests do not load: a typo in them would only show
+# up at deploy time. Checking them with the real binary catches it here.
+cargo run --quiet -- policy check policies </dev/null ||
+    failed+=("policy check policies")
+cargo run --quiet -- policy check dev/policies --config dev/credbroker.toml </dev/null ||
+    failed+=("policy check dev/policies")
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "test.sh: FAILED:" >&2
+    printf "  - %s\n" "${failed[@]}" >&2
+    exit 1
+fi
+echo "test.sh: all checks passed" >&2

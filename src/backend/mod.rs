@@ -1,0 +1,206 @@
+//! Where credentials are minted. Every target sits behind the small [`Backend`] trait; adding
+//! one is a file in this folder plus a line in [`KINDS`].
+
+mod kafka;
+pub mod signing;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use jsonwebtoken::jwk::Jwk;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::config::{Config, ConfigError};
+use crate::policy::ParamSchema;
+use crate::types::{sha256_hex, BackendName, RoleName, Ttl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The target refused or failed; the detail is safe to show the client.
+    #[error("{backend} failed: {detail}")]
+    Failed { backend: String, detail: String },
+}
+
+pub struct MintRequest<'a> {
+    pub issuance_id: Uuid,
+    pub role: &'a RoleName,
+    /// The role's parameters, rendered from the verified claims.
+    pub params: &'a BTreeMap<String, String>,
+    pub ttl: Ttl,
+    pub issued_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+}
+
+/// What a client needs to use a credential. Secret fields are exposed only when the HTTP
+/// response is serialised; `Debug` and the audit log see a fingerprint instead.
+pub struct Credential {
+    pub public: Map<String, Value>,
+    secrets: Vec<(&'static str, SecretString)>,
+    pub env: Vec<(String, EnvValue)>,
+    /// SHA-256 of the primary secret: what the audit log keeps.
+    pub fingerprint: String,
+    /// The backend's own reference (key id, lease id): never a secret.
+    pub handle: Option<String>,
+}
+
+pub enum EnvValue {
+    Public(String),
+    /// The named secret field.
+    Secret(&'static str),
+}
+
+impl Credential {
+    pub fn new(primary_field: &'static str, primary: SecretString) -> Self {
+        let fingerprint = sha256_hex(primary.expose_secret().as_bytes());
+        Self { public: Map::new(), secrets: vec![(primary_field, primary)], env: Vec::new(), fingerprint, handle: None }
+    }
+
+    pub fn with_public(mut self, field: &str, value: impl Into<Value>) -> Self {
+        self.public.insert(field.to_owned(), value.into());
+        self
+    }
+
+    pub fn with_env(mut self, name: &str, value: EnvValue) -> Self {
+        self.env.push((name.to_owned(), value));
+        self
+    }
+
+    pub fn with_handle(mut self, handle: String) -> Self {
+        self.handle = Some(handle);
+        self
+    }
+
+    /// The credential object of the HTTP response, secrets included.
+    pub fn expose_fields(&self) -> Map<String, Value> {
+        let mut fields = self.public.clone();
+        for (name, secret) in &self.secrets {
+            fields.insert((*name).to_owned(), Value::String(secret.expose_secret().to_owned()));
+        }
+        fields
+    }
+
+    /// Environment variables for `credbroker exchange --format env`, secrets included.
+    pub fn expose_env(&self) -> Map<String, Value> {
+        self.env
+            .iter()
+            .filter_map(|(name, value)| {
+                let value = match value {
+                    EnvValue::Public(text) => text.clone(),
+                    EnvValue::Secret(field) => {
+                        self.secrets.iter().find(|(n, _)| n == field)?.1.expose_secret().to_owned()
+                    }
+                };
+                Some((name.clone(), Value::String(value)))
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential").field("public", &self.public).field("fingerprint", &self.fingerprint).finish()
+    }
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// The kind as written in `type = "..."`.
+    fn kind(&self) -> &'static str;
+    /// What the credential is for (`kafka`, `aws`, ...) unless the role names a target.
+    fn default_target(&self) -> &'static str;
+    /// The longest lifetime this backend can issue, if it has a ceiling of its own.
+    fn max_ttl(&self) -> Option<Ttl>;
+    async fn mint(&self, request: MintRequest<'_>) -> Result<Credential, BackendError>;
+    /// Public keys verifiers need (served at `/.well-known/jwks.json`).
+    fn published_keys(&self) -> Vec<Jwk> {
+        Vec::new()
+    }
+}
+
+/// Everything a backend's constructor may need from outside its own table.
+pub struct BuildContext<'a> {
+    pub config: &'a Config,
+    pub name: &'a BackendName,
+    /// Dev mode's state directory: missing key files inside it may be generated.
+    pub dev_state_dir: Option<&'a Path>,
+}
+
+type Constructor = fn(&toml::Table, &BuildContext<'_>) -> Result<Arc<dyn Backend>, ConfigError>;
+
+struct Kind {
+    name: &'static str,
+    params: ParamSchema,
+    build: Constructor,
+}
+
+const KINDS: &[Kind] = &[Kind { name: "kafka_oauthbearer", params: kafka::PARAMS, build: kafka::build }];
+
+pub fn all_param_schemas() -> Vec<ParamSchema> {
+    KINDS.iter().map(|kind| kind.params).collect()
+}
+
+pub struct Backends {
+    by_name: HashMap<BackendName, (Arc<dyn Backend>, ParamSchema)>,
+}
+
+impl Backends {
+    pub fn build(config: &Config, dev_state_dir: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut by_name = HashMap::new();
+        for (name, table) in &config.backends {
+            let key = format!("backends.{name}.type");
+            let kind_name = table
+                .get("type")
+                .and_then(toml::Value::as_str)
+                .ok_or_else(|| ConfigError::new(config.source_name(), &key, "is required"))?;
+            let kind = KINDS.iter().find(|kind| kind.name == kind_name).ok_or_else(|| {
+                let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+                ConfigError::new(config.source_name(), &key, format!("unknown backend type {kind_name:?}; known: {known:?}"))
+            })?;
+            let context = BuildContext { config, name, dev_state_dir };
+            by_name.insert(name.clone(), ((kind.build)(table, &context)?, kind.params));
+        }
+        Ok(Self { by_name })
+    }
+
+    pub fn get(&self, name: &BackendName) -> Option<&Arc<dyn Backend>> {
+        self.by_name.get(name).map(|(backend, _)| backend)
+    }
+
+    pub fn schemas(&self) -> HashMap<BackendName, ParamSchema> {
+        self.by_name.iter().map(|(name, (_, schema))| (name.clone(), *schema)).collect()
+    }
+
+    pub fn published_keys(&self) -> Vec<Jwk> {
+        let mut keys: Vec<Jwk> = self.by_name.values().flat_map(|(backend, _)| backend.published_keys()).collect();
+        keys.sort_by(|a, b| a.common.key_id.cmp(&b.common.key_id));
+        keys.dedup_by(|a, b| a.common.key_id == b.common.key_id);
+        keys
+    }
+}
+
+/// Reads a backend key from its table, naming the key on error.
+fn table_string<'a>(table: &'a toml::Table, context: &BuildContext<'_>, key: &str) -> Result<Option<&'a str>, ConfigError> {
+    match table.get(key) {
+        None => Ok(None),
+        Some(toml::Value::String(value)) => Ok(Some(value)),
+        Some(_) => Err(context.error(key, "must be a string")),
+    }
+}
+
+impl BuildContext<'_> {
+    fn error(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.config.source_name(), format!("backends.{}.{key}", self.name), message)
+    }
+
+    fn reject_unknown_keys(&self, table: &toml::Table, known: &[&str]) -> Result<(), ConfigError> {
+        match table.keys().find(|key| key.as_str() != "type" && !known.contains(&key.as_str())) {
+            Some(key) => Err(self.error(key, format!("unknown key; expected one of {known:?}"))),
+            None => Ok(()),
+        }
+    }
+}

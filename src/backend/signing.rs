@@ -1,0 +1,115 @@
+//! Keys the broker signs with (Kafka tokens, the dev issuer), parsed once at startup.
+//! The private half never leaves this struct; the public half is what `/.well-known/jwks.json` serves.
+
+use std::path::Path;
+
+use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse, ThumbprintHash};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SigningKeyError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not a PKCS#8 PEM RSA or EC P-256 private key")]
+    Unsupported { path: String },
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("cannot generate a key: {0}")]
+    Generate(String),
+    #[error("signing failed: {0}")]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
+pub struct SigningKey {
+    encoding: EncodingKey,
+    algorithm: Algorithm,
+    /// RFC 7638 thumbprint, so the same key always gets the same `kid`.
+    kid: String,
+    public_jwk: Jwk,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey").field("kid", &self.kid).field("algorithm", &self.algorithm).finish()
+    }
+}
+
+impl SigningKey {
+    pub fn from_pem_file(path: &Path) -> Result<Self, SigningKeyError> {
+        let pem = std::fs::read(path).map_err(|source| SigningKeyError::Read { path: path.display().to_string(), source })?;
+        Self::from_pem(&pem).ok_or_else(|| SigningKeyError::Unsupported { path: path.display().to_string() })
+    }
+
+    /// Loads the key, generating an RSA key at `path` first when it is missing and `generate` is
+    /// set (dev mode only: production keys are provisioned, never conjured).
+    pub fn load_or_generate(path: &Path, generate: bool) -> Result<Self, SigningKeyError> {
+        if generate && !path.exists() {
+            write_new_rsa_key(path)?;
+        }
+        Self::from_pem_file(path)
+    }
+
+    pub fn from_pem(pem: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(pem).ok()?;
+        let (encoding, algorithm) = if let Ok(key) = EncodingKey::from_rsa_pem(pem) {
+            (key, Algorithm::RS256)
+        } else if text.contains("BEGIN PRIVATE KEY") || text.contains("BEGIN EC PRIVATE KEY") {
+            (EncodingKey::from_ec_pem(pem).ok()?, Algorithm::ES256)
+        } else {
+            return None;
+        };
+        let mut public_jwk = Jwk::from_encoding_key(&encoding, algorithm).ok()?;
+        let kid = public_jwk.thumbprint(ThumbprintHash::SHA256);
+        public_jwk.common.key_id = Some(kid.clone());
+        public_jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+        public_jwk.common.key_algorithm = Some(match algorithm {
+            Algorithm::ES256 => KeyAlgorithm::ES256,
+            _ => KeyAlgorithm::RS256,
+        });
+        Some(Self { encoding, algorithm, kid, public_jwk })
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    pub fn public_jwk(&self) -> &Jwk {
+        &self.public_jwk
+    }
+
+    pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, SigningKeyError> {
+        let mut header = Header::new(self.algorithm);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("JWT".into());
+        Ok(jsonwebtoken::encode(&header, claims, &self.encoding)?)
+    }
+}
+
+fn write_new_rsa_key(path: &Path) -> Result<(), SigningKeyError> {
+    use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).map_err(|e| SigningKeyError::Generate(e.to_string()))?;
+    let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| SigningKeyError::Generate(e.to_string()))?;
+    let write_error = |source| SigningKeyError::Write { path: path.display().to_string(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(write_error)?;
+    }
+    write_private_file(path, pem.as_bytes()).map_err(write_error)
+}
+
+/// Private keys are created readable by their owner only.
+fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(contents)
+}

@@ -1,0 +1,360 @@
+//! One exchange, top to bottom: verify → decide → record (claim the token use) → mint →
+//! record (the issued row) → hand over. Every exit writes exactly one audit row.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::audit::{Audit, AuditEvent, Decision, TokenUse};
+use crate::backend::{BackendError, Backends, Credential, MintRequest};
+use crate::oidc::{Verifier, VerifiedToken, VerifyError};
+use crate::policy::{self, PolicySet, TtlRequest};
+use crate::types::Ttl;
+
+/// The stable, machine-readable vocabulary of failures (`code` in problem+json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidRequest,
+    InvalidToken,
+    UntrustedIssuer,
+    AccessDenied,
+    TokenReplayed,
+    TtlNotSatisfiable,
+    RateLimited,
+    BackendFailed,
+    AuditUnavailable,
+    IssuerUnavailable,
+    RequestTimeout,
+    NotFound,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::UntrustedIssuer => "untrusted_issuer",
+            ErrorCode::AccessDenied => "access_denied",
+            ErrorCode::TokenReplayed => "token_replayed",
+            ErrorCode::TtlNotSatisfiable => "ttl_not_satisfiable",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::BackendFailed => "backend_failed",
+            ErrorCode::AuditUnavailable => "audit_unavailable",
+            ErrorCode::IssuerUnavailable => "issuer_unavailable",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::NotFound => "not_found",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    InvalidToken(VerifyError),
+    #[error("access denied: {reason}")]
+    AccessDenied { role: String, reason: String, client_may_see: bool },
+    #[error("job token already used {0} time(s) for this role")]
+    TokenReplayed(u32),
+    #[error(transparent)]
+    TtlNotSatisfiable(#[from] policy::TtlNotSatisfiable),
+    #[error(transparent)]
+    BackendFailed(#[from] BackendError),
+    #[error("audit log unavailable: {0}")]
+    AuditUnavailable(#[source] crate::audit::AuditError),
+}
+
+impl ExchangeError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ExchangeError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            ExchangeError::InvalidToken(VerifyError::UntrustedIssuer(_)) => ErrorCode::UntrustedIssuer,
+            ExchangeError::InvalidToken(VerifyError::IssuerUnavailable(_)) => ErrorCode::IssuerUnavailable,
+            ExchangeError::InvalidToken(_) => ErrorCode::InvalidToken,
+            ExchangeError::AccessDenied { .. } => ErrorCode::AccessDenied,
+            ExchangeError::TokenReplayed(_) => ErrorCode::TokenReplayed,
+            ExchangeError::TtlNotSatisfiable(_) => ErrorCode::TtlNotSatisfiable,
+            ExchangeError::BackendFailed(_) => ErrorCode::BackendFailed,
+            ExchangeError::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
+        }
+    }
+
+    /// What the client is told. Denials of a role are worded identically whether the role
+    /// exists or not, so a token holder cannot map the policy.
+    pub fn client_detail(&self) -> String {
+        match self {
+            ExchangeError::AccessDenied { role, client_may_see: false, .. } => {
+                format!("role {role:?} does not exist or does not accept this token (see `credbroker policy explain`)")
+            }
+            ExchangeError::AccessDenied { reason, .. } => reason.clone(),
+            ExchangeError::InvalidToken(VerifyError::IssuerUnavailable(_)) => {
+                "the token's issuer cannot be reached to fetch its keys; retry shortly".into()
+            }
+            ExchangeError::AuditUnavailable(_) => {
+                "the audit log cannot be written, so no credential is issued; retry shortly".into()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// A failed exchange and the id of its audit row, for the client to quote.
+#[derive(Debug)]
+pub struct ExchangeFailure {
+    pub issuance_id: Uuid,
+    pub error: ExchangeError,
+}
+
+/// What the HTTP edge hands the broker: nothing parsed yet but the transport.
+pub struct ExchangeInput<'a> {
+    pub request_id: &'a str,
+    pub bearer_token: Option<&'a str>,
+    pub body: &'a [u8],
+    pub client_addr: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialRequest {
+    role: String,
+    ttl_seconds: Option<u64>,
+    min_ttl_seconds: Option<u64>,
+}
+
+pub struct Issued {
+    pub issuance_id: Uuid,
+    pub role: String,
+    pub target: String,
+    pub backend: String,
+    pub ttl: Ttl,
+    pub expires_at: OffsetDateTime,
+    pub job_deadline: OffsetDateTime,
+    pub credential: Credential,
+}
+
+pub struct Broker {
+    pub verifier: Verifier,
+    pub policies: Arc<PolicySet>,
+    pub backends: Backends,
+    pub audit: Audit,
+    pub max_uses_per_token: u32,
+}
+
+impl Broker {
+    #[tracing::instrument(skip_all, fields(request_id = input.request_id, issuance_id, role))]
+    pub async fn exchange(&self, input: ExchangeInput<'_>) -> Result<Issued, ExchangeFailure> {
+        let now = OffsetDateTime::now_utc();
+        let issuance_id = Uuid::new_v4();
+        tracing::Span::current().record("issuance_id", tracing::field::display(issuance_id));
+        let mut event = AuditEvent::new(issuance_id, Decision::Denied, now, input.request_id);
+        event.client_addr = input.client_addr.clone();
+        event.user_agent = input.user_agent.clone();
+
+        // Verify. Until this succeeds nobody can be held to the request.
+        let token = match self.verify(&input, now).await {
+            Ok(token) => token,
+            Err(error) => {
+                if let Some(iss) = input.bearer_token.and_then(Verifier::claimed_issuer) {
+                    event.detail = Some(format!("{error} (claimed iss {iss:?})"));
+                }
+                return Err(self.refuse_unattributed(event, error).await);
+            }
+        };
+        event.issuer = Some(token.issuer.to_string());
+        event.subject = Some(token.subject.clone());
+        event.job_token_sha256 = Some(token.token_sha256.clone());
+        event.claims = Some(token.claims.clone());
+        event.job_deadline = Some(token.job_deadline);
+
+        let request = match parse_request(input.body) {
+            Ok(request) => request,
+            Err(error) => return Err(self.refuse(event, error).await),
+        };
+        tracing::Span::current().record("role", request.role.as_str());
+        event.role = Some(request.role.chars().take(128).collect());
+        event.requested_ttl_seconds = request.ttl.ttl.map(Ttl::seconds);
+
+        // Decide (pure).
+        let role = match self.policies.decide(&request.role, &token.issuer, &token.claims) {
+            Ok(role) => role,
+            Err(denial) => {
+                let error = ExchangeError::AccessDenied { role: request.role.clone(), reason: denial.0, client_may_see: false };
+                return Err(self.refuse(event, error).await);
+            }
+        };
+        let Some(backend) = self.backends.get(&role.backend) else {
+            let error = BackendError::Failed { backend: role.backend.to_string(), detail: "backend is not configured".into() };
+            return Err(self.fail(event, error.into()).await);
+        };
+        event.backend = Some(role.backend.to_string());
+        event.target = Some(role.target.clone().unwrap_or_else(|| backend.default_target().to_owned()));
+        let params = match role.render_params(&token.claims) {
+            Ok(params) => params,
+            Err(reason) => {
+                let reason = format!("role {} cannot be rendered from this token: {reason}", role.name);
+                let error = ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true };
+                return Err(self.refuse(event, error).await);
+            }
+        };
+        let granted = match policy::grant(request.ttl, role.ttl_limits(backend.max_ttl()), token.job_deadline, now) {
+            Ok(granted) => granted,
+            Err(shortfall) => return Err(self.refuse(event, shortfall.into()).await),
+        };
+        event.granted_ttl_seconds = Some(granted.ttl.seconds());
+        event.expires_at = Some(granted.expires_at);
+
+        // Record the use before minting, so two replicas racing on one token cannot both mint.
+        let max_uses = role.max_uses_per_token.unwrap_or(self.max_uses_per_token);
+        match self
+            .audit
+            .claim_token_use(token.issuer.as_str(), &token.jti, role.name.as_str(), max_uses, token.job_deadline)
+            .await
+        {
+            Ok(TokenUse::Claimed(_)) => {}
+            Ok(TokenUse::Exhausted) => return Err(self.refuse(event, ExchangeError::TokenReplayed(max_uses)).await),
+            Err(error) => return Err(self.fail(event, ExchangeError::AuditUnavailable(error)).await),
+        }
+
+        // Mint.
+        let mint = MintRequest {
+            issuance_id,
+            role: &role.name,
+            params: &params,
+            ttl: granted.ttl,
+            issued_at: now,
+            expires_at: granted.expires_at,
+        };
+        let credential = match backend.mint(mint).await {
+            Ok(credential) => credential,
+            Err(error) => return Err(self.fail(event, error.into()).await),
+        };
+
+        // Record the issuance; only a durable row lets the credential leave.
+        event.decision = Decision::Issued;
+        event.credential_sha256 = Some(credential.fingerprint.clone());
+        event.credential_handle = credential.handle.clone();
+        let target = event.target.clone().unwrap_or_default();
+        if let Err(error) = self.audit.record(event).await {
+            tracing::error!(%issuance_id, error = %error, "issued row not recorded; credential withheld");
+            return Err(ExchangeFailure { issuance_id, error: ExchangeError::AuditUnavailable(error) });
+        }
+        tracing::info!(%issuance_id, role = %role.name, ttl = granted.ttl.seconds(), "credential issued");
+        Ok(Issued {
+            issuance_id,
+            role: role.name.to_string(),
+            target,
+            backend: role.backend.to_string(),
+            ttl: granted.ttl,
+            expires_at: granted.expires_at,
+            job_deadline: token.job_deadline,
+            credential,
+        })
+    }
+
+    async fn verify(&self, input: &ExchangeInput<'_>, now: OffsetDateTime) -> Result<VerifiedToken, ExchangeError> {
+        let token = input
+            .bearer_token
+            .ok_or_else(|| ExchangeError::InvalidToken(VerifyError::Malformed("no bearer token in Authorization".into())))?;
+        self.verifier.verify(token, now).await.map_err(ExchangeError::InvalidToken)
+    }
+
+    async fn refuse_unattributed(&self, mut event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
+        event.code = Some(error.code().as_str().to_owned());
+        event.detail.get_or_insert_with(|| error.to_string());
+        let issuance_id = event.id;
+        if let Err(audit_error) = self.audit.record_unattributed(event.clone()).await {
+            log_unrecorded(&event, &audit_error);
+        }
+        ExchangeFailure { issuance_id, error }
+    }
+
+    async fn refuse(&self, event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
+        self.finish(event, Decision::Denied, error).await
+    }
+
+    async fn fail(&self, event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
+        self.finish(event, Decision::Failed, error).await
+    }
+
+    /// Writes the row for a refused or failed exchange. If even that fails the refusal still
+    /// stands; the event goes to the error log so it is not lost.
+    async fn finish(&self, mut event: AuditEvent, decision: Decision, error: ExchangeError) -> ExchangeFailure {
+        event.decision = decision;
+        event.code = Some(error.code().as_str().to_owned());
+        event.detail = Some(error.to_string());
+        let issuance_id = event.id;
+        if let Err(audit_error) = self.audit.record(event.clone()).await {
+            log_unrecorded(&event, &audit_error);
+        }
+        ExchangeFailure { issuance_id, error }
+    }
+}
+
+fn log_unrecorded(event: &AuditEvent, error: &crate::audit::AuditError) {
+    tracing::error!(
+        issuance_id = %event.id,
+        decision = event.decision.as_str(),
+        code = event.code.as_deref().unwrap_or_default(),
+        detail = event.detail.as_deref().unwrap_or_default(),
+        issuer = event.issuer.as_deref().unwrap_or_default(),
+        subject = event.subject.as_deref().unwrap_or_default(),
+        role = event.role.as_deref().unwrap_or_default(),
+        client_addr = event.client_addr.as_deref().unwrap_or_default(),
+        error = %error,
+        "audit row could not be written"
+    );
+}
+
+struct ParsedRequest {
+    role: String,
+    ttl: TtlRequest,
+}
+
+fn parse_request(body: &[u8]) -> Result<ParsedRequest, ExchangeError> {
+    let invalid = |message: String| ExchangeError::InvalidRequest(message);
+    let request: CredentialRequest = serde_json::from_slice(body)
+        .map_err(|e| invalid(format!("body must be a JSON object {{\"role\", \"ttl_seconds\"?, \"min_ttl_seconds\"?}}: {e}")))?;
+    if request.role.is_empty() || request.role.len() > 128 {
+        return Err(invalid("`role` must be a non-empty string of at most 128 characters".into()));
+    }
+    let ttl = |field: &str, value: Option<u64>| {
+        value.map(|seconds| Ttl::from_seconds(seconds).map_err(|m| invalid(format!("`{field}`: {m}")))).transpose()
+    };
+    let ttl_request = TtlRequest { ttl: ttl("ttl_seconds", request.ttl_seconds)?, min_ttl: ttl("min_ttl_seconds", request.min_ttl_seconds)? };
+    if let (Some(ttl), Some(min_ttl)) = (ttl_request.ttl, ttl_request.min_ttl) {
+        if min_ttl > ttl {
+            return Err(invalid(format!("`min_ttl_seconds` ({min_ttl}) exceeds `ttl_seconds` ({ttl})")));
+        }
+    }
+    Ok(ParsedRequest { role: request.role, ttl: ttl_request })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_parsing_accepts_the_contract_and_nothing_else() {
+        let ok = parse_request(br#"{"role":"r","ttl_seconds":900,"min_ttl_seconds":600}"#).unwrap();
+        assert_eq!(ok.ttl.ttl.unwrap().seconds(), 900);
+        for bad in [
+            &br#"{"role":"r","ttl_seconds":0}"#[..],
+            br#"{"role":"r","ttl_seconds":-5}"#,
+            br#"{"role":"r","ttl_seconds":1.5}"#,
+            br#"{"role":"r","ttl_seconds":"900"}"#,
+            br#"{"role":"r","extra":1}"#,
+            br#"{"role":""}"#,
+            br#"{"ttl_seconds":900}"#,
+            br#"{"role":"r","ttl_seconds":600,"min_ttl_seconds":900}"#,
+            b"not json",
+            b"",
+        ] {
+            let error = parse_request(bad).err().unwrap_or_else(|| panic!("{:?} accepted", String::from_utf8_lossy(bad)));
+            assert_eq!(error.code(), ErrorCode::InvalidRequest);
+        }
+    }
+}

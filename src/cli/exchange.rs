@@ -1,0 +1,183 @@
+//! `credbroker exchange`: the CI job's side. Reads the job token, asks the broker, prints the
+//! credential as shell exports (default), a dotenv file, or JSON. Problems go to stderr with
+//! their code, and each code has its own exit status so a job script can branch on it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::types::Ttl;
+
+#[derive(Args)]
+pub struct ExchangeArgs {
+    /// The broker's URL.
+    #[arg(long, env = "CREDBROKER_URL")]
+    url: String,
+    /// The role to request.
+    #[arg(long)]
+    role: String,
+    /// Requested lifetime (e.g. 30m); the broker caps it at the job's deadline.
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Fail unless the credential lives at least this long (e.g. 10m).
+    #[arg(long)]
+    min_ttl: Option<String>,
+    /// Environment variable holding the job token.
+    #[arg(long, default_value = "CREDBROKER_ID_TOKEN", conflicts_with = "token_file")]
+    token_env: String,
+    /// File holding the job token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Env)]
+    format: Format,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// `export NAME='value'` lines for `eval`.
+    Env,
+    /// `NAME=value` lines, e.g. for a GitLab dotenv artifact.
+    Dotenv,
+    /// The broker's whole response.
+    Json,
+}
+
+/// Documented in README ("Exit codes"): 0 success, 2 usage, 3 broker unreachable or
+/// answered nonsense, 4 no job token, then one status per problem code.
+pub fn exit_code_for(code: &str) -> u8 {
+    match code {
+        "invalid_request" => 10,
+        "invalid_token" => 11,
+        "untrusted_issuer" => 12,
+        "access_denied" => 13,
+        "token_replayed" => 14,
+        "ttl_not_satisfiable" => 15,
+        "rate_limited" => 16,
+        "backend_failed" => 17,
+        "audit_unavailable" => 18,
+        "issuer_unavailable" => 19,
+        _ => 20,
+    }
+}
+
+pub async fn run(args: ExchangeArgs) -> ExitCode {
+    match exchange(&args).await {
+        Ok(output) => {
+            print!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err((status, message)) => {
+            eprintln!("credbroker: {message}");
+            ExitCode::from(status)
+        }
+    }
+}
+
+async fn exchange(args: &ExchangeArgs) -> Result<String, (u8, String)> {
+    let token = match &args.token_file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| (4, format!("cannot read {}: {e}", path.display())))?,
+        None => std::env::var(&args.token_env).map_err(|_| {
+            (4, format!("no job token in ${} (declare it under id_tokens: in .gitlab-ci.yml)", args.token_env))
+        })?,
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        return Err((4, "the job token is empty".into()));
+    }
+    let seconds = |flag: &str, raw: &Option<String>| {
+        raw.as_deref().map(|raw| Ttl::parse(raw).map(Ttl::seconds).map_err(|m| (2, format!("--{flag}: {m}")))).transpose()
+    };
+    let mut body = json!({ "role": args.role });
+    if let Some(ttl) = seconds("ttl", &args.ttl)? {
+        body["ttl_seconds"] = json!(ttl);
+    }
+    if let Some(min_ttl) = seconds("min-ttl", &args.min_ttl)? {
+        body["min_ttl_seconds"] = json!(min_ttl);
+    }
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .user_agent(concat!("credbroker-exchange/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| (3, e.to_string()))?;
+    let url = format!("{}/v1/credentials", args.url.trim_end_matches('/'));
+    let response = client
+        .post(&url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| (3, format!("cannot reach {url}: {e}")))?;
+    let status = response.status();
+    let text = response.text().await.map_err(|e| (3, format!("cannot read the response: {e}")))?;
+    let reply: Value = serde_json::from_str(&text).map_err(|_| (3, format!("{url} answered {status} with a body that is not JSON")))?;
+    if !status.is_success() {
+        let code = reply["code"].as_str().unwrap_or("unknown");
+        let detail = reply["detail"].as_str().unwrap_or("");
+        let id = reply["issuance_id"].as_str().map(|id| format!(" (issuance {id})")).unwrap_or_default();
+        return Err((exit_code_for(code), format!("{code}: {detail}{id}")));
+    }
+    Ok(render(&reply, args.format))
+}
+
+fn render(reply: &Value, format: Format) -> String {
+    if let Format::Json = format {
+        return format!("{reply:#}\n");
+    }
+    let mut variables: Vec<(String, String)> = reply["env"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_owned())))
+        .collect();
+    for (name, field) in [
+        ("CREDBROKER_ISSUANCE_ID", "issuance_id"),
+        ("CREDBROKER_EXPIRES_AT", "expires_at"),
+        ("CREDBROKER_JOB_DEADLINE", "job_deadline"),
+    ] {
+        if let Some(value) = reply[field].as_str() {
+            variables.push((name.into(), value.into()));
+        }
+    }
+    variables
+        .into_iter()
+        .map(|(name, value)| match format {
+            Format::Env => format!("export {name}={}\n", shell_quote(&value)),
+            _ => format!("{name}={value}\n"),
+        })
+        .collect()
+}
+
+/// Single-quoted for POSIX shells: nothing inside is expanded.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r#"'\''"#))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_output_is_quoted_for_eval() {
+        let reply = json!({"env": {"KAFKA_PRINCIPAL": "ci:it's"}, "issuance_id": "abc"});
+        let out = render(&reply, Format::Env);
+        assert!(out.contains("export KAFKA_PRINCIPAL='ci:it'\\''s'\n"), "{out}");
+        assert!(out.contains("export CREDBROKER_ISSUANCE_ID='abc'\n"), "{out}");
+        assert!(render(&reply, Format::Dotenv).contains("KAFKA_PRINCIPAL=ci:it's\n"));
+    }
+
+    #[test]
+    fn every_problem_code_has_its_own_exit_status() {
+        let codes = [
+            "invalid_request", "invalid_token", "untrusted_issuer", "access_denied", "token_replayed",
+            "ttl_not_satisfiable", "rate_limited", "backend_failed", "audit_unavailable", "issuer_unavailable",
+        ];
+        let mut statuses: Vec<u8> = codes.iter().map(|c| exit_code_for(c)).collect();
+        statuses.sort();
+        statuses.dedup();
+        assert_eq!(statuses.len(), codes.len());
+    }
+}

@@ -1,0 +1,179 @@
+//! Command-line edge. Each subcommand parses its flags, calls the library, and maps the result
+//! to output and an exit code; `anyhow` stops here.
+
+mod exchange;
+mod policy;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::audit;
+use crate::config::{Config, LogFormat};
+use crate::dev::{parse_claim_override, DevIssuer};
+use crate::startup::{Application, ServeOptions};
+use crate::types::Ttl;
+
+#[derive(Parser)]
+#[command(name = "credbroker", version, about = "Exchange CI job tokens for short-lived credentials")]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, env = "CREDBROKER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve {
+        /// Trust the built-in development issuer (never in production).
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Exchange this job's OIDC token for a credential and print it.
+    Exchange(exchange::ExchangeArgs),
+    /// Check or explain trust policies.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Read the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Development helpers.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print the latest decisions, newest first.
+    Tail(TailArgs),
+}
+
+#[derive(Args)]
+struct TailArgs {
+    /// How many rows.
+    #[arg(short = 'n', long = "lines", default_value_t = 20)]
+    lines: i64,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Postgres URL, instead of the configuration's `database_url`.
+    #[arg(long, env = "CREDBROKER_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Mint a GitLab-shaped job token from the dev issuer (trusted only by `serve --dev`).
+    Token {
+        /// Override a claim: NAME=VALUE sets a string, NAME:=JSON any JSON value.
+        #[arg(long = "claim", value_name = "NAME=VALUE")]
+        claims: Vec<String>,
+        /// Job timeout: the token's `exp` is now plus this.
+        #[arg(long, default_value = "1h")]
+        job_timeout: String,
+        /// The token's `aud`; defaults to the configured audience.
+        #[arg(long)]
+        audience: Option<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("credbroker: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Command::Exchange(args) = cli.command {
+        // The client has its own exit codes, one per problem code.
+        return runtime.block_on(exchange::run(args));
+    }
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("credbroker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config_path = cli.config.as_deref();
+    match cli.command {
+        Command::Serve { dev } => {
+            let config = load_config(config_path)?;
+            init_logging(if dev { LogFormat::Text } else { config.log_format });
+            let application = Application::build(config, ServeOptions { dev }).await?;
+            application.run_until_stopped().await
+        }
+        Command::Migrate => {
+            let config = load_config(config_path)?;
+            let pool = audit::connect(&config.database_url, 1, std::time::Duration::from_secs(10))?;
+            audit::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Policy(command) => policy::run(command, config_path),
+        Command::Audit(AuditCommand::Tail(args)) => tail(args, config_path).await,
+        Command::Dev(DevCommand::Token { claims, job_timeout, audience }) => {
+            let config = load_config(config_path)?;
+            let overrides = claims.iter().map(|raw| parse_claim_override(raw)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
+            let job_timeout = Ttl::parse(&job_timeout).map_err(anyhow::Error::msg).context("--job-timeout")?;
+            let issuer = DevIssuer::load_or_create(&config)?;
+            let token = issuer.mint(audience.as_deref().unwrap_or(&config.audience), i64::from(job_timeout.seconds()), overrides)?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Exchange(_) => unreachable!("handled before the runtime"),
+    }
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    let path = path.context("no configuration: pass --config FILE or set CREDBROKER_CONFIG")?;
+    Ok(Config::load(path)?)
+}
+
+async fn tail(args: TailArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
+    let url = match args.database_url {
+        Some(url) => secrecy::SecretString::from(url),
+        None => load_config(config_path)?.database_url,
+    };
+    let pool = audit::connect(&url, 1, std::time::Duration::from_secs(10))?;
+    let rows = audit::PgAudit::new(pool).tail(args.lines.clamp(1, 10_000)).await?;
+    for row in rows {
+        if args.json {
+            println!("{}", serde_json::to_string(&row)?);
+        } else {
+            println!(
+                "{}  {:<7} {:<20} {:<24} {:<24} ttl={:<6} {}",
+                row.occurred_at.format(&time::format_description::well_known::Rfc3339)?,
+                row.decision,
+                row.code.as_deref().unwrap_or("-"),
+                row.role.as_deref().unwrap_or("-"),
+                row.project_path.as_deref().unwrap_or("-"),
+                row.ttl_seconds.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                row.issuance_id,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CREDBROKER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,410 @@
+//! One TOML file, top-level scalars overridable by `CREDBROKER_<KEY>` environment variables.
+//! Every error names the file (or variable) and the key, so a broken deploy says what to fix.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use jsonwebtoken::Algorithm;
+use secrecy::SecretString;
+use serde::Deserialize;
+use url::Url;
+
+use crate::types::{BackendName, IssuerName};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {}{message}", key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+pub struct ConfigError {
+    pub source_name: String,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(source_name: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { source_name: source_name.into(), key: Some(key.into()), message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    /// The file this came from, for error messages.
+    pub source: PathBuf,
+    /// Relative paths in the file resolve against the file's own directory.
+    pub base_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// The broker's own issuer URL, without a trailing slash.
+    pub public_url: String,
+    pub audience: String,
+    pub database_url: SecretString,
+    pub policy_dir: PathBuf,
+    pub clock_skew_seconds: u64,
+    pub request_timeout_seconds: u64,
+    pub database_max_connections: u32,
+    pub database_acquire_timeout_seconds: u64,
+    pub unattributed_denials_per_minute: u32,
+    pub jwks_max_age_seconds: u64,
+    pub max_uses_per_token: u32,
+    pub log_format: LogFormat,
+    pub issuers: Vec<IssuerConfig>,
+    /// Each backend's table is parsed by the backend itself (`backend::build`).
+    pub backends: Vec<(BackendName, toml::Table)>,
+    pub dev: Option<DevConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub name: IssuerName,
+    /// The exact `iss` value tokens carry.
+    pub issuer: String,
+    pub jwks_uri: Option<Url>,
+    /// Restricts accepted algorithms further than what the issuer's keys declare.
+    pub algorithms: Option<Vec<Algorithm>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DevConfig {
+    pub state_dir: PathBuf,
+}
+
+/// Keys the environment may override, with whether the value is an integer.
+const SCALAR_KEYS: &[(&str, bool)] = &[
+    ("listen", false),
+    ("public_url", false),
+    ("audience", false),
+    ("database_url", false),
+    ("policy_dir", false),
+    ("clock_skew_seconds", true),
+    ("request_timeout_seconds", true),
+    ("database_max_connections", true),
+    ("database_acquire_timeout_seconds", true),
+    ("unattributed_denials_per_minute", true),
+    ("jwks_max_age_seconds", true),
+    ("max_uses_per_token", true),
+    ("log_format", false),
+];
+
+/// The name a dev-mode issuer is registered under; reserved so no real config can claim it.
+pub const DEV_ISSUER_NAME: &str = "dev";
+pub const MAX_CLOCK_SKEW_SECONDS: u64 = 60;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    public_url: String,
+    audience: String,
+    database_url: String,
+    policy_dir: PathBuf,
+    #[serde(default = "defaults::clock_skew_seconds")]
+    clock_skew_seconds: u64,
+    #[serde(default = "defaults::request_timeout_seconds")]
+    request_timeout_seconds: u64,
+    #[serde(default = "defaults::database_max_connections")]
+    database_max_connections: u32,
+    #[serde(default = "defaults::database_acquire_timeout_seconds")]
+    database_acquire_timeout_seconds: u64,
+    #[serde(default = "defaults::unattributed_denials_per_minute")]
+    unattributed_denials_per_minute: u32,
+    #[serde(default = "defaults::jwks_max_age_seconds")]
+    jwks_max_age_seconds: u64,
+    #[serde(default = "defaults::max_uses_per_token")]
+    max_uses_per_token: u32,
+    #[serde(default = "defaults::log_format")]
+    log_format: LogFormat,
+    #[serde(default)]
+    issuers: Vec<RawIssuer>,
+    #[serde(default)]
+    backends: toml::Table,
+    dev: Option<RawDev>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    name: String,
+    issuer: String,
+    jwks_uri: Option<String>,
+    algorithms: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDev {
+    state_dir: Option<PathBuf>,
+}
+
+mod defaults {
+    use super::LogFormat;
+    pub fn clock_skew_seconds() -> u64 {
+        30
+    }
+    pub fn request_timeout_seconds() -> u64 {
+        30
+    }
+    pub fn database_max_connections() -> u32 {
+        16
+    }
+    pub fn database_acquire_timeout_seconds() -> u64 {
+        3
+    }
+    pub fn unattributed_denials_per_minute() -> u32 {
+        60
+    }
+    pub fn jwks_max_age_seconds() -> u64 {
+        900
+    }
+    pub fn max_uses_per_token() -> u32 {
+        1
+    }
+    pub fn log_format() -> LogFormat {
+        LogFormat::Json
+    }
+}
+
+impl Config {
+    /// Reads the file and applies `CREDBROKER_<KEY>` overrides from the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { source_name: path.display().to_string(), key: None, message: format!("cannot read: {e}") })?;
+        Self::parse(&text, path, std::env::vars())
+    }
+
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError { source_name: file.clone(), key: None, message: e.to_string() })?;
+        let env: std::collections::HashMap<String, String> = env.into_iter().collect();
+        for (key, is_integer) in SCALAR_KEYS {
+            let variable = format!("CREDBROKER_{}", key.to_uppercase());
+            let Some(value) = env.get(&variable) else { continue };
+            let value = if *is_integer {
+                toml::Value::Integer(value.trim().parse().map_err(|_| {
+                    ConfigError::new(format!("environment variable {variable}"), *key, "must be an integer")
+                })?)
+            } else {
+                toml::Value::String(value.clone())
+            };
+            table.insert((*key).to_owned(), value);
+        }
+        let raw: RawConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError { source_name: file.clone(), key: None, message: e.message().trim().to_owned() })?;
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::validate(raw, &file, path, base_dir)
+    }
+
+    fn validate(raw: RawConfig, file: &str, path: &Path, base_dir: PathBuf) -> Result<Self, ConfigError> {
+        let err = |key: &str, message: String| ConfigError::new(file, key, message);
+        let listen = raw
+            .listen
+            .parse()
+            .map_err(|_| err("listen", format!("{:?} is not an address like 127.0.0.1:8080", raw.listen)))?;
+        let public_url = parse_http_url(&raw.public_url).map_err(|m| err("public_url", m))?;
+        if raw.audience.trim().is_empty() {
+            return Err(err("audience", "must not be empty".into()));
+        }
+        if !raw.database_url.starts_with("postgres://") && !raw.database_url.starts_with("postgresql://") {
+            return Err(err("database_url", "must be a postgres:// URL".into()));
+        }
+        if raw.clock_skew_seconds > MAX_CLOCK_SKEW_SECONDS {
+            return Err(err("clock_skew_seconds", format!("at most {MAX_CLOCK_SKEW_SECONDS} seconds")));
+        }
+        for (key, value) in [
+            ("request_timeout_seconds", raw.request_timeout_seconds),
+            ("database_acquire_timeout_seconds", raw.database_acquire_timeout_seconds),
+            ("jwks_max_age_seconds", raw.jwks_max_age_seconds),
+            ("database_max_connections", u64::from(raw.database_max_connections)),
+            ("unattributed_denials_per_minute", u64::from(raw.unattributed_denials_per_minute)),
+            ("max_uses_per_token", u64::from(raw.max_uses_per_token)),
+        ] {
+            if value == 0 {
+                return Err(err(key, "must be greater than zero".into()));
+            }
+        }
+        let mut issuers: Vec<IssuerConfig> = Vec::new();
+        for (index, issuer) in raw.issuers.into_iter().enumerate() {
+            let key = |field: &str| format!("issuers[{index}].{field}");
+            let name = IssuerName::parse(&issuer.name).map_err(|m| err(&key("name"), m))?;
+            if name.as_str() == DEV_ISSUER_NAME {
+                return Err(err(&key("name"), format!("{DEV_ISSUER_NAME:?} is reserved for `serve --dev`")));
+            }
+            if issuers.iter().any(|other| other.name == name) {
+                return Err(err(&key("name"), format!("issuer {name} is declared twice")));
+            }
+            parse_http_url(&issuer.issuer).map_err(|m| err(&key("issuer"), m))?;
+            if issuers.iter().any(|other| other.issuer == issuer.issuer) {
+                return Err(err(&key("issuer"), format!("{} is declared twice", issuer.issuer)));
+            }
+            let jwks_uri = issuer
+                .jwks_uri
+                .as_deref()
+                .map(|raw| parse_http_url(raw).and_then(|_| Url::parse(raw).map_err(|e| e.to_string())))
+                .transpose()
+                .map_err(|m| err(&key("jwks_uri"), m))?;
+            let algorithms = issuer
+                .algorithms
+                .map(|names| names.iter().map(|n| parse_asymmetric_algorithm(n)).collect::<Result<Vec<_>, _>>())
+                .transpose()
+                .map_err(|m| err(&key("algorithms"), m))?;
+            issuers.push(IssuerConfig { name, issuer: issuer.issuer, jwks_uri, algorithms });
+        }
+        let mut backends = Vec::new();
+        for (name, value) in raw.backends {
+            let backend_name = BackendName::parse(&name).map_err(|m| err(&format!("backends.{name}"), m))?;
+            let toml::Value::Table(table) = value else {
+                return Err(err(&format!("backends.{name}"), "must be a table".into()));
+            };
+            backends.push((backend_name, table));
+        }
+        let dev = raw.dev.map(|dev| DevConfig {
+            state_dir: base_dir.join(dev.state_dir.unwrap_or_else(|| PathBuf::from(".credbroker-dev"))),
+        });
+        Ok(Config {
+            source: path.to_path_buf(),
+            listen,
+            public_url,
+            audience: raw.audience,
+            database_url: SecretString::from(raw.database_url),
+            policy_dir: base_dir.join(raw.policy_dir),
+            clock_skew_seconds: raw.clock_skew_seconds,
+            request_timeout_seconds: raw.request_timeout_seconds,
+            database_max_connections: raw.database_max_connections,
+            database_acquire_timeout_seconds: raw.database_acquire_timeout_seconds,
+            unattributed_denials_per_minute: raw.unattributed_denials_per_minute,
+            jwks_max_age_seconds: raw.jwks_max_age_seconds,
+            max_uses_per_token: raw.max_uses_per_token,
+            log_format: raw.log_format,
+            issuers,
+            backends,
+            dev,
+            base_dir,
+        })
+    }
+
+    pub fn source_name(&self) -> String {
+        self.source.display().to_string()
+    }
+
+    /// Resolves a path from the file relative to the file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        self.base_dir.join(path)
+    }
+}
+
+/// Issuer and public URLs must be https, except on loopback where tests and dev mode live.
+pub fn parse_http_url(raw: &str) -> Result<String, String> {
+    let url = Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]" | "::1"));
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => return Err(format!("{raw:?} must be an https URL (plain http is allowed only on loopback)")),
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{raw:?} must not carry a query or fragment"));
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
+}
+
+/// Job tokens are signed by the issuer's private key; a shared-secret or unsigned algorithm
+/// would let anyone holding the public key (or nothing) forge them.
+pub fn parse_asymmetric_algorithm(name: &str) -> Result<Algorithm, String> {
+    let algorithm: Algorithm = name.parse().map_err(|_| format!("unknown algorithm {name:?}"))?;
+    if matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+        return Err(format!("{name} is a shared-secret algorithm; only asymmetric algorithms are accepted"));
+    }
+    Ok(algorithm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        listen = "127.0.0.1:8080"
+        public_url = "http://127.0.0.1:8080/"
+        audience = "credbroker"
+        database_url = "postgres://localhost/credbroker"
+        policy_dir = "policies"
+
+        [[issuers]]
+        name = "gitlab"
+        issuer = "https://gitlab.example.com"
+
+        [backends.kafka]
+        type = "kafka_oauthbearer"
+        audience = "kafka-prod"
+        signing_key_file = "keys/kafka.pem"
+    "#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::parse(text, Path::new("/etc/credbroker/credbroker.toml"), env)
+    }
+
+    #[test]
+    fn minimal_contract_shape_loads_with_documented_defaults() {
+        let config = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(config.public_url, "http://127.0.0.1:8080");
+        assert_eq!(config.policy_dir, Path::new("/etc/credbroker/policies"));
+        assert_eq!(config.clock_skew_seconds, 30);
+        assert_eq!(config.max_uses_per_token, 1);
+        assert_eq!(config.issuers[0].name.as_str(), "gitlab");
+        assert_eq!(config.backends[0].0.as_str(), "kafka");
+        assert!(config.dev.is_none());
+    }
+
+    #[test]
+    fn environment_overrides_top_level_scalars() {
+        let config = parse(
+            MINIMAL,
+            &[("CREDBROKER_DATABASE_URL", "postgres://other/db"), ("CREDBROKER_CLOCK_SKEW_SECONDS", "10")],
+        )
+        .unwrap();
+        use secrecy::ExposeSecret;
+        assert_eq!(config.database_url.expose_secret(), "postgres://other/db");
+        assert_eq!(config.clock_skew_seconds, 10);
+    }
+
+    #[test]
+    fn bad_environment_override_names_the_variable() {
+        let error = parse(MINIMAL, &[("CREDBROKER_CLOCK_SKEW_SECONDS", "soon")]).unwrap_err().to_string();
+        assert!(error.contains("CREDBROKER_CLOCK_SKEW_SECONDS"), "{error}");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let cases = [
+            (MINIMAL.replace("127.0.0.1:8080\"\n", "nowhere\"\n"), "listen"),
+            (MINIMAL.replace("https://gitlab.example.com", "http://gitlab.example.com"), "issuers[0].issuer"),
+            (MINIMAL.replace("name = \"gitlab\"", "name = \"dev\""), "issuers[0].name"),
+            (format!("clock_skew_seconds = 120\n{MINIMAL}"), "clock_skew_seconds"),
+            (MINIMAL.replace("issuer = \"https://gitlab.example.com\"", "issuer = \"https://gitlab.example.com\"\nalgorithms = [\"HS256\"]"), "issuers[0].algorithms"),
+        ];
+        for (text, key) in cases {
+            let error = parse(&text, &[]).unwrap_err().to_string();
+            assert!(error.starts_with("/etc/credbroker/credbroker.toml"), "{error}");
+            assert!(error.contains(&format!("`{key}`")), "expected key {key} in: {error}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_missing_keys_are_rejected() {
+        let error = parse(&format!("colour = \"blue\"\n{MINIMAL}"), &[]).unwrap_err().to_string();
+        assert!(error.contains("colour"), "{error}");
+        let error = parse(&MINIMAL.replace("audience = \"credbroker\"", ""), &[]).unwrap_err().to_string();
+        assert!(error.contains("audience"), "{error}");
+    }
+}

@@ -1,0 +1,192 @@
+//! The HTTP edge: routing, request ids, timeouts, body limits. Handlers only translate
+//! between HTTP and the broker.
+
+mod problem;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+pub use problem::{status as status_for, Problem};
+
+use crate::broker::{Broker, ErrorCode, ExchangeInput};
+
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    /// Documents that never change while the process runs, rendered once.
+    pub jwks: Bytes,
+    pub openid_configuration: Bytes,
+    pub dev_issuer: Option<DevIssuerDocuments>,
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct DevIssuerDocuments {
+    pub openid_configuration: Bytes,
+    pub jwks: Bytes,
+}
+
+pub fn app(state: AppState) -> Router {
+    let mut router = Router::new()
+        .route("/v1/credentials", post(create_credential))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/.well-known/openid-configuration", get(openid_configuration))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
+    if state.dev_issuer.is_some() {
+        router = router
+            .route("/dev/.well-known/openid-configuration", get(dev_openid_configuration))
+            .route("/dev/jwks.json", get(dev_jwks));
+    }
+    let timeout = state.request_timeout;
+    router
+        .fallback(|| async { Problem::new(ErrorCode::NotFound, "no such endpoint") })
+        .layer(middleware::from_fn(move |request, next| with_timeout(timeout, request, next)))
+        .layer(middleware::from_fn(with_request_id))
+        .with_state(state)
+}
+
+/// Accepts a caller's `x-request-id` when it is sane, otherwise makes one; echoes it, and
+/// wraps the request in a span carrying it so every log line can be correlated.
+async fn with_request_id(mut request: Request, next: Next) -> Response {
+    let supplied = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).filter(|id| {
+        !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    });
+    let request_id = supplied.map(str::to_owned).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    request.extensions_mut().insert(RequestId(request_id.clone()));
+    let span = tracing::info_span!("request", request_id = %request_id, method = %request.method(), path = %request.uri().path());
+    let started = std::time::Instant::now();
+    let mut response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request finished")
+    });
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(ErrorCode::RequestTimeout, format!("the request took longer than {} s", timeout.as_secs()))
+            .into_response(),
+    }
+}
+
+#[derive(Clone)]
+struct RequestId(String);
+
+async fn create_credential(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default();
+    let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(_) => {
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Problem::new(ErrorCode::InvalidRequest, format!("request body exceeds {MAX_BODY_BYTES} bytes")),
+            )
+                .into_response()
+        }
+    };
+    let input = ExchangeInput {
+        request_id: &request_id,
+        bearer_token: bearer_token(&parts.headers),
+        body: &body,
+        client_addr,
+        user_agent: parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|ua| ua.chars().take(256).collect()),
+    };
+    match state.broker.exchange(input).await {
+        Ok(issued) => {
+            let body = json!({
+                "issuance_id": issued.issuance_id,
+                "role": issued.role,
+                "target": issued.target,
+                "backend": issued.backend,
+                "ttl_seconds": issued.ttl.seconds(),
+                "expires_at": rfc3339(issued.expires_at),
+                "job_deadline": rfc3339(issued.job_deadline),
+                "credential": issued.credential.expose_fields(),
+                "env": issued.credential.expose_env(),
+            });
+            let mut response = Json(body).into_response();
+            // A credential must not sit in any cache between here and the job.
+            response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+        Err(failure) => Problem::from(failure).into_response(),
+    }
+}
+
+/// The token, if the header is `Bearer <token>`. Size is checked by the verifier before any parsing.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+fn json_document(body: &Bytes) -> Response {
+    let mut response = body.clone().into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    response
+}
+
+async fn jwks(State(state): State<AppState>) -> Response {
+    json_document(&state.jwks)
+}
+
+async fn openid_configuration(State(state): State<AppState>) -> Response {
+    json_document(&state.openid_configuration)
+}
+
+async fn dev_jwks(State(state): State<AppState>) -> Response {
+    state.dev_issuer.map(|dev| json_document(&dev.jwks)).unwrap_or_else(|| StatusCode::NOT_FOUND.into_response())
+}
+
+async fn dev_openid_configuration(State(state): State<AppState>) -> Response {
+    state
+        .dev_issuer
+        .map(|dev| json_document(&dev.openid_configuration))
+        .unwrap_or_else(|| StatusCode::NOT_FOUND.into_response())
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the audit log can be written and policies are loaded: without either, every
+/// exchange would fail, so a load balancer should look elsewhere.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let postgres = state.broker.audit.ping().await;
+    let roles = state.broker.policies.len();
+    let ready = postgres.is_ok() && roles > 0;
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": {
+            "postgres": match &postgres { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
+            "policies": format!("{roles} roles loaded"),
+        }
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}

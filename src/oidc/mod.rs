@@ -1,0 +1,192 @@
+//! Verifies job tokens: only configured issuers, only asymmetric algorithms their keys
+//! declare, `iss`/`aud`/`exp`/`nbf`/`iat` checked with bounded leeway. No network call
+//! happens before the claimed issuer is known to be one of ours.
+
+mod fetch;
+mod keys;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Validation};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+pub use fetch::DiscoveryClient;
+pub use keys::{IssuerKeys, REFETCH_INTERVAL};
+
+use crate::config::IssuerConfig;
+use crate::types::{sha256_hex, IssuerName};
+
+/// GitLab tokens are around 1-2 KiB; anything this large is not a job token.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("token is larger than {MAX_TOKEN_BYTES} bytes")]
+    TooLarge,
+    #[error("token is malformed: {0}")]
+    Malformed(String),
+    #[error("issuer {0:?} is not trusted by this broker")]
+    UntrustedIssuer(String),
+    #[error("algorithm {0:?} is not accepted for this issuer")]
+    DisallowedAlgorithm(String),
+    #[error("signing key {0:?} is not published by the issuer")]
+    UnknownKey(String),
+    #[error("issuer keys unavailable: {0}")]
+    IssuerUnavailable(String),
+    #[error("signature is invalid")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("token was issued in the future (iat)")]
+    IssuedInFuture,
+    #[error("token audience does not include {0:?}")]
+    WrongAudience(String),
+    #[error("token lacks required claim `{0}`")]
+    MissingClaim(String),
+    #[error("token is invalid: {0}")]
+    Invalid(String),
+}
+
+/// A job token whose signature and time claims have been checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedToken {
+    pub issuer: IssuerName,
+    pub subject: String,
+    pub jti: String,
+    /// The token's `exp`: for a GitLab job, job start plus the job's timeout.
+    pub job_deadline: OffsetDateTime,
+    pub claims: Map<String, Value>,
+    /// Lets the audit log tie a decision to a token without storing the token.
+    pub token_sha256: String,
+}
+
+pub struct Verifier {
+    by_issuer_url: HashMap<String, Arc<IssuerKeys>>,
+    audience: String,
+    leeway_seconds: u64,
+}
+
+impl Verifier {
+    pub fn new(
+        issuers: &[IssuerConfig],
+        audience: String,
+        leeway_seconds: u64,
+        jwks_max_age: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let client = DiscoveryClient::new()?;
+        let by_issuer_url = issuers
+            .iter()
+            .map(|issuer| {
+                let keys = IssuerKeys::new(
+                    issuer.name.clone(),
+                    issuer.issuer.clone(),
+                    issuer.jwks_uri.clone(),
+                    issuer.algorithms.clone(),
+                    jwks_max_age,
+                    client.clone(),
+                );
+                (issuer.issuer.clone(), Arc::new(keys))
+            })
+            .collect();
+        Ok(Self { by_issuer_url, audience, leeway_seconds })
+    }
+
+    /// The claimed `iss` of a token, read without verification: only to pick the issuer, and
+    /// to name an untrusted one in the audit log.
+    pub fn claimed_issuer(token: &str) -> Option<String> {
+        unverified_claims(token).ok()?.get("iss")?.as_str().map(|iss| iss.chars().take(256).collect())
+    }
+
+    #[tracing::instrument(skip_all, fields(issuer))]
+    pub async fn verify(&self, token: &str, now: OffsetDateTime) -> Result<VerifiedToken, VerifyError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(VerifyError::TooLarge);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        let claims = unverified_claims(token)?;
+        let claimed_issuer = claims
+            .get("iss")
+            .and_then(Value::as_str)
+            .ok_or_else(|| VerifyError::MissingClaim("iss".into()))?;
+        let issuer = self
+            .by_issuer_url
+            .get(claimed_issuer)
+            .ok_or_else(|| VerifyError::UntrustedIssuer(claimed_issuer.chars().take(256).collect()))?;
+        tracing::Span::current().record("issuer", issuer.name.as_str());
+        if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+            return Err(VerifyError::DisallowedAlgorithm(format!("{:?}", header.alg)));
+        }
+        let kid = header.kid.ok_or_else(|| VerifyError::Malformed("header has no `kid`".into()))?;
+        let key = match issuer.lookup(&kid).await {
+            keys::Lookup::Found(key) => key,
+            keys::Lookup::UnknownKid => return Err(VerifyError::UnknownKey(kid.chars().take(128).collect())),
+            keys::Lookup::Unavailable(reason) => return Err(VerifyError::IssuerUnavailable(reason)),
+        };
+        if !key.algorithms.contains(&header.alg) {
+            return Err(VerifyError::DisallowedAlgorithm(format!("{:?}", header.alg)));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&issuer.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["iss", "aud", "exp", "sub"]);
+        validation.leeway = self.leeway_seconds;
+        validation.validate_nbf = true;
+        let verified = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation)
+            .map_err(|e| self.map_error(e.into_kind()))?
+            .claims;
+
+        let issued_at = verified.get("iat").and_then(Value::as_i64).ok_or_else(|| VerifyError::MissingClaim("iat".into()))?;
+        if issued_at > now.unix_timestamp() + self.leeway_seconds as i64 {
+            return Err(VerifyError::IssuedInFuture);
+        }
+        let expires_at = verified.get("exp").and_then(Value::as_i64).ok_or_else(|| VerifyError::MissingClaim("exp".into()))?;
+        let job_deadline =
+            OffsetDateTime::from_unix_timestamp(expires_at).map_err(|_| VerifyError::Invalid("`exp` is out of range".into()))?;
+        let subject = non_empty_string(&verified, "sub", 1024)?;
+        // Replay protection keys on `jti`; a token without one cannot be bounded.
+        let jti = non_empty_string(&verified, "jti", 256)?;
+        Ok(VerifiedToken {
+            issuer: issuer.name.clone(),
+            subject,
+            jti,
+            job_deadline,
+            claims: verified,
+            token_sha256: sha256_hex(token.as_bytes()),
+        })
+    }
+
+    fn map_error(&self, kind: ErrorKind) -> VerifyError {
+        match kind {
+            ErrorKind::InvalidSignature => VerifyError::BadSignature,
+            ErrorKind::ExpiredSignature => VerifyError::Expired,
+            ErrorKind::ImmatureSignature => VerifyError::NotYetValid,
+            ErrorKind::InvalidAudience => VerifyError::WrongAudience(self.audience.clone()),
+            ErrorKind::InvalidIssuer => VerifyError::Invalid("issuer mismatch".into()),
+            ErrorKind::MissingRequiredClaim(claim) => VerifyError::MissingClaim(claim),
+            ErrorKind::InvalidAlgorithm => VerifyError::DisallowedAlgorithm("mismatch".into()),
+            other => VerifyError::Invalid(format!("{other:?}")),
+        }
+    }
+}
+
+fn unverified_claims(token: &str) -> Result<Map<String, Value>, VerifyError> {
+    let payload = token.split('.').nth(1).ok_or_else(|| VerifyError::Malformed("not a JWT".into()))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| VerifyError::Malformed("payload is not base64url".into()))?;
+    serde_json::from_slice(&bytes).map_err(|_| VerifyError::Malformed("payload is not a JSON object".into()))
+}
+
+fn non_empty_string(claims: &Map<String, Value>, name: &str, max_len: usize) -> Result<String, VerifyError> {
+    match claims.get(name).and_then(Value::as_str) {
+        Some(value) if !value.is_empty() && value.len() <= max_len => Ok(value.to_owned()),
+        _ => Err(VerifyError::MissingClaim(name.into())),
+    }
+}

@@ -1,0 +1,411 @@
+//! Trust policies: plain TOML data compiled once at load (patterns anchored, templates parsed,
+//! every error naming file, role and key), then consulted without I/O. Default deny.
+
+mod glob;
+mod template;
+pub mod ttl;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+pub use glob::Glob;
+pub use template::Template;
+pub use ttl::{grant, GrantedTtl, TtlLimits, TtlNotSatisfiable, TtlRequest};
+
+use crate::types::{BackendName, IssuerName, RoleName, Ttl};
+
+/// Claims that pin a role to a project or namespace. A role must bind at least one of them:
+/// otherwise every project on the issuer could use it.
+pub const SCOPING_CLAIMS: &[&str] = &[
+    "project_path",
+    "project_id",
+    "namespace_path",
+    "namespace_id",
+    "job_project_path",
+    "job_project_id",
+    "job_namespace_path",
+    "job_namespace_id",
+    "repository",
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}{}{message}", file.display(), role.as_ref().map(|r| format!(": role {r}")).unwrap_or_default(), key.as_ref().map(|k| format!(": key `{k}`")).unwrap_or_default())]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub role: Option<String>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+/// What a backend kind accepts as role parameters, so policies can be checked without I/O.
+#[derive(Debug, Clone, Copy)]
+pub struct ParamSchema {
+    pub kind: &'static str,
+    pub required: &'static [&'static str],
+    pub optional: &'static [&'static str],
+    /// Stated in `policy explain`: the backend's own lifetime rules.
+    pub ttl_note: &'static str,
+}
+
+impl ParamSchema {
+    fn knows(&self, key: &str) -> bool {
+        self.required.contains(&key) || self.optional.contains(&key)
+    }
+}
+
+/// What the configuration says exists. Without it (`policy check` offline) names of issuers
+/// and backends are not checked, and parameters are checked against every backend kind.
+pub struct CompileContext<'a> {
+    pub issuers: Option<&'a [IssuerName]>,
+    pub backends: Option<&'a HashMap<BackendName, ParamSchema>>,
+    pub all_schemas: &'a [ParamSchema],
+}
+
+#[derive(Debug, Clone)]
+pub enum Matcher {
+    Pattern(Glob),
+    Integer(i64),
+    Boolean(bool),
+    AnyOf(Vec<Matcher>),
+}
+
+impl Matcher {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::String(pattern) => Glob::parse(pattern).map(Matcher::Pattern),
+            toml::Value::Integer(number) => Ok(Matcher::Integer(*number)),
+            toml::Value::Boolean(flag) => Ok(Matcher::Boolean(*flag)),
+            toml::Value::Array(items) if !items.is_empty() => items
+                .iter()
+                .map(|item| match item {
+                    toml::Value::Array(_) => Err("lists cannot be nested".to_owned()),
+                    item => Matcher::parse(item),
+                })
+                .collect::<Result<_, _>>()
+                .map(Matcher::AnyOf),
+            toml::Value::Array(_) => Err("an empty list matches nothing".into()),
+            _ => Err("must be a string pattern, an integer, a boolean or a list of those".into()),
+        }
+    }
+
+    /// Values compare by JSON type: a string pattern never matches a number and vice versa.
+    pub fn matches(&self, claim: &Value) -> bool {
+        match (self, claim) {
+            (Matcher::Pattern(glob), Value::String(value)) => glob.matches(value),
+            (Matcher::Integer(expected), Value::Number(value)) => value.as_i64() == Some(*expected),
+            (Matcher::Boolean(expected), Value::Bool(value)) => value == expected,
+            (Matcher::AnyOf(options), claim) => options.iter().any(|option| option.matches(claim)),
+            _ => false,
+        }
+    }
+
+    fn pins_scope(&self) -> bool {
+        match self {
+            Matcher::Pattern(glob) => glob.has_literal(),
+            Matcher::Integer(_) => true,
+            Matcher::Boolean(_) => false,
+            Matcher::AnyOf(options) => options.iter().all(Matcher::pins_scope),
+        }
+    }
+}
+
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Matcher::Pattern(glob) => write!(f, "{:?}", glob.as_str()),
+            Matcher::Integer(number) => write!(f, "{number}"),
+            Matcher::Boolean(flag) => write!(f, "{flag}"),
+            Matcher::AnyOf(options) => {
+                let rendered: Vec<String> = options.iter().map(ToString::to_string).collect();
+                write!(f, "any of [{}]", rendered.join(", "))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Role {
+    pub name: RoleName,
+    pub file: PathBuf,
+    pub description: Option<String>,
+    pub backend: BackendName,
+    pub issuer: IssuerName,
+    pub target: Option<String>,
+    pub bindings: Vec<(String, Matcher)>,
+    pub default_ttl: Ttl,
+    pub max_ttl: Ttl,
+    pub min_ttl: Option<Ttl>,
+    pub max_uses_per_token: Option<u32>,
+    pub params: BTreeMap<String, Template>,
+}
+
+impl Role {
+    /// The first binding that fails, as a reason fit for the audit log (not for the client).
+    fn first_mismatch(&self, claims: &Map<String, Value>) -> Option<String> {
+        self.conditions(claims).into_iter().find(|c| !c.passed).map(|c| format!("{}: {}", c.condition, c.reason))
+    }
+
+    pub fn conditions(&self, claims: &Map<String, Value>) -> Vec<Condition> {
+        self.bindings
+            .iter()
+            .map(|(claim, matcher)| {
+                let condition = format!("claim {claim} = {matcher}");
+                match claims.get(claim) {
+                    None => Condition { condition, passed: false, reason: "claim is missing from the token".into() },
+                    Some(value) if matcher.matches(value) => {
+                        Condition { condition, passed: true, reason: format!("token has {value}") }
+                    }
+                    Some(value) => Condition {
+                        condition,
+                        passed: false,
+                        reason: format!("token has {value} ({}), which does not match", json_type(value)),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    pub fn render_params(&self, claims: &Map<String, Value>) -> Result<BTreeMap<String, String>, String> {
+        self.params
+            .iter()
+            .map(|(key, template)| template.render(claims).map(|v| (key.clone(), v)).map_err(|e| format!("{key}: {e}")))
+            .collect()
+    }
+
+    pub fn ttl_limits(&self, backend_max: Option<Ttl>) -> TtlLimits {
+        TtlLimits { default_ttl: self.default_ttl, max_ttl: self.max_ttl, min_ttl: self.min_ttl, backend_max }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Condition {
+    pub condition: String,
+    pub passed: bool,
+    pub reason: String,
+}
+
+/// Why a role was not granted. Only for the audit log and `policy explain`: the client
+/// always hears the same thing, so nobody can probe which roles exist.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Denial(pub String);
+
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    roles: BTreeMap<RoleName, Role>,
+}
+
+impl PolicySet {
+    pub fn load_dir(dir: &Path, context: &CompileContext<'_>) -> Result<Self, PolicyError> {
+        let dir_error = |message: String| PolicyError { file: dir.to_path_buf(), role: None, key: None, message };
+        let entries = std::fs::read_dir(dir).map_err(|e| dir_error(format!("cannot read policy directory: {e}")))?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+            .collect();
+        files.sort();
+        let mut sources = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| PolicyError { file: file.clone(), role: None, key: None, message: format!("cannot read: {e}") })?;
+            sources.push((file, text));
+        }
+        Self::compile(&sources, context)
+    }
+
+    pub fn compile(sources: &[(PathBuf, String)], context: &CompileContext<'_>) -> Result<Self, PolicyError> {
+        let mut roles: BTreeMap<RoleName, Role> = BTreeMap::new();
+        for (file, text) in sources {
+            let raw: RawFile = toml::from_str(text)
+                .map_err(|e| PolicyError { file: file.clone(), role: None, key: None, message: e.to_string() })?;
+            for raw_role in raw.role {
+                let role = compile_role(file, raw_role, context)?;
+                if let Some(existing) = roles.get(&role.name) {
+                    return Err(PolicyError {
+                        file: file.clone(),
+                        role: Some(role.name.to_string()),
+                        key: Some("name".into()),
+                        message: format!("role is already defined in {}", existing.file.display()),
+                    });
+                }
+                roles.insert(role.name.clone(), role);
+            }
+        }
+        Ok(Self { roles })
+    }
+
+    pub fn len(&self) -> usize {
+        self.roles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.roles.is_empty()
+    }
+
+    pub fn roles(&self) -> impl Iterator<Item = &Role> {
+        self.roles.values()
+    }
+
+    pub fn role(&self, name: &str) -> Option<&Role> {
+        RoleName::parse(name).ok().and_then(|name| self.roles.get(&name))
+    }
+
+    /// Default deny: the role must exist, trust this issuer, and every binding must match.
+    pub fn decide(&self, role: &str, issuer: &IssuerName, claims: &Map<String, Value>) -> Result<&Role, Denial> {
+        let role = self.role(role).ok_or_else(|| Denial(format!("no role named {role:?}")))?;
+        if &role.issuer != issuer {
+            return Err(Denial(format!("role trusts issuer {}, token is from {issuer}", role.issuer)));
+        }
+        match role.first_mismatch(claims) {
+            Some(reason) => Err(Denial(reason)),
+            None => Ok(role),
+        }
+    }
+}
+
+/// Keys a role has besides its backend parameters.
+const ROLE_KEYS: &[&str] =
+    &["name", "description", "backend", "issuer", "target", "claims", "default_ttl", "max_ttl", "min_ttl", "max_uses_per_token"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    role: Vec<toml::Table>,
+}
+
+fn compile_role(file: &Path, raw: toml::Table, context: &CompileContext<'_>) -> Result<Role, PolicyError> {
+    let role_label = raw.get("name").and_then(toml::Value::as_str).map(str::to_owned);
+    let error = |key: &str, message: String| PolicyError {
+        file: file.to_path_buf(),
+        role: role_label.clone(),
+        key: Some(key.to_owned()),
+        message,
+    };
+    let string = |key: &str| -> Result<Option<String>, PolicyError> {
+        match raw.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(value)) => Ok(Some(value.clone())),
+            Some(_) => Err(error(key, "must be a string".into())),
+        }
+    };
+    let required = |key: &str| string(key)?.ok_or_else(|| error(key, "is required".into()));
+    let ttl = |key: &str| -> Result<Option<Ttl>, PolicyError> {
+        match raw.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(value)) => Ttl::parse(value).map(Some).map_err(|m| error(key, m)),
+            Some(toml::Value::Integer(value)) if *value > 0 => {
+                Ttl::from_seconds(*value as u64).map(Some).map_err(|m| error(key, m))
+            }
+            Some(_) => Err(error(key, "must be a duration like \"15m\" or a number of seconds".into())),
+        }
+    };
+
+    let name = RoleName::parse(&required("name")?).map_err(|m| error("name", m))?;
+    let issuer = IssuerName::parse(&required("issuer")?).map_err(|m| error("issuer", m))?;
+    if let Some(known) = context.issuers {
+        if !known.contains(&issuer) {
+            return Err(error("issuer", format!("issuer {issuer} is not configured")));
+        }
+    }
+    let backend = BackendName::parse(&required("backend")?).map_err(|m| error("backend", m))?;
+    let schema = match context.backends {
+        Some(backends) => Some(
+            *backends.get(&backend).ok_or_else(|| error("backend", format!("backend {backend} is not configured")))?,
+        ),
+        None => None,
+    };
+
+    let default_ttl = ttl("default_ttl")?.ok_or_else(|| error("default_ttl", "is required".into()))?;
+    let max_ttl = ttl("max_ttl")?.ok_or_else(|| error("max_ttl", "is required".into()))?;
+    let min_ttl = ttl("min_ttl")?;
+    if default_ttl > max_ttl {
+        return Err(error("default_ttl", format!("{default_ttl} exceeds max_ttl {max_ttl}")));
+    }
+    if let Some(min_ttl) = min_ttl.filter(|min| *min > max_ttl) {
+        return Err(error("min_ttl", format!("{min_ttl} exceeds max_ttl {max_ttl}")));
+    }
+    let max_uses_per_token = match raw.get("max_uses_per_token") {
+        None => None,
+        Some(toml::Value::Integer(uses)) if (1..=1000).contains(uses) => Some(*uses as u32),
+        Some(_) => return Err(error("max_uses_per_token", "must be an integer from 1 to 1000".into())),
+    };
+
+    let claims = match raw.get("claims") {
+        Some(toml::Value::Table(claims)) => claims.clone(),
+        Some(_) => return Err(error("claims", "must be a table".into())),
+        None => toml::Table::new(),
+    };
+    let mut bindings = Vec::new();
+    for (claim, value) in &claims {
+        let matcher = Matcher::parse(value).map_err(|m| error(&format!("claims.{claim}"), m))?;
+        bindings.push((claim.clone(), matcher));
+    }
+    let scoped = bindings.iter().any(|(claim, matcher)| SCOPING_CLAIMS.contains(&claim.as_str()) && matcher.pins_scope());
+    if !scoped {
+        return Err(error(
+            "claims",
+            format!(
+                "the role must bind a project or namespace claim ({}) to a value that is not only wildcards",
+                SCOPING_CLAIMS.join(", ")
+            ),
+        ));
+    }
+
+    let mut params = BTreeMap::new();
+    for (key, value) in raw.iter().filter(|(key, _)| !ROLE_KEYS.contains(&key.as_str())) {
+        let known = match schema {
+            Some(schema) => schema.knows(key),
+            None => context.all_schemas.iter().any(|schema| schema.knows(key)),
+        };
+        if !known {
+            let expected = match schema {
+                Some(schema) => format!("backend kind {} accepts {:?}", schema.kind, [schema.required, schema.optional].concat()),
+                None => "no backend kind accepts it".to_owned(),
+            };
+            return Err(error(key, format!("unknown key: {expected}")));
+        }
+        let toml::Value::String(source) = value else {
+            return Err(error(key, "must be a string template".into()));
+        };
+        params.insert(key.clone(), Template::parse(source).map_err(|m| error(key, m))?);
+    }
+    if let Some(schema) = schema {
+        if let Some(missing) = schema.required.iter().find(|key| !params.contains_key(**key)) {
+            return Err(error(missing, format!("is required by backend kind {}", schema.kind)));
+        }
+    }
+
+    Ok(Role {
+        name,
+        file: file.to_path_buf(),
+        description: string("description")?,
+        backend,
+        issuer,
+        target: string("target")?,
+        bindings,
+        default_ttl,
+        max_ttl,
+        min_ttl,
+        max_uses_per_token,
+        params,
+    })
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests;

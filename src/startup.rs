@@ -1,0 +1,166 @@
+//! Building the application from configuration, separate from running it, so tests start the
+//! real thing on port 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use axum::body::Bytes;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::audit::{self, Audit, PgAudit};
+use crate::backend::{self, Backends};
+use crate::broker::Broker;
+use crate::config::{Config, DEV_ISSUER_NAME};
+use crate::dev::DevIssuer;
+use crate::http::{self, AppState, DevIssuerDocuments};
+use crate::oidc::Verifier;
+use crate::policy::{CompileContext, PolicySet};
+use crate::types::IssuerName;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeOptions {
+    pub dev: bool,
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+/// Everything checked at load: policies against the configured issuers and backends.
+/// In dev mode the built-in issuer counts as configured.
+pub fn load_policies(config: &Config, backends: &Backends, dev: bool) -> anyhow::Result<PolicySet> {
+    let mut issuers: Vec<IssuerName> = config.issuers.iter().map(|issuer| issuer.name.clone()).collect();
+    if dev {
+        issuers.push(IssuerName::parse(DEV_ISSUER_NAME).expect("reserved name is valid"));
+    }
+    let schemas = backends.schemas();
+    let all_schemas = backend::all_param_schemas();
+    let context = CompileContext { issuers: Some(&issuers), backends: Some(&schemas), all_schemas: &all_schemas };
+    Ok(PolicySet::load_dir(&config.policy_dir, &context)?)
+}
+
+impl Application {
+    pub async fn build(config: Config, options: ServeOptions) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+        Self::build_on(listener, config, options).await
+    }
+
+    pub async fn build_on(listener: TcpListener, mut config: Config, options: ServeOptions) -> anyhow::Result<Self> {
+        if !options.dev && config.dev.is_some() {
+            bail!(
+                "{}: key `dev`: development settings are present; remove the [dev] section or run `serve --dev`",
+                config.source_name()
+            );
+        }
+        let dev_issuer = if options.dev {
+            tracing::warn!("development mode: trusting the built-in dev issuer; never use this in production");
+            Some(DevIssuer::load_or_create(&config).context("cannot prepare the dev issuer")?)
+        } else {
+            None
+        };
+        config.issuers.extend(dev_issuer.as_ref().map(DevIssuer::issuer_config));
+
+        let dev_state_dir = options.dev.then(|| DevIssuer::state_dir(&config));
+        let backends = Backends::build(&config, dev_state_dir.as_deref())?;
+        let policies = load_policies(&config, &backends, false)?;
+        tracing::info!(roles = policies.len(), dir = %config.policy_dir.display(), "policies loaded");
+
+        let pool = audit::connect(
+            &config.database_url,
+            config.database_max_connections,
+            Duration::from_secs(config.database_acquire_timeout_seconds),
+        )?;
+        audit::migrate(&pool).await.context("cannot migrate the audit database")?;
+        let audit = Audit::new(PgAudit::new(pool), config.unattributed_denials_per_minute);
+
+        let verifier = Verifier::new(
+            &config.issuers,
+            config.audience.clone(),
+            config.clock_skew_seconds,
+            Duration::from_secs(config.jwks_max_age_seconds),
+        )?;
+        let jwks = json!({ "keys": backends.published_keys() });
+        let openid_configuration = json!({
+            "issuer": config.public_url,
+            "jwks_uri": format!("{}/.well-known/jwks.json", config.public_url),
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256", "ES256"],
+        });
+        let broker = Broker {
+            verifier,
+            policies: Arc::new(policies),
+            backends,
+            audit,
+            max_uses_per_token: config.max_uses_per_token,
+        };
+        let state = AppState {
+            broker: Arc::new(broker),
+            jwks: Bytes::from(jwks.to_string()),
+            openid_configuration: Bytes::from(openid_configuration.to_string()),
+            dev_issuer: dev_issuer.map(|dev| DevIssuerDocuments {
+                openid_configuration: Bytes::from(dev.discovery_document().to_string()),
+                jwks: Bytes::from(dev.jwks().to_string()),
+            }),
+            request_timeout: Duration::from_secs(config.request_timeout_seconds),
+        };
+        Ok(Self { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let audit = self.state.broker.audit.clone();
+        let flusher = tokio::spawn(flush_unattributed_periodically(audit.clone()));
+        let router = http::app(self.state);
+        tracing::info!(address = %self.listener.local_addr()?, "credbroker listening");
+        axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        flusher.abort();
+        if let Err(error) = audit.flush_unattributed().await {
+            tracing::error!(%error, "could not write aggregated denials at shutdown");
+        }
+        Ok(())
+    }
+}
+
+async fn flush_unattributed_periodically(audit: Audit) {
+    let mut interval = tokio::time::interval(Duration::from_secs(60));
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        if let Err(error) = audit.flush_unattributed().await {
+            tracing::error!(%error, "could not write aggregated denials; will retry");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        if let Ok(mut signal) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            signal.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}
+

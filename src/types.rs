@@ -1,0 +1,157 @@
+//! Newtypes parsed once at the edge, so the core never sees unchecked names or durations.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// Names of issuers, roles and backends share one shape: short, lowercase, no surprises
+/// in logs, URLs or SQL filters.
+fn parse_name(kind: &str, raw: &str) -> Result<String, String> {
+    let valid_start = raw.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let valid_chars = raw
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    if raw.len() > 64 || !valid_start || !valid_chars {
+        return Err(format!(
+            "{kind} {raw:?} must be 1-64 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit"
+        ));
+    }
+    Ok(raw.to_owned())
+}
+
+macro_rules! name_type {
+    ($name:ident, $kind:literal) => {
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(raw: &str) -> Result<Self, String> {
+                parse_name($kind, raw).map(Self)
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+name_type!(IssuerName, "issuer name");
+name_type!(RoleName, "role name");
+name_type!(BackendName, "backend name");
+
+/// A credential lifetime in whole seconds, at least one second and at most a week.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Ttl(u32);
+
+impl Ttl {
+    pub const MAX_SECONDS: u32 = 7 * 24 * 3600;
+
+    pub fn from_seconds(seconds: u64) -> Result<Self, String> {
+        if seconds == 0 || seconds > u64::from(Self::MAX_SECONDS) {
+            return Err(format!("a TTL must be between 1 second and 7 days, got {seconds} s"));
+        }
+        Ok(Self(seconds as u32))
+    }
+
+    /// Accepts `900`, `"900"`, `"90s"`, `"15m"`, `"1h"`, `"1h30m"`, `"2d"`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        if let Ok(seconds) = raw.parse::<u64>() {
+            return Self::from_seconds(seconds);
+        }
+        let mut total: u64 = 0;
+        let mut digits = String::new();
+        for c in raw.chars() {
+            if c.is_ascii_digit() {
+                digits.push(c);
+                continue;
+            }
+            let unit = match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86400,
+                _ => return Err(format!("invalid duration {raw:?}: unknown unit {c:?} (use s, m, h, d)")),
+            };
+            let value: u64 = digits
+                .parse()
+                .map_err(|_| format!("invalid duration {raw:?}: expected a number before {c:?}"))?;
+            total = total.saturating_add(value.saturating_mul(unit));
+            digits.clear();
+        }
+        if !digits.is_empty() || raw.is_empty() {
+            return Err(format!("invalid duration {raw:?}: expected e.g. 900, 90s, 15m, 1h30m"));
+        }
+        Self::from_seconds(total)
+    }
+
+    pub fn seconds(self) -> u32 {
+        self.0
+    }
+
+    pub fn as_duration(self) -> time::Duration {
+        time::Duration::seconds(i64::from(self.0))
+    }
+}
+
+impl fmt::Display for Ttl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} s", self.0)
+    }
+}
+
+/// SHA-256 as lowercase hex: how the audit log refers to a secret without holding it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for byte in digest {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_parses_units_and_plain_seconds() {
+        assert_eq!(Ttl::parse("900").unwrap().seconds(), 900);
+        assert_eq!(Ttl::parse("90s").unwrap().seconds(), 90);
+        assert_eq!(Ttl::parse("15m").unwrap().seconds(), 900);
+        assert_eq!(Ttl::parse("1h30m").unwrap().seconds(), 5400);
+        assert_eq!(Ttl::parse("2d").unwrap().seconds(), 172_800);
+    }
+
+    #[test]
+    fn ttl_rejects_zero_garbage_and_trailing_digits() {
+        for bad in ["0", "", "15x", "m", "10m5", "-5", "8d"] {
+            assert!(Ttl::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn names_reject_uppercase_and_separators() {
+        assert!(RoleName::parse("kafka-orders.write_1").is_ok());
+        for bad in ["", "Kafka", "a/b", "-lead", "a b", &"x".repeat(65)] {
+            assert!(RoleName::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn sha256_hex_matches_known_vector() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
