@@ -284,6 +284,11 @@ impl Broker {
     /// stands; the event goes to the error log so it is not lost.
     async fn finish(&self, mut event: AuditEvent, decision: Decision, error: ExchangeError) -> ExchangeFailure {
         event.decision = decision;
+        if decision == Decision::Denied {
+            // Nothing was issued: a lifetime on the row would describe a credential that never existed.
+            event.granted_ttl_seconds = None;
+            event.expires_at = None;
+        }
         event.code = Some(error.code().as_str().to_owned());
         event.detail = Some(error.to_string());
         let issuance_id = event.id;

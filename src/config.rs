@@ -50,6 +50,7 @@ pub struct Config {
     pub database_acquire_timeout_seconds: u64,
     pub unattributed_denials_per_minute: u32,
     pub jwks_max_age_seconds: u64,
+    pub jwks_min_refetch_seconds: u64,
     pub max_uses_per_token: u32,
     pub log_format: LogFormat,
     pub issuers: Vec<IssuerConfig>,
@@ -86,6 +87,7 @@ const SCALAR_KEYS: &[(&str, bool)] = &[
     ("database_acquire_timeout_seconds", true),
     ("unattributed_denials_per_minute", true),
     ("jwks_max_age_seconds", true),
+    ("jwks_min_refetch_seconds", true),
     ("max_uses_per_token", true),
     ("log_format", false),
 ];
@@ -114,6 +116,8 @@ struct RawConfig {
     unattributed_denials_per_minute: u32,
     #[serde(default = "defaults::jwks_max_age_seconds")]
     jwks_max_age_seconds: u64,
+    #[serde(default = "defaults::jwks_min_refetch_seconds")]
+    jwks_min_refetch_seconds: u64,
     #[serde(default = "defaults::max_uses_per_token")]
     max_uses_per_token: u32,
     #[serde(default = "defaults::log_format")]
@@ -159,6 +163,9 @@ mod defaults {
     }
     pub fn jwks_max_age_seconds() -> u64 {
         900
+    }
+    pub fn jwks_min_refetch_seconds() -> u64 {
+        30
     }
     pub fn max_uses_per_token() -> u32 {
         1
@@ -225,6 +232,7 @@ impl Config {
             ("request_timeout_seconds", raw.request_timeout_seconds),
             ("database_acquire_timeout_seconds", raw.database_acquire_timeout_seconds),
             ("jwks_max_age_seconds", raw.jwks_max_age_seconds),
+            ("jwks_min_refetch_seconds", raw.jwks_min_refetch_seconds),
             ("database_max_connections", u64::from(raw.database_max_connections)),
             ("unattributed_denials_per_minute", u64::from(raw.unattributed_denials_per_minute)),
             ("max_uses_per_token", u64::from(raw.max_uses_per_token)),
@@ -284,6 +292,7 @@ impl Config {
             database_acquire_timeout_seconds: raw.database_acquire_timeout_seconds,
             unattributed_denials_per_minute: raw.unattributed_denials_per_minute,
             jwks_max_age_seconds: raw.jwks_max_age_seconds,
+            jwks_min_refetch_seconds: raw.jwks_min_refetch_seconds,
             max_uses_per_token: raw.max_uses_per_token,
             log_format: raw.log_format,
             issuers,

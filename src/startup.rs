@@ -82,6 +82,7 @@ impl Application {
             config.audience.clone(),
             config.clock_skew_seconds,
             Duration::from_secs(config.jwks_max_age_seconds),
+            Duration::from_secs(config.jwks_min_refetch_seconds),
         )?;
         let jwks = json!({ "keys": backends.published_keys() });
         let openid_configuration = json!({

@@ -1,6 +1,6 @@
 //! One issuer's verification keys: fetched through OIDC discovery (or a pinned `jwks_uri`),
 //! cached behind an `ArcSwap` so the hot path never locks, refetched at most once per
-//! `REFETCH_INTERVAL` however many unknown `kid`s arrive.
+//! `min_refetch` (30 s by default) however many unknown `kid`s arrive.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,9 +16,6 @@ use url::Url;
 
 use super::fetch::DiscoveryClient;
 use crate::types::IssuerName;
-
-/// A flood of tokens with made-up `kid`s must not turn into a flood of requests to the issuer.
-pub const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 
 pub struct VerificationKey {
     pub key: DecodingKey,
@@ -37,6 +34,8 @@ pub struct IssuerKeys {
     jwks_uri: Option<Url>,
     configured_algorithms: Option<Vec<Algorithm>>,
     max_age: Duration,
+    /// A flood of tokens with made-up `kid`s must not turn into a flood of requests to the issuer.
+    min_refetch: Duration,
     current: ArcSwap<KeySet>,
     /// Serialises refetches and remembers when the last one was attempted.
     last_attempt: Mutex<Option<Instant>>,
@@ -57,6 +56,7 @@ impl IssuerKeys {
         jwks_uri: Option<Url>,
         configured_algorithms: Option<Vec<Algorithm>>,
         max_age: Duration,
+        min_refetch: Duration,
         client: DiscoveryClient,
     ) -> Self {
         Self {
@@ -65,6 +65,7 @@ impl IssuerKeys {
             jwks_uri,
             configured_algorithms,
             max_age,
+            min_refetch,
             current: ArcSwap::from_pointee(KeySet::default()),
             last_attempt: Mutex::new(None),
             client,
@@ -90,11 +91,11 @@ impl IssuerKeys {
         }
     }
 
-    /// Fetches the key set unless another fetch happened within `REFETCH_INTERVAL`.
+    /// Fetches the key set unless another fetch was attempted within `min_refetch`.
     /// A failed fetch keeps the previous keys: an issuer outage should not stop verification.
     async fn refresh(&self) -> Result<(), String> {
         let mut last_attempt = self.last_attempt.lock().await;
-        if last_attempt.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) {
+        if last_attempt.is_some_and(|at| at.elapsed() < self.min_refetch) {
             return Ok(());
         }
         *last_attempt = Some(Instant::now());

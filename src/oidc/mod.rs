@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 pub use fetch::DiscoveryClient;
-pub use keys::{IssuerKeys, REFETCH_INTERVAL};
+pub use keys::IssuerKeys;
 
 use crate::config::IssuerConfig;
 use crate::types::{sha256_hex, IssuerName};
@@ -79,6 +79,7 @@ impl Verifier {
         audience: String,
         leeway_seconds: u64,
         jwks_max_age: Duration,
+        jwks_min_refetch: Duration,
     ) -> Result<Self, reqwest::Error> {
         let client = DiscoveryClient::new()?;
         let by_issuer_url = issuers
@@ -90,6 +91,7 @@ impl Verifier {
                     issuer.jwks_uri.clone(),
                     issuer.algorithms.clone(),
                     jwks_max_age,
+                    jwks_min_refetch,
                     client.clone(),
                 );
                 (issuer.issuer.clone(), Arc::new(keys))

@@ -1,0 +1,362 @@
+//! Test harness: a real Postgres database per test, a real OIDC issuer on 127.0.0.1:0
+//! (discovery + JWKS over HTTP, signing GitLab-shaped tokens), and the real broker built
+//! in-process on port 0.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use credbroker::backend::signing::SigningKey;
+use credbroker::config::Config;
+use credbroker::startup::{Application, ServeOptions};
+use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+use serde_json::{json, Map, Value};
+use sqlx::{Connection, PgPool};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const AUDIENCE: &str = "credbroker";
+
+/// RSA key generation is slow; each test process makes its keys once.
+pub fn rsa_pem(slot: usize) -> &'static str {
+    static KEYS: OnceLock<Vec<String>> = OnceLock::new();
+    &KEYS.get_or_init(|| {
+        (0..3)
+            .map(|_| {
+                let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
+                key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string()
+            })
+            .collect()
+    })[slot]
+}
+
+// ---------------------------------------------------------------- Postgres
+
+/// A fresh database on the cluster scripts/test.sh started.
+pub async fn fresh_database() -> String {
+    let admin_url = std::env::var("CREDBROKER_TEST_DATABASE_URL")
+        .expect("CREDBROKER_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts Postgres");
+    let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connect to the test cluster");
+    sqlx::query(&format!("create database {name}")).execute(&mut admin).await.unwrap();
+    let (base, _) = admin_url.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+/// A TCP proxy in front of Postgres that a test can cut, to stage an outage without
+/// disturbing the cluster other tests share.
+pub struct PostgresProxy {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl PostgresProxy {
+    pub async fn start(database_url: &str) -> (Self, String) {
+        let upstream = url::Url::parse(database_url).unwrap();
+        let upstream_addr = format!("{}:{}", upstream.host_str().unwrap(), upstream.port().unwrap_or(5432));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (accept_up, accept_connections) = (up.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accept_up.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let upstream_addr = upstream_addr.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(&upstream_addr).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                accept_connections.lock().unwrap().push(task);
+            }
+        });
+        let mut proxied = upstream.clone();
+        proxied.set_port(Some(port)).unwrap();
+        (Self { port, up, connections }, proxied.to_string())
+    }
+
+    pub fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------- OIDC issuer
+
+pub struct TestIssuer {
+    pub url: String,
+    state: Arc<IssuerState>,
+}
+
+struct IssuerState {
+    url: String,
+    /// Slots of `rsa_pem` currently published.
+    published: Mutex<Vec<usize>>,
+    pub fetches: AtomicUsize,
+}
+
+impl TestIssuer {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://127.0.0.1:{}/gitlab", listener.local_addr().unwrap().port());
+        let state = Arc::new(IssuerState { url: url.clone(), published: Mutex::new(vec![0]), fetches: AtomicUsize::new(0) });
+        let router = Router::new()
+            .route("/gitlab/.well-known/openid-configuration", get(discovery))
+            .route("/gitlab/oauth/discovery/keys", get(keys))
+            .with_state(state.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        Self { url, state }
+    }
+
+    /// How many times the JWKS was fetched.
+    pub fn jwks_fetches(&self) -> usize {
+        self.state.fetches.load(Ordering::SeqCst)
+    }
+
+    pub fn publish(&self, slots: &[usize]) {
+        *self.state.published.lock().unwrap() = slots.to_vec();
+    }
+
+    pub fn key(&self, slot: usize) -> SigningKey {
+        SigningKey::from_pem(rsa_pem(slot).as_bytes()).unwrap()
+    }
+
+    /// GitLab's claims for a protected-branch job of platform/orders, `exp` one hour out.
+    pub fn claims(&self) -> Map<String, Value> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        json!({
+            "iss": self.url, "aud": AUDIENCE, "iat": now, "nbf": now - 5, "exp": now + 3600,
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "sub": "project_path:platform/orders:ref_type:branch:ref:main",
+            "namespace_id": "7", "namespace_path": "platform",
+            "project_id": "42", "project_path": "platform/orders",
+            "job_project_id": "42", "job_project_path": "platform/orders",
+            "job_namespace_id": "7", "job_namespace_path": "platform",
+            "user_id": "3", "user_login": "alice", "user_email": "alice@example.com", "user_access_level": "developer",
+            "pipeline_id": "9001", "pipeline_source": "push", "job_id": "123456",
+            "ref": "main", "ref_type": "branch", "ref_path": "refs/heads/main", "ref_protected": "true",
+            "runner_id": 42, "runner_environment": "self-hosted",
+            "sha": "0123456789abcdef0123456789abcdef01234567", "project_visibility": "private",
+            "ci_config_ref_uri": "gitlab.example.com/platform/orders//.gitlab-ci.yml@refs/heads/main",
+            "ci_config_sha": "0123456789abcdef0123456789abcdef01234567",
+        })
+        .as_object()
+        .unwrap()
+        .clone()
+    }
+
+    pub fn sign(&self, claims: &Map<String, Value>) -> String {
+        self.key(0).sign(claims).unwrap()
+    }
+
+    pub fn token(&self) -> String {
+        self.sign(&self.claims())
+    }
+
+    pub fn token_with(&self, changes: Value) -> String {
+        let mut claims = self.claims();
+        for (name, value) in changes.as_object().unwrap() {
+            if value.is_null() {
+                claims.remove(name);
+            } else {
+                claims.insert(name.clone(), value.clone());
+            }
+        }
+        self.sign(&claims)
+    }
+}
+
+async fn discovery(State(state): State<Arc<IssuerState>>) -> Json<Value> {
+    Json(json!({
+        "issuer": state.url,
+        "jwks_uri": format!("{}/oauth/discovery/keys", state.url),
+        "authorization_endpoint": format!("{}/oauth/authorize", state.url),
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+    }))
+}
+
+async fn keys(State(state): State<Arc<IssuerState>>) -> Json<Value> {
+    state.fetches.fetch_add(1, Ordering::SeqCst);
+    let slots = state.published.lock().unwrap().clone();
+    let keys: Vec<Value> = slots
+        .into_iter()
+        .map(|slot| serde_json::to_value(SigningKey::from_pem(rsa_pem(slot).as_bytes()).unwrap().public_jwk()).unwrap())
+        .collect();
+    Json(json!({ "keys": keys }))
+}
+
+// ---------------------------------------------------------------- broker
+
+pub const POLICIES: &str = r#"
+[[role]]
+name = "orders-producer"
+backend = "kafka"
+issuer = "gitlab"
+default_ttl = "15m"
+max_ttl = "1h"
+principal = "ci:{job_project_path}"
+scope = "orders.write"
+[role.claims]
+job_project_path = "platform/orders"
+ref_protected = "true"
+
+[[role]]
+name = "orders-strict"
+backend = "kafka"
+issuer = "gitlab"
+default_ttl = "15m"
+max_ttl = "1h"
+min_ttl = "10m"
+principal = "ci:{job_project_path}"
+[role.claims]
+job_project_path = "platform/orders"
+
+[[role]]
+name = "orders-multi"
+backend = "kafka"
+issuer = "gitlab"
+default_ttl = "5m"
+max_ttl = "10m"
+max_uses_per_token = 3
+principal = "ci:{job_project_path}"
+[role.claims]
+job_project_path = "platform/*"
+runner_id = 42
+
+[[role]]
+name = "by-environment"
+backend = "kafka"
+issuer = "gitlab"
+default_ttl = "5m"
+max_ttl = "10m"
+principal = "ci:{environment}"
+[role.claims]
+job_namespace_path = "platform"
+"#;
+
+pub struct TestApp {
+    pub url: String,
+    pub public_url: String,
+    pub issuer: TestIssuer,
+    pub database_url: String,
+    pub pool: PgPool,
+    pub client: reqwest::Client,
+    pub state: credbroker::http::AppState,
+    pub dir: TempDir,
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn temp_dir() -> TempDir {
+    let dir = std::env::temp_dir().join(format!("credbroker-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    TempDir(dir)
+}
+
+/// The broker's configuration as a test writes it; `extra` lands at the top level.
+pub fn config_text(issuer_url: &str, database_url: &str, public_url: &str, extra: &str) -> String {
+    format!(
+        r#"
+{extra}
+listen = "127.0.0.1:0"
+public_url = "{public_url}"
+audience = "{AUDIENCE}"
+database_url = "{database_url}"
+policy_dir = "policies"
+
+[[issuers]]
+name = "gitlab"
+issuer = "{issuer_url}"
+
+[backends.kafka]
+type = "kafka_oauthbearer"
+audience = "kafka-test"
+signing_key_file = "kafka.pem"
+max_ttl = "1h"
+"#
+    )
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with("", None).await
+    }
+
+    /// `extra`: top-level config lines; `database_url`: override (e.g. through a proxy).
+    pub async fn spawn_with(extra: &str, database_url: Option<String>) -> Self {
+        let issuer = TestIssuer::start().await;
+        let database_url = match database_url {
+            Some(url) => url,
+            None => fresh_database().await,
+        };
+        let dir = temp_dir();
+        std::fs::write(dir.0.join("kafka.pem"), rsa_pem(2)).unwrap();
+        std::fs::write(dir.0.join("policies/test.toml"), POLICIES).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let text = config_text(&issuer.url, &database_url, &url, extra);
+        let config_path = dir.0.join("credbroker.toml");
+        std::fs::write(&config_path, &text).unwrap();
+        let config = Config::parse(&text, &config_path, std::iter::empty()).unwrap();
+        let application = Application::build_on(listener, config, ServeOptions::default()).await.unwrap();
+        let state = application.state().clone();
+        tokio::spawn(application.run_until_stopped());
+        let pool = PgPool::connect(&database_url).await.unwrap();
+        Self { url: url.clone(), public_url: url, issuer, database_url, pool, client: reqwest::Client::new(), state, dir }
+    }
+
+    pub async fn exchange(&self, token: &str, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
+        let response = self
+            .client
+            .post(format!("{}/v1/credentials", self.url))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    /// The audit row of an exchange, by the id the response carried.
+    pub async fn audit_row(&self, issuance_id: &str) -> Value {
+        let id = uuid::Uuid::parse_str(issuance_id).unwrap();
+        sqlx::query_scalar::<_, Value>("select to_jsonb(a) from audit_events a where id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("no audit row for {issuance_id}: {e}"))
+    }
+
+    pub async fn audit_count(&self) -> i64 {
+        sqlx::query_scalar("select count(*) from audit_events").fetch_one(&self.pool).await.unwrap()
+    }
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
