@@ -27,6 +27,11 @@ trap 'exit 143' TERM
 
 bash scripts/postgres.sh start "$PG_DIR" </dev/null
 
+# Minted Kafka tokens are validated the way Kafka's KIP-768 validator does, with an
+# independent JWT library (tests/kip768_validate.py), not with the broker's own code.
+python3 -c 'import jwt, cryptography' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check 'pyjwt[crypto]>=2.8' </dev/null
+
 # Tests create (and drop) one database per test, so they are handed the maintenance
 # database rather than one they would all share.
 CREDBROKER_TEST_DATABASE_URL=$(bash scripts/postgres.sh url "$PG_DIR" postgres)
