@@ -82,7 +82,8 @@ impl ExchangeError {
         }
     }
 
-    /// What the client is told. Denials of a role are worded identically whether the role
+    /// What the client is told for a refusal (4xx; server-side failures get fixed wording at
+    /// the HTTP edge so internals stay in the log). Denials of a role are worded identically whether the role
     /// exists or not, so a token holder cannot map the policy.
     pub fn client_detail(&self) -> String {
         match self {
@@ -90,12 +91,6 @@ impl ExchangeError {
                 format!("role {role:?} does not exist or does not accept this token (see `credbroker policy explain`)")
             }
             ExchangeError::AccessDenied { reason, .. } => reason.clone(),
-            ExchangeError::InvalidToken(VerifyError::IssuerUnavailable(_)) => {
-                "the token's issuer cannot be reached to fetch its keys; retry shortly".into()
-            }
-            ExchangeError::AuditUnavailable(_) => {
-                "the audit log cannot be written, so no credential is issued; retry shortly".into()
-            }
             other => other.to_string(),
         }
     }

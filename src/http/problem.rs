@@ -40,9 +40,14 @@ impl From<ExchangeFailure> for Problem {
     fn from(failure: ExchangeFailure) -> Self {
         let code = failure.error.code();
         if status(code).is_server_error() {
+            // A backend's detail is written to be shown (Vault's or STS's message, never a
+            // secret); other server-side failures get fixed wording. The full chain is logged.
+            let detail = match code {
+                ErrorCode::BackendFailed => failure.error.client_detail(),
+                _ => server_detail(code),
+            };
             tracing::error!(issuance_id = %failure.issuance_id, code = code.as_str(), error = ?anyhow::Error::from(failure.error), "exchange failed");
-            // `failure.error` moved into the log above; the client gets the fixed wording.
-            return Self { code, detail: server_detail(code), issuance_id: Some(failure.issuance_id) };
+            return Self { code, detail, issuance_id: Some(failure.issuance_id) };
         }
         tracing::info!(issuance_id = %failure.issuance_id, code = code.as_str(), error = %failure.error, "exchange refused");
         Self { code, detail: failure.error.client_detail(), issuance_id: Some(failure.issuance_id) }
@@ -53,7 +58,6 @@ fn server_detail(code: ErrorCode) -> String {
     match code {
         ErrorCode::AuditUnavailable => "the audit log cannot be written, so no credential is issued; retry shortly".into(),
         ErrorCode::IssuerUnavailable => "the token's issuer cannot be reached to fetch its keys; retry shortly".into(),
-        ErrorCode::BackendFailed => "the backend failed to mint the credential".into(),
         _ => "the broker could not complete the request".into(),
     }
 }
