@@ -7,7 +7,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::audit::{Audit, AuditEvent, Decision, TokenUse};
+use crate::audit::{Audit, AuditError, AuditEvent, AuditSlot, Decision, TokenUse};
 use crate::backend::{BackendError, Backends, Credential, MintRequest};
 use crate::oidc::{Verifier, VerifiedToken, VerifyError};
 use crate::policy::{self, PolicySet, TtlRequest};
@@ -64,7 +64,9 @@ pub enum ExchangeError {
     #[error(transparent)]
     BackendFailed(#[from] BackendError),
     #[error("audit log unavailable: {0}")]
-    AuditUnavailable(#[source] crate::audit::AuditError),
+    AuditUnavailable(#[source] AuditError),
+    #[error("the broker is at capacity: {0}; retry shortly")]
+    Overloaded(#[source] AuditError),
 }
 
 impl ExchangeError {
@@ -79,6 +81,7 @@ impl ExchangeError {
             ExchangeError::TtlNotSatisfiable(_) => ErrorCode::TtlNotSatisfiable,
             ExchangeError::BackendFailed(_) => ErrorCode::BackendFailed,
             ExchangeError::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
+            ExchangeError::Overloaded(_) => ErrorCode::RateLimited,
         }
     }
 
@@ -149,6 +152,19 @@ impl Broker {
         event.client_addr = input.client_addr.clone();
         event.user_agent = input.user_agent.clone();
 
+        // The row's place is taken before any work, so an overloaded broker refuses at once
+        // instead of minting a credential it then cannot record.
+        let slot = match self.audit.reserve() {
+            Ok(slot) => slot,
+            Err(error @ AuditError::Overloaded { .. }) => {
+                let error = ExchangeError::Overloaded(error);
+                event.code = Some(error.code().as_str().to_owned());
+                self.audit.count_refused(&event);
+                return Err(ExchangeFailure { issuance_id, error });
+            }
+            Err(error) => return Err(ExchangeFailure { issuance_id, error: ExchangeError::AuditUnavailable(error) }),
+        };
+
         // Verify. Until this succeeds nobody can be held to the request.
         let token = match self.verify(&input, now).await {
             Ok(token) => token,
@@ -156,7 +172,7 @@ impl Broker {
                 if let Some(iss) = input.bearer_token.and_then(Verifier::claimed_issuer) {
                     event.detail = Some(format!("{error} (claimed iss {iss:?})"));
                 }
-                return Err(self.refuse_unattributed(event, error).await);
+                return Err(self.refuse_unattributed(slot, event, error).await);
             }
         };
         event.issuer = Some(token.issuer.to_string());
@@ -167,7 +183,7 @@ impl Broker {
 
         let request = match parse_request(input.body) {
             Ok(request) => request,
-            Err(error) => return Err(self.refuse(event, error).await),
+            Err(error) => return Err(self.refuse(slot, event, error).await),
         };
         tracing::Span::current().record("role", request.role.as_str());
         event.role = Some(request.role.chars().take(128).collect());
@@ -178,12 +194,12 @@ impl Broker {
             Ok(role) => role,
             Err(denial) => {
                 let error = ExchangeError::AccessDenied { role: request.role.clone(), reason: denial.0, client_may_see: false };
-                return Err(self.refuse(event, error).await);
+                return Err(self.refuse(slot, event, error).await);
             }
         };
         let Some(backend) = self.backends.get(&role.backend) else {
             let error = BackendError::Failed { backend: role.backend.to_string(), detail: "backend is not configured".into() };
-            return Err(self.fail(event, error.into()).await);
+            return Err(self.fail(slot, event, error.into()).await);
         };
         event.backend = Some(role.backend.to_string());
         event.target = Some(role.target.clone().unwrap_or_else(|| backend.default_target().to_owned()));
@@ -192,12 +208,12 @@ impl Broker {
             Err(reason) => {
                 let reason = format!("role {} cannot be rendered from this token: {reason}", role.name);
                 let error = ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true };
-                return Err(self.refuse(event, error).await);
+                return Err(self.refuse(slot, event, error).await);
             }
         };
         let granted = match policy::grant(request.ttl, role.ttl_limits(backend.max_ttl()), token.job_deadline, now) {
             Ok(granted) => granted,
-            Err(shortfall) => return Err(self.refuse(event, shortfall.into()).await),
+            Err(shortfall) => return Err(self.refuse(slot, event, shortfall.into()).await),
         };
         event.granted_ttl_seconds = Some(granted.ttl.seconds());
         event.expires_at = Some(granted.expires_at);
@@ -210,8 +226,8 @@ impl Broker {
             .await
         {
             Ok(TokenUse::Claimed(_)) => {}
-            Ok(TokenUse::Exhausted) => return Err(self.refuse(event, ExchangeError::TokenReplayed(max_uses)).await),
-            Err(error) => return Err(self.fail(event, ExchangeError::AuditUnavailable(error)).await),
+            Ok(TokenUse::Exhausted) => return Err(self.refuse(slot, event, ExchangeError::TokenReplayed(max_uses)).await),
+            Err(error) => return Err(self.fail(slot, event, ExchangeError::AuditUnavailable(error)).await),
         }
 
         // Mint.
@@ -225,7 +241,7 @@ impl Broker {
         };
         let credential = match backend.mint(mint).await {
             Ok(credential) => credential,
-            Err(error) => return Err(self.fail(event, error.into()).await),
+            Err(error) => return Err(self.fail(slot, event, error.into()).await),
         };
 
         // Record the issuance; only a durable row lets the credential leave.
@@ -233,7 +249,7 @@ impl Broker {
         event.credential_sha256 = Some(credential.fingerprint.clone());
         event.credential_handle = credential.handle.clone();
         let target = event.target.clone().unwrap_or_default();
-        if let Err(error) = self.audit.record(event).await {
+        if let Err(error) = self.audit.record_in(slot, event).await {
             tracing::error!(%issuance_id, error = %error, "issued row not recorded; credential withheld");
             return Err(ExchangeFailure { issuance_id, error: ExchangeError::AuditUnavailable(error) });
         }
@@ -257,27 +273,27 @@ impl Broker {
         self.verifier.verify(token, now).await.map_err(ExchangeError::InvalidToken)
     }
 
-    async fn refuse_unattributed(&self, mut event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
+    async fn refuse_unattributed(&self, slot: AuditSlot, mut event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
         event.code = Some(error.code().as_str().to_owned());
         event.detail.get_or_insert_with(|| error.to_string());
         let issuance_id = event.id;
-        if let Err(audit_error) = self.audit.record_unattributed(event.clone()).await {
+        if let Err(audit_error) = self.audit.record_unattributed(slot, event.clone()).await {
             log_unrecorded(&event, &audit_error);
         }
         ExchangeFailure { issuance_id, error }
     }
 
-    async fn refuse(&self, event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
-        self.finish(event, Decision::Denied, error).await
+    async fn refuse(&self, slot: AuditSlot, event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
+        self.finish(slot, event, Decision::Denied, error).await
     }
 
-    async fn fail(&self, event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
-        self.finish(event, Decision::Failed, error).await
+    async fn fail(&self, slot: AuditSlot, event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
+        self.finish(slot, event, Decision::Failed, error).await
     }
 
     /// Writes the row for a refused or failed exchange. If even that fails the refusal still
     /// stands; the event goes to the error log so it is not lost.
-    async fn finish(&self, mut event: AuditEvent, decision: Decision, error: ExchangeError) -> ExchangeFailure {
+    async fn finish(&self, slot: AuditSlot, mut event: AuditEvent, decision: Decision, error: ExchangeError) -> ExchangeFailure {
         event.decision = decision;
         if decision == Decision::Denied {
             // Nothing was issued: a lifetime on the row would describe a credential that never existed.
@@ -287,14 +303,14 @@ impl Broker {
         event.code = Some(error.code().as_str().to_owned());
         event.detail = Some(error.to_string());
         let issuance_id = event.id;
-        if let Err(audit_error) = self.audit.record(event.clone()).await {
+        if let Err(audit_error) = self.audit.record_in(slot, event.clone()).await {
             log_unrecorded(&event, &audit_error);
         }
         ExchangeFailure { issuance_id, error }
     }
 }
 
-fn log_unrecorded(event: &AuditEvent, error: &crate::audit::AuditError) {
+fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
     tracing::error!(
         issuance_id = %event.id,
         decision = event.decision.as_str(),

@@ -53,6 +53,7 @@ pub struct Config {
     pub jwks_min_refetch_seconds: u64,
     pub max_uses_per_token: u32,
     pub log_format: LogFormat,
+    pub audit_writer: AuditWriterConfig,
     pub issuers: Vec<IssuerConfig>,
     /// Each backend's table is parsed by the backend itself (`backend::build`).
     pub backends: Vec<(BackendName, toml::Table)>,
@@ -69,27 +70,54 @@ pub struct IssuerConfig {
     pub algorithms: Option<Vec<Algorithm>>,
 }
 
+/// How decisions reach Postgres (see `audit::group_commit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditWriterConfig {
+    /// Queue decisions and commit them in batches; false writes one INSERT per request.
+    pub group_commit: bool,
+    /// Writer tasks, each committing one batch at a time on its own connection.
+    pub writers: u32,
+    /// Most rows in one INSERT.
+    pub batch_max: u32,
+    /// How long a writer waits for a batch to fill once it has one row; zero writes at once.
+    pub batch_wait: std::time::Duration,
+    /// Decisions waiting for a writer; beyond it new exchanges get `rate_limited`.
+    pub queue_capacity: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct DevConfig {
     pub state_dir: PathBuf,
 }
 
-/// Keys the environment may override, with whether the value is an integer.
-const SCALAR_KEYS: &[(&str, bool)] = &[
-    ("listen", false),
-    ("public_url", false),
-    ("audience", false),
-    ("database_url", false),
-    ("policy_dir", false),
-    ("clock_skew_seconds", true),
-    ("request_timeout_seconds", true),
-    ("database_max_connections", true),
-    ("database_acquire_timeout_seconds", true),
-    ("unattributed_denials_per_minute", true),
-    ("jwks_max_age_seconds", true),
-    ("jwks_min_refetch_seconds", true),
-    ("max_uses_per_token", true),
-    ("log_format", false),
+#[derive(Clone, Copy)]
+enum ScalarType {
+    Text,
+    Integer,
+    Boolean,
+}
+
+/// Keys the environment may override, with the type of their value.
+const SCALAR_KEYS: &[(&str, ScalarType)] = &[
+    ("listen", ScalarType::Text),
+    ("public_url", ScalarType::Text),
+    ("audience", ScalarType::Text),
+    ("database_url", ScalarType::Text),
+    ("policy_dir", ScalarType::Text),
+    ("clock_skew_seconds", ScalarType::Integer),
+    ("request_timeout_seconds", ScalarType::Integer),
+    ("database_max_connections", ScalarType::Integer),
+    ("database_acquire_timeout_seconds", ScalarType::Integer),
+    ("unattributed_denials_per_minute", ScalarType::Integer),
+    ("jwks_max_age_seconds", ScalarType::Integer),
+    ("jwks_min_refetch_seconds", ScalarType::Integer),
+    ("max_uses_per_token", ScalarType::Integer),
+    ("log_format", ScalarType::Text),
+    ("audit_group_commit", ScalarType::Boolean),
+    ("audit_writers", ScalarType::Integer),
+    ("audit_batch_max", ScalarType::Integer),
+    ("audit_batch_wait_micros", ScalarType::Integer),
+    ("audit_queue_capacity", ScalarType::Integer),
 ];
 
 /// The name a dev-mode issuer is registered under; reserved so no real config can claim it.
@@ -122,6 +150,16 @@ struct RawConfig {
     max_uses_per_token: u32,
     #[serde(default = "defaults::log_format")]
     log_format: LogFormat,
+    #[serde(default = "defaults::audit_group_commit")]
+    audit_group_commit: bool,
+    #[serde(default = "defaults::audit_writers")]
+    audit_writers: u32,
+    #[serde(default = "defaults::audit_batch_max")]
+    audit_batch_max: u32,
+    #[serde(default)]
+    audit_batch_wait_micros: u64,
+    #[serde(default = "defaults::audit_queue_capacity")]
+    audit_queue_capacity: u32,
     #[serde(default)]
     issuers: Vec<RawIssuer>,
     #[serde(default)]
@@ -173,6 +211,19 @@ mod defaults {
     pub fn log_format() -> LogFormat {
         LogFormat::Json
     }
+    pub fn audit_group_commit() -> bool {
+        true
+    }
+    // Two writers on two cores: one commits while the other gathers the next batch.
+    pub fn audit_writers() -> u32 {
+        2
+    }
+    pub fn audit_batch_max() -> u32 {
+        256
+    }
+    pub fn audit_queue_capacity() -> u32 {
+        4096
+    }
 }
 
 impl Config {
@@ -193,15 +244,18 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| ConfigError { source_name: file.clone(), key: None, message: e.to_string() })?;
         let env: std::collections::HashMap<String, String> = env.into_iter().collect();
-        for (key, is_integer) in SCALAR_KEYS {
+        for (key, scalar_type) in SCALAR_KEYS {
             let variable = format!("CREDBROKER_{}", key.to_uppercase());
             let Some(value) = env.get(&variable) else { continue };
-            let value = if *is_integer {
-                toml::Value::Integer(value.trim().parse().map_err(|_| {
-                    ConfigError::new(format!("environment variable {variable}"), *key, "must be an integer")
-                })?)
-            } else {
-                toml::Value::String(value.clone())
+            let invalid = |expected: &str| ConfigError::new(format!("environment variable {variable}"), *key, expected);
+            let value = match scalar_type {
+                ScalarType::Text => toml::Value::String(value.clone()),
+                ScalarType::Integer => {
+                    toml::Value::Integer(value.trim().parse().map_err(|_| invalid("must be an integer"))?)
+                }
+                ScalarType::Boolean => {
+                    toml::Value::Boolean(value.trim().parse().map_err(|_| invalid("must be true or false"))?)
+                }
             };
             table.insert((*key).to_owned(), value);
         }
@@ -236,11 +290,33 @@ impl Config {
             ("database_max_connections", u64::from(raw.database_max_connections)),
             ("unattributed_denials_per_minute", u64::from(raw.unattributed_denials_per_minute)),
             ("max_uses_per_token", u64::from(raw.max_uses_per_token)),
+            ("audit_writers", u64::from(raw.audit_writers)),
+            ("audit_batch_max", u64::from(raw.audit_batch_max)),
+            ("audit_queue_capacity", u64::from(raw.audit_queue_capacity)),
         ] {
             if value == 0 {
                 return Err(err(key, "must be greater than zero".into()));
             }
         }
+        if raw.audit_writers > raw.database_max_connections {
+            return Err(err(
+                "audit_writers",
+                format!(
+                    "at most database_max_connections ({}): each writer holds a pooled connection while it commits",
+                    raw.database_max_connections
+                ),
+            ));
+        }
+        if raw.audit_batch_wait_micros > 100_000 {
+            return Err(err("audit_batch_wait_micros", "at most 100000 (0.1 s): every exchange waits this long at worst".into()));
+        }
+        let audit_writer = AuditWriterConfig {
+            group_commit: raw.audit_group_commit,
+            writers: raw.audit_writers,
+            batch_max: raw.audit_batch_max,
+            batch_wait: std::time::Duration::from_micros(raw.audit_batch_wait_micros),
+            queue_capacity: raw.audit_queue_capacity,
+        };
         let mut issuers: Vec<IssuerConfig> = Vec::new();
         for (index, issuer) in raw.issuers.into_iter().enumerate() {
             let key = |field: &str| format!("issuers[{index}].{field}");
@@ -295,6 +371,7 @@ impl Config {
             jwks_min_refetch_seconds: raw.jwks_min_refetch_seconds,
             max_uses_per_token: raw.max_uses_per_token,
             log_format: raw.log_format,
+            audit_writer,
             issuers,
             backends,
             dev,

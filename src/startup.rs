@@ -69,13 +69,13 @@ impl Application {
         let policies = load_policies(&config, &backends, false)?;
         tracing::info!(roles = policies.len(), dir = %config.policy_dir.display(), "policies loaded");
 
-        let pool = audit::connect(
+        let store = PgAudit::connect(
             &config.database_url,
             config.database_max_connections,
             Duration::from_secs(config.database_acquire_timeout_seconds),
         )?;
-        audit::migrate(&pool).await.context("cannot migrate the audit database")?;
-        let audit = Audit::new(PgAudit::new(pool), config.unattributed_denials_per_minute);
+        audit::migrate(store.pool()).await.context("cannot migrate the audit database")?;
+        let audit = Audit::new(store, config.audit_writer, config.unattributed_denials_per_minute);
 
         let verifier = Verifier::new(
             &config.issuers,

@@ -1,17 +1,21 @@
-//! The record of every decision, and the only module that speaks SQL. Callers use one async
-//! call, [`Audit::record`], which returns once the row is durably committed; how rows reach
-//! Postgres (one INSERT each today) can change behind the [`AuditWriter`] trait.
+//! The record of every decision, and the only module that speaks SQL. Callers reserve a place
+//! ([`Audit::reserve`]) when a request arrives and record into it ([`Audit::record_in`]),
+//! which returns once the row is durably committed. Rows reach Postgres through the
+//! group-commit writer (many per commit) or, with `audit_group_commit = false`, one INSERT each.
 
+mod group_commit;
 mod postgres;
 mod unattributed;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::config::AuditWriterConfig;
+
+use group_commit::{GroupCommit, QueueSlot};
 pub use postgres::{connect, migrate, AuditRow, PgAudit};
 pub use unattributed::UnattributedLimiter;
 
@@ -21,6 +25,13 @@ pub enum AuditError {
     Unavailable(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The batch this row was in did not commit; every request in it shares the cause.
+    #[error("audit batch not committed: {0}")]
+    BatchFailed(#[source] Arc<AuditError>),
+    #[error("audit queue is full ({capacity} decisions waiting to be written)")]
+    Overloaded { capacity: usize },
+    #[error("audit writer has stopped")]
+    WriterStopped,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,12 +120,6 @@ impl AuditEvent {
     }
 }
 
-/// How rows reach durable storage. `write` returns only after the commit.
-#[async_trait]
-pub trait AuditWriter: Send + Sync {
-    async fn write(&self, event: &AuditEvent) -> Result<(), AuditError>;
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenUse {
     /// This exchange is use number N of the token for the role.
@@ -126,34 +131,73 @@ pub enum TokenUse {
 #[derive(Clone)]
 pub struct Audit {
     store: PgAudit,
-    writer: Arc<dyn AuditWriter>,
+    writer: Writer,
     unattributed: Arc<UnattributedLimiter>,
 }
 
+#[derive(Clone)]
+enum Writer {
+    PerRequest,
+    GroupCommit(GroupCommit),
+}
+
+/// A reserved place for one row (see [`Audit::reserve`]).
+pub struct AuditSlot(Option<QueueSlot>);
+
 impl Audit {
-    pub fn new(store: PgAudit, unattributed_per_minute: u32) -> Self {
-        Self {
-            writer: Arc::new(store.clone()),
-            store,
-            unattributed: Arc::new(UnattributedLimiter::new(unattributed_per_minute)),
+    /// Starts the group-commit writer when configured, so call it inside the runtime.
+    pub fn new(store: PgAudit, writer: AuditWriterConfig, unattributed_per_minute: u32) -> Self {
+        let writer = if writer.group_commit {
+            Writer::GroupCommit(GroupCommit::start(store.clone(), writer))
+        } else {
+            Writer::PerRequest
+        };
+        Self { store, writer, unattributed: Arc::new(UnattributedLimiter::new(unattributed_per_minute)) }
+    }
+
+    /// Reserves the place of a request's row before any work is done for it. Fails with
+    /// [`AuditError::Overloaded`] when the queue is full: the caller should refuse the request
+    /// and account for it with [`Audit::count_refused`].
+    pub fn reserve(&self) -> Result<AuditSlot, AuditError> {
+        match &self.writer {
+            Writer::PerRequest => Ok(AuditSlot(None)),
+            Writer::GroupCommit(group) => group.reserve().map(|slot| AuditSlot(Some(slot))),
         }
     }
 
     /// Returns once the row is durably committed.
+    pub async fn record_in(&self, slot: AuditSlot, event: AuditEvent) -> Result<(), AuditError> {
+        match slot.0 {
+            None => self.store.write(&event).await,
+            Some(slot) => GroupCommit::write(slot, event).await,
+        }
+    }
+
+    /// For work no client waits on: waits for room in the queue rather than refusing.
     pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
-        self.writer.write(&event).await
+        let slot = match &self.writer {
+            Writer::PerRequest => AuditSlot(None),
+            Writer::GroupCommit(group) => AuditSlot(Some(group.reserve_waiting().await?)),
+        };
+        self.record_in(slot, event).await
     }
 
     /// Denials that cannot be tied to a verified identity (garbage, forged or expired tokens)
     /// are written in full up to a per-client-address budget each minute; beyond it they are
     /// counted and written as one aggregated row per address and code by
     /// [`Audit::flush_unattributed`]. A flood cannot fill the disk, and nothing goes uncounted.
-    pub async fn record_unattributed(&self, event: AuditEvent) -> Result<(), AuditError> {
+    pub async fn record_unattributed(&self, slot: AuditSlot, event: AuditEvent) -> Result<(), AuditError> {
         if self.unattributed.admit(&event) {
-            self.record(event).await
+            self.record_in(slot, event).await
         } else {
             Ok(())
         }
+    }
+
+    /// An exchange refused because no row could be reserved for it; written, aggregated, by
+    /// the next [`Audit::flush_unattributed`].
+    pub fn count_refused(&self, event: &AuditEvent) {
+        self.unattributed.count_refused(event);
     }
 
     pub async fn flush_unattributed(&self) -> Result<(), AuditError> {

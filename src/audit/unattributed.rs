@@ -30,6 +30,21 @@ struct Suppressed {
     first_at: OffsetDateTime,
 }
 
+const RATE_LIMITED: &str = "rate_limited";
+
+impl State {
+    fn suppress(&mut self, address: Option<String>, event: &AuditEvent) {
+        let code = event.code.clone().unwrap_or_default();
+        let address = if self.suppressed.len() < MAX_TRACKED_ADDRESSES || self.suppressed.contains_key(&(address.clone(), code.clone())) {
+            address
+        } else {
+            None
+        };
+        let entry = self.suppressed.entry((address, code)).or_insert(Suppressed { count: 0, first_at: event.occurred_at });
+        entry.count += 1;
+    }
+}
+
 impl UnattributedLimiter {
     pub fn new(per_minute: u32) -> Self {
         Self {
@@ -59,10 +74,15 @@ impl UnattributedLimiter {
             *admitted += 1;
             return true;
         }
-        let code = event.code.clone().unwrap_or_default();
-        let entry = state.suppressed.entry((address, code)).or_insert(Suppressed { count: 0, first_at: event.occurred_at });
-        entry.count += 1;
+        state.suppress(address, event);
         false
+    }
+
+    /// Counts an exchange refused because the audit queue was full: it cannot have a row of
+    /// its own now, so it joins the aggregated rows of the next drain.
+    pub fn count_refused(&self, event: &AuditEvent) {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.suppress(event.client_addr.clone(), event);
     }
 
     /// Aggregated rows for everything suppressed since the last drain.
@@ -74,10 +94,14 @@ impl UnattributedLimiter {
             .drain()
             .map(|((address, code), suppressed)| {
                 let mut event = AuditEvent::new(Uuid::new_v4(), Decision::Denied, suppressed.first_at, "aggregated");
-                event.detail = Some(format!(
-                    "{} unattributed denials aggregated: over the budget of {per_minute} full rows per client address per minute",
-                    suppressed.count
-                ));
+                event.detail = Some(if code == RATE_LIMITED {
+                    format!("{} exchanges refused unanswered while the audit queue was full", suppressed.count)
+                } else {
+                    format!(
+                        "{} unattributed denials aggregated: over the budget of {per_minute} full rows per client address per minute",
+                        suppressed.count
+                    )
+                });
                 event.code = Some(code).filter(|c| !c.is_empty());
                 event.client_addr = address;
                 event.occurrences = suppressed.count;

@@ -147,8 +147,8 @@ async fn tail(args: TailArgs, config_path: Option<&Path>) -> anyhow::Result<()> 
         Some(url) => secrecy::SecretString::from(url),
         None => load_config(config_path)?.database_url,
     };
-    let pool = audit::connect(&url, 1, std::time::Duration::from_secs(10))?;
-    let rows = audit::PgAudit::new(pool).tail(args.lines.clamp(1, 10_000)).await?;
+    let store = audit::PgAudit::connect(&url, 1, std::time::Duration::from_secs(10))?;
+    let rows = store.tail(args.lines.clamp(1, 10_000)).await?;
     for row in rows {
         if args.json {
             println!("{}", serde_json::to_string(&row)?);

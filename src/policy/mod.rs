@@ -33,7 +33,7 @@ pub const SCOPING_CLAIMS: &[&str] = &[
 ];
 
 #[derive(Debug, thiserror::Error)]
-#[error("{}{}{}{message}", file.display(), role.as_ref().map(|r| format!(": role {r}")).unwrap_or_default(), key.as_ref().map(|k| format!(": key `{k}`")).unwrap_or_default())]
+#[error("{}{}{}: {message}", file.display(), role.as_ref().map(|r| format!(": role {r}")).unwrap_or_default(), key.as_ref().map(|k| format!(": key `{k}`")).unwrap_or_default())]
 pub struct PolicyError {
     pub file: PathBuf,
     pub role: Option<String>,

@@ -1,0 +1,302 @@
+//! Load generator for `bench/issuance`: GitLab-shaped job tokens in, Kafka credentials out.
+//!
+//! Two commands:
+//! - `serve-issuer --key K.pem --listen ADDR --issuers N`: an OIDC issuer (discovery + JWKS)
+//!   under `/i01` .. `/iNN`, all signing with one RSA key, for the broker to trust.
+//! - `run --url BROKER --issuer URL --key K.pem ...`: N keep-alive connections exchanging job
+//!   tokens for the measured duration; prints one JSON line of results.
+//!
+//! The HTTP client is a minimal HTTP/1.1 writer/reader on a single-threaded runtime, so the
+//! generator costs little CPU on the machine it shares with the broker and Postgres.
+//! GitLab signs with RS256, and signing costs about a millisecond; so that the generator does
+//! not burn a core on signing, each token is reused up to `--uses-per-token` times (the bench
+//! policy allows that many uses per role). Verification, replay claims and audit rows cost
+//! the broker exactly what they cost with fresh tokens.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse, ThumbprintHash};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let Some(command) = args.first() else { usage() };
+    let options = Options::parse(&args[1..]);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    match command.as_str() {
+        "serve-issuer" => runtime.block_on(serve_issuer(options)),
+        "run" => runtime.block_on(run(options)),
+        _ => usage(),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!("usage: loadgen serve-issuer --key K --listen ADDR [--issuers N]");
+    eprintln!("       loadgen run --url URL --issuer ISS --key K --audience A --roles R1,R2 [--connections N] [--duration S] [--warmup S] [--uses-per-token N]");
+    std::process::exit(2)
+}
+
+struct Options(Vec<(String, String)>);
+
+impl Options {
+    fn parse(args: &[String]) -> Self {
+        let pairs = args
+            .chunks(2)
+            .map(|pair| match pair {
+                [flag, value] if flag.starts_with("--") => (flag[2..].to_owned(), value.clone()),
+                _ => usage(),
+            })
+            .collect();
+        Self(pairs)
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(flag, _)| flag == name).map(|(_, value)| value.as_str())
+    }
+
+    fn required(&self, name: &str) -> &str {
+        self.get(name).unwrap_or_else(|| {
+            eprintln!("loadgen: --{name} is required");
+            usage()
+        })
+    }
+
+    fn number(&self, name: &str, default: u64) -> u64 {
+        self.get(name).map_or(default, |value| value.parse().unwrap_or_else(|_| usage()))
+    }
+}
+
+fn signing_key(path: &str) -> (EncodingKey, Jwk) {
+    let pem = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    let key = EncodingKey::from_rsa_pem(&pem).expect("an RSA private key in PEM");
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some(jwk.thumbprint(ThumbprintHash::SHA256));
+    jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+    jwk.common.key_algorithm = Some(KeyAlgorithm::RS256);
+    (key, jwk)
+}
+
+async fn serve_issuer(options: Options) {
+    use axum::extract::{Path, State};
+    use axum::routing::get;
+    use axum::{Json, Router};
+
+    let (_, jwk) = signing_key(options.required("key"));
+    let listen: SocketAddr = options.required("listen").parse().expect("--listen ADDR");
+    let base = format!("http://{listen}");
+    let jwks = json!({ "keys": [jwk] });
+    let app = Router::new()
+        .route("/jwks.json", get(move || async move { Json(jwks) }))
+        .route(
+            "/{issuer}/.well-known/openid-configuration",
+            get(|State(base): State<String>, Path(issuer): Path<String>| async move {
+                Json(json!({
+                    "issuer": format!("{base}/{issuer}"),
+                    "jwks_uri": format!("{base}/jwks.json"),
+                    "authorization_endpoint": format!("{base}/{issuer}/authorize"),
+                    "response_types_supported": ["id_token"],
+                    "subject_types_supported": ["public"],
+                    "id_token_signing_alg_values_supported": ["RS256"],
+                }))
+            }),
+        )
+        .with_state(base);
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind --listen");
+    axum::serve(listener, app).await.unwrap();
+}
+
+struct Tokens {
+    key: EncodingKey,
+    header: Header,
+    issuer: String,
+    audience: String,
+    uses_per_token: u64,
+    connection: usize,
+    minted: u64,
+    current: String,
+    uses: u64,
+}
+
+impl Tokens {
+    /// A GitLab CI id_token's claims (see REFERENCE.md), with a fresh jti each time.
+    fn mint(&mut self) -> String {
+        self.minted += 1;
+        let now = time_now();
+        let claims = json!({
+            "iss": self.issuer, "aud": self.audience,
+            "sub": "project_path:bench/app:ref_type:branch:ref:main",
+            "iat": now, "nbf": now, "exp": now + 3600,
+            "jti": format!("bench-{}-{}-{}", std::process::id(), self.connection, self.minted),
+            "namespace_id": "7", "namespace_path": "bench", "project_id": "42", "project_path": "bench/app",
+            "user_id": "5", "user_login": "bench-bot", "user_email": "bench@example.com",
+            "user_access_level": "developer", "pipeline_id": "1001", "pipeline_source": "push",
+            "job_id": format!("{}", 5000 + self.connection), "ref": "main", "ref_type": "branch",
+            "ref_path": "refs/heads/main", "ref_protected": "true",
+            "sha": "4ee8a0c5a5cfbc3e7a4f3b2a6fbd1f0c9e8d7c6b", "project_visibility": "private",
+            "runner_id": 17, "runner_environment": "self-hosted",
+            "job_project_path": "bench/app", "job_project_id": "42",
+        });
+        jsonwebtoken::encode(&self.header, &claims, &self.key).unwrap()
+    }
+
+    fn next(&mut self) -> &str {
+        if self.current.is_empty() || self.uses >= self.uses_per_token {
+            self.current = self.mint();
+            self.uses = 0;
+        }
+        self.uses += 1;
+        &self.current
+    }
+}
+
+fn time_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+#[derive(Default)]
+struct Tally {
+    statuses: std::collections::BTreeMap<u16, u64>,
+    latencies_micros: Vec<u32>,
+}
+
+async fn run(options: Options) {
+    let url = options.required("url").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let address: SocketAddr = url.parse().expect("--url http://IP:PORT");
+    let connections = options.number("connections", 16) as usize;
+    let duration = Duration::from_secs(options.number("duration", 10));
+    let warmup = Duration::from_secs(options.number("warmup", 2));
+    let roles: Vec<String> = options.required("roles").split(',').map(str::to_owned).collect();
+    let (key, jwk) = signing_key(options.required("key"));
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = jwk.common.key_id.clone();
+    header.typ = Some("JWT".into());
+
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let stop_at = measure_from + duration;
+    let mut tasks = Vec::new();
+    for connection in 0..connections {
+        let tokens = Tokens {
+            key: key.clone(),
+            header: header.clone(),
+            issuer: options.required("issuer").to_owned(),
+            audience: options.required("audience").to_owned(),
+            uses_per_token: options.number("uses-per-token", 1000),
+            connection,
+            minted: 0,
+            current: String::new(),
+            uses: 0,
+        };
+        let roles = roles.clone();
+        tasks.push(tokio::spawn(connection_loop(address, tokens, roles, connection, measure_from, stop_at)));
+    }
+    let mut measured = Tally::default();
+    let mut ok_total = 0;
+    for task in tasks {
+        let (tally, ok_all) = task.await.unwrap();
+        ok_total += ok_all;
+        for (status, count) in tally.statuses {
+            *measured.statuses.entry(status).or_default() += count;
+        }
+        measured.latencies_micros.extend(tally.latencies_micros);
+    }
+    measured.latencies_micros.sort_unstable();
+    let percentile = |p: f64| {
+        let latencies = &measured.latencies_micros;
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let index = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        f64::from(latencies[index]) / 1000.0
+    };
+    let ok = measured.statuses.get(&200).copied().unwrap_or(0);
+    let statuses: serde_json::Map<String, Value> =
+        measured.statuses.iter().map(|(status, count)| (status.to_string(), json!(count))).collect();
+    println!(
+        "{}",
+        json!({
+            "connections": connections,
+            "duration_seconds": duration.as_secs_f64(),
+            "ok": ok,
+            "ok_including_warmup": ok_total,
+            "statuses": statuses,
+            "requests_per_second": ok as f64 / duration.as_secs_f64(),
+            "p50_ms": percentile(0.50),
+            "p99_ms": percentile(0.99),
+        })
+    );
+}
+
+/// One keep-alive connection: request, wait for the whole response, repeat. Stops between
+/// requests, never in the middle of one, so every 200 counted is a complete exchange.
+async fn connection_loop(
+    address: SocketAddr,
+    mut tokens: Tokens,
+    roles: Vec<String>,
+    connection: usize,
+    measure_from: Instant,
+    stop_at: Instant,
+) -> (Tally, u64) {
+    let mut stream = TcpStream::connect(address).await.expect("connect to the broker");
+    stream.set_nodelay(true).unwrap();
+    let mut tally = Tally::default();
+    let mut ok_total = 0;
+    let mut buffer = Vec::with_capacity(16 * 1024);
+    let mut request = Vec::with_capacity(4096);
+    let mut sent: u64 = 0;
+    loop {
+        let began = Instant::now();
+        if began >= stop_at {
+            break;
+        }
+        let role = &roles[(connection + sent as usize) % roles.len()];
+        sent += 1;
+        let body = format!(r#"{{"role":"{role}"}}"#);
+        request.clear();
+        request.extend_from_slice(b"POST /v1/credentials HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\nAuthorization: Bearer ");
+        request.extend_from_slice(tokens.next().as_bytes());
+        request.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        stream.write_all(&request).await.expect("send request");
+        let status = read_response(&mut stream, &mut buffer).await;
+        if status == 200 {
+            ok_total += 1;
+        }
+        if began >= measure_from {
+            *tally.statuses.entry(status).or_default() += 1;
+            tally.latencies_micros.push(began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        }
+    }
+    (tally, ok_total)
+}
+
+/// Reads one response (headers plus a Content-Length body) and returns its status.
+async fn read_response(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> u16 {
+    buffer.clear();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buffer[..end]).expect("ASCII response head");
+            let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+            let length: usize = head
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+                })
+                .expect("a Content-Length header");
+            while buffer.len() < end + 4 + length {
+                let read = stream.read(&mut chunk).await.expect("read body");
+                assert!(read > 0, "connection closed mid-response");
+                buffer.extend_from_slice(&chunk[..read]);
+            }
+            return status;
+        }
+        let read = stream.read(&mut chunk).await.expect("read response");
+        assert!(read > 0, "connection closed by the broker");
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+}
