@@ -62,6 +62,7 @@ pub struct AuditRow {
     pub credential_handle: Option<String>,
     pub client_addr: Option<String>,
     pub occurrences: i32,
+    pub overshoot_seconds: Option<i32>,
 }
 
 impl PgAudit {
@@ -122,7 +123,8 @@ impl PgAudit {
         let rows = sqlx::query(
             "select id, occurred_at, decision, code, detail, issuer, role, target, backend, subject,
                     project_path, pipeline_id, job_id, requested_ttl_seconds, granted_ttl_seconds,
-                    expires_at, job_deadline, credential_sha256, credential_handle, client_addr, occurrences
+                    expires_at, job_deadline, credential_sha256, credential_handle, client_addr, occurrences,
+                    overshoot_seconds
              from audit_events
              order by recorded_at desc, id
              limit $1",
@@ -154,6 +156,7 @@ impl PgAudit {
                     credential_handle: row.try_get("credential_handle")?,
                     client_addr: row.try_get("client_addr")?,
                     occurrences: row.try_get("occurrences")?,
+                    overshoot_seconds: row.try_get("overshoot_seconds")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -177,13 +180,13 @@ impl AuditWriter for PgAudit {
                 project_path, job_project_path, namespace_path, pipeline_id, job_id, ref, ref_type, sha,
                 user_login, environment, runner_id, claims, role, target, backend,
                 requested_ttl_seconds, granted_ttl_seconds, expires_at, job_deadline,
-                client_addr, user_agent, credential_sha256, credential_handle, occurrences
+                client_addr, user_agent, credential_sha256, credential_handle, occurrences, overshoot_seconds
              ) values (
                 $1, $2, $3, $4, $5, $6, $7, $8, $9,
                 $10, $11, $12, $13, $14, $15, $16, $17,
                 $18, $19, $20, $21, $22, $23, $24,
                 $25, $26, $27, $28,
-                $29, $30, $31, $32, $33
+                $29, $30, $31, $32, $33, $34
              )",
         )
         .bind(event.id)
@@ -219,6 +222,7 @@ impl AuditWriter for PgAudit {
         .bind(&event.credential_sha256)
         .bind(&event.credential_handle)
         .bind(event.occurrences as i32)
+        .bind(event.overshoot_seconds.map(|s| s as i32))
         .execute(&self.pool)
         .await?;
         Ok(())
