@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
+use aws_sdk_sts::config::http::HttpResponse;
 use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sts::operation::assume_role::AssumeRoleError;
 use aws_sdk_sts::primitives::DateTimeFormat;
 use aws_sdk_sts::types::Tag;
 use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
@@ -216,12 +218,24 @@ impl Backend for AwsSts {
 /// The STS error code first (`AccessDenied`, `RegionDisabledException`, `ExpiredTokenException`,
 /// `Throttling`, ...), then STS's message. Neither the SDK's errors nor STS's messages carry
 /// the broker's keys; they are cut short all the same so nothing unbounded reaches a client.
-fn describe_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(error: &SdkError<E, R>) -> String {
+fn describe_error(error: &SdkError<AssumeRoleError, HttpResponse>) -> String {
     let (code, message) = match error {
         SdkError::ServiceError(service) => {
             let inner = service.err();
             let request_id = inner.meta().extra("aws_request_id").map(|id| format!(" (request id {id})")).unwrap_or_default();
-            (inner.code().unwrap_or("UnknownError").to_owned(), format!("{}{request_id}", inner.message().unwrap_or("")))
+            let raw = service.raw();
+            // An error body the SDK cannot place (a proxy's, or moto's EC2-style
+            // <Errors><Error>) still names its code: read it rather than say "unknown".
+            let body = raw.body().bytes().map(String::from_utf8_lossy).unwrap_or_default();
+            let element = |name: &str| {
+                let start = body.find(&format!("<{name}>"))? + name.len() + 2;
+                let end = start + body[start..].find(&format!("</{name}>"))?;
+                Some(body[start..end].to_owned())
+            };
+            let code = inner.code().map(str::to_owned).or_else(|| element("Code"));
+            let message = inner.message().map(str::to_owned).or_else(|| element("Message")).unwrap_or_default();
+            let status = raw.status().as_u16();
+            (code.unwrap_or_else(|| format!("HTTP{status}")), format!("{message}{request_id}"))
         }
         SdkError::TimeoutError(_) => ("Timeout".to_owned(), "STS did not answer in time".to_owned()),
         SdkError::DispatchFailure(failure) if failure.is_timeout() => {
