@@ -32,6 +32,10 @@ bash scripts/postgres.sh start "$PG_DIR" </dev/null
 python3 -c 'import jwt, cryptography' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'pyjwt[crypto]>=2.8' </dev/null
 
+# The AWS STS peer (tests/aws_sts.rs starts `python3 -m moto.server` itself, per test).
+python3 -c 'import moto.server, flask, flask_cors' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5' </dev/null
+
 # Tests create (and drop) one database per test, so they are handed the maintenance
 # database rather than one they would all share.
 CREDBROKER_TEST_DATABASE_URL=$(bash scripts/postgres.sh url "$PG_DIR" postgres)

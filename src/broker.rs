@@ -211,12 +211,14 @@ impl Broker {
                 return Err(self.refuse(slot, event, error).await);
             }
         };
-        let granted = match policy::grant(request.ttl, role.ttl_limits(backend.max_ttl()), token.job_deadline, now) {
+        let limits = role.ttl_limits(backend.max_ttl()).with_backend_min(backend.min_ttl());
+        let granted = match policy::grant(request.ttl, limits, token.job_deadline, now) {
             Ok(granted) => granted,
             Err(shortfall) => return Err(self.refuse(slot, event, shortfall.into()).await),
         };
         event.granted_ttl_seconds = Some(granted.ttl.seconds());
         event.expires_at = Some(granted.expires_at);
+        event.overshoot_seconds = granted.overshoot_seconds;
 
         // Record the use before minting, so two replicas racing on one token cannot both mint.
         let max_uses = role.max_uses_per_token.unwrap_or(self.max_uses_per_token);
@@ -234,7 +236,8 @@ impl Broker {
         let mint = MintRequest {
             issuance_id,
             role: &role.name,
-            params: &params,
+            params: &params.text,
+            tables: &params.tables,
             ttl: granted.ttl,
             issued_at: now,
             expires_at: granted.expires_at,
@@ -248,6 +251,12 @@ impl Broker {
         event.decision = Decision::Issued;
         event.credential_sha256 = Some(credential.fingerprint.clone());
         event.credential_handle = credential.handle.clone();
+        if let Some(overshoot) = granted.overshoot_seconds {
+            event.detail = Some(format!(
+                "issued {} (the backend's minimum), {overshoot} s past the job deadline: the role allows overshoot",
+                granted.ttl
+            ));
+        }
         let target = event.target.clone().unwrap_or_default();
         if let Err(error) = self.audit.record_in(slot, event).await {
             tracing::error!(%issuance_id, error = %error, "issued row not recorded; credential withheld");
@@ -299,6 +308,7 @@ impl Broker {
             // Nothing was issued: a lifetime on the row would describe a credential that never existed.
             event.granted_ttl_seconds = None;
             event.expires_at = None;
+            event.overshoot_seconds = None;
         }
         event.code = Some(error.code().as_str().to_owned());
         event.detail = Some(error.to_string());

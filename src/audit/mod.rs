@@ -79,6 +79,8 @@ pub struct AuditEvent {
     pub credential_sha256: Option<String>,
     pub credential_handle: Option<String>,
     pub occurrences: u32,
+    /// Seconds an issued credential lives past the job's deadline (a role's `allow_overshoot`).
+    pub overshoot_seconds: Option<u32>,
 }
 
 impl AuditEvent {
@@ -106,6 +108,7 @@ impl AuditEvent {
             credential_sha256: None,
             credential_handle: None,
             occurrences: 1,
+            overshoot_seconds: None,
         }
     }
 

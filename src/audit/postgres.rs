@@ -90,6 +90,7 @@ pub struct AuditRow {
     pub credential_handle: Option<String>,
     pub client_addr: Option<String>,
     pub occurrences: i32,
+    pub overshoot_seconds: Option<i32>,
 }
 
 impl PgAudit {
@@ -159,7 +160,8 @@ impl PgAudit {
         let rows = sqlx::query(
             "select id, occurred_at, decision, code, detail, issuer, role, target, backend, subject,
                     project_path, pipeline_id, job_id, requested_ttl_seconds, granted_ttl_seconds,
-                    expires_at, job_deadline, credential_sha256, credential_handle, client_addr, occurrences
+                    expires_at, job_deadline, credential_sha256, credential_handle, client_addr, occurrences,
+                    overshoot_seconds
              from audit_events
              order by recorded_at desc, id
              limit $1",
@@ -191,6 +193,7 @@ impl PgAudit {
                     credential_handle: row.try_get("credential_handle")?,
                     client_addr: row.try_get("client_addr")?,
                     occurrences: row.try_get("occurrences")?,
+                    overshoot_seconds: row.try_get("overshoot_seconds")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -202,7 +205,7 @@ const INSERT_COLUMNS: &str = "id, occurred_at, request_id, decision, code, detai
     project_path, job_project_path, namespace_path, pipeline_id, job_id, ref, ref_type, sha,
     user_login, environment, runner_id, claims, role, target, backend,
     requested_ttl_seconds, granted_ttl_seconds, expires_at, job_deadline,
-    client_addr, user_agent, credential_sha256, credential_handle, occurrences";
+    client_addr, user_agent, credential_sha256, credential_handle, occurrences, overshoot_seconds";
 
 /// One event as the values of its columns, in `INSERT_COLUMNS` order.
 struct Columns {
@@ -239,6 +242,7 @@ struct Columns {
     credential_sha256: Option<String>,
     credential_handle: Option<String>,
     occurrences: i32,
+    overshoot_seconds: Option<i32>,
 }
 
 impl Columns {
@@ -282,6 +286,7 @@ impl Columns {
             credential_sha256: event.credential_sha256.clone(),
             credential_handle: event.credential_handle.clone(),
             occurrences: event.occurrences as i32,
+            overshoot_seconds: event.overshoot_seconds.map(|s| s as i32),
         }
     }
 }
@@ -323,6 +328,7 @@ struct ColumnArrays {
     credential_sha256: Vec<Option<String>>,
     credential_handle: Vec<Option<String>>,
     occurrences: Vec<i32>,
+    overshoot_seconds: Vec<Option<i32>>,
 }
 
 impl ColumnArrays {
@@ -360,6 +366,7 @@ impl ColumnArrays {
         self.credential_sha256.push(row.credential_sha256);
         self.credential_handle.push(row.credential_handle);
         self.occurrences.push(row.occurrences);
+        self.overshoot_seconds.push(row.overshoot_seconds);
     }
 }
 
@@ -372,7 +379,7 @@ impl PgAudit {
         sqlx::query(&format!(
             "insert into audit_events ({INSERT_COLUMNS}) values (
                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33
+                $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34
              )"
         ))
         .bind(row.id)
@@ -408,6 +415,7 @@ impl PgAudit {
         .bind(row.credential_sha256)
         .bind(row.credential_handle)
         .bind(row.occurrences)
+        .bind(row.overshoot_seconds)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -426,7 +434,7 @@ impl PgAudit {
                 $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
                 $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::bigint[], $21::jsonb[],
                 $22::text[], $23::text[], $24::text[], $25::integer[], $26::integer[], $27::timestamptz[],
-                $28::timestamptz[], $29::text[], $30::text[], $31::text[], $32::text[], $33::integer[]
+                $28::timestamptz[], $29::text[], $30::text[], $31::text[], $32::text[], $33::integer[], $34::integer[]
              )"
         ))
         .bind(columns.id)
@@ -462,6 +470,7 @@ impl PgAudit {
         .bind(columns.credential_sha256)
         .bind(columns.credential_handle)
         .bind(columns.occurrences)
+        .bind(columns.overshoot_seconds)
         .execute(&self.pool)
         .await?;
         Ok(())

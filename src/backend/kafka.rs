@@ -22,6 +22,7 @@ pub const PARAMS: ParamSchema = ParamSchema {
     optional: &["scope"],
     ttl_note: "broker-signed JWT: cannot be revoked early, so its exp is the only bound; set \
                connections.max.reauth.ms on the Kafka brokers so connections do not outlive it",
+    ..ParamSchema::PLAIN
 };
 
 const DEFAULT_MAX_TTL_SECONDS: u64 = 3600;

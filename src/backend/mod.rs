@@ -1,6 +1,7 @@
 //! Where credentials are minted. Every target sits behind the small [`Backend`] trait; adding
 //! one is a file in this folder plus a line in [`KINDS`].
 
+mod aws_sts;
 mod kafka;
 pub mod signing;
 
@@ -31,6 +32,8 @@ pub struct MintRequest<'a> {
     pub role: &'a RoleName,
     /// The role's parameters, rendered from the verified claims.
     pub params: &'a BTreeMap<String, String>,
+    /// The role's table parameters (e.g. `session_tags`), rendered the same way.
+    pub tables: &'a BTreeMap<String, BTreeMap<String, String>>,
     pub ttl: Ttl,
     pub issued_at: OffsetDateTime,
     pub expires_at: OffsetDateTime,
@@ -58,6 +61,12 @@ impl Credential {
     pub fn new(primary_field: &'static str, primary: SecretString) -> Self {
         let fingerprint = sha256_hex(primary.expose_secret().as_bytes());
         Self { public: Map::new(), secrets: vec![(primary_field, primary)], env: Vec::new(), fingerprint, handle: None }
+    }
+
+    /// A further secret field (e.g. a session token next to a secret key).
+    pub fn with_secret(mut self, field: &'static str, secret: SecretString) -> Self {
+        self.secrets.push((field, secret));
+        self
     }
 
     pub fn with_public(mut self, field: &str, value: impl Into<Value>) -> Self {
@@ -115,6 +124,11 @@ pub trait Backend: Send + Sync {
     fn default_target(&self) -> &'static str;
     /// The longest lifetime this backend can issue, if it has a ceiling of its own.
     fn max_ttl(&self) -> Option<Ttl>;
+    /// The shortest lifetime this backend can issue (AWS STS: 900 s); shorter grants are
+    /// raised to it, or refused when that would outlive the job (see `on_short_deadline`).
+    fn min_ttl(&self) -> Option<Ttl> {
+        None
+    }
     async fn mint(&self, request: MintRequest<'_>) -> Result<Credential, BackendError>;
     /// Public keys verifiers need (served at `/.well-known/jwks.json`).
     fn published_keys(&self) -> Vec<Jwk> {
@@ -138,7 +152,10 @@ struct Kind {
     build: Constructor,
 }
 
-const KINDS: &[Kind] = &[Kind { name: "kafka_oauthbearer", params: kafka::PARAMS, build: kafka::build }];
+const KINDS: &[Kind] = &[
+    Kind { name: "kafka_oauthbearer", params: kafka::PARAMS, build: kafka::build },
+    Kind { name: "aws_sts", params: aws_sts::PARAMS, build: aws_sts::build },
+];
 
 pub fn all_param_schemas() -> Vec<ParamSchema> {
     KINDS.iter().map(|kind| kind.params).collect()

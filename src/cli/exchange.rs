@@ -1,5 +1,6 @@
 //! `credbroker exchange`: the CI job's side. Reads the job token, asks the broker, prints the
-//! credential as shell exports (default), a dotenv file, or JSON. Problems go to stderr with
+//! credential as shell exports (default), a dotenv file, JSON, or the AWS CLI's
+//! `credential_process` document. Problems go to stderr with
 //! their code, and each code has its own exit status so a job script can branch on it.
 
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ enum Format {
     Dotenv,
     /// The broker's whole response.
     Json,
+    /// For an AWS credential: the JSON the AWS CLI and SDKs expect from a `credential_process`.
+    AwsCredentialProcess,
 }
 
 /// Documented in README ("Exit codes"): 0 success, 2 usage, 3 broker unreachable or
@@ -120,13 +123,38 @@ async fn exchange(args: &ExchangeArgs) -> Result<String, (u8, String)> {
         let id = reply["issuance_id"].as_str().map(|id| format!(" (issuance {id})")).unwrap_or_default();
         return Err((exit_code_for(code), format!("{code}: {detail}{id}")));
     }
-    Ok(render(&reply, args.format))
+    render(&reply, args.format)
 }
 
-fn render(reply: &Value, format: Format) -> String {
-    if let Format::Json = format {
-        return format!("{reply:#}\n");
+fn render(reply: &Value, format: Format) -> Result<String, (u8, String)> {
+    match format {
+        Format::Json => Ok(format!("{reply:#}\n")),
+        Format::AwsCredentialProcess => credential_process(reply),
+        Format::Env | Format::Dotenv => Ok(render_variables(reply, format)),
     }
+}
+
+/// <https://docs.aws.amazon.com/cli/latest/topic/config-vars.html#sourcing-credentials-from-external-processes>:
+/// `Version` 1, the three keys, and `Expiration` (RFC 3339) so the SDK asks again before it ends.
+fn credential_process(reply: &Value) -> Result<String, (u8, String)> {
+    let credential = &reply["credential"];
+    let field = |name: &str| {
+        credential[name].as_str().map(str::to_owned).ok_or_else(|| {
+            let target = reply["target"].as_str().unwrap_or("unknown");
+            (2, format!("--format aws-credential-process needs an AWS credential, but the role gave a {target} credential without `{name}`"))
+        })
+    };
+    let document = json!({
+        "Version": 1,
+        "AccessKeyId": field("access_key_id")?,
+        "SecretAccessKey": field("secret_access_key")?,
+        "SessionToken": field("session_token")?,
+        "Expiration": field("expiration")?,
+    });
+    Ok(format!("{document}\n"))
+}
+
+fn render_variables(reply: &Value, format: Format) -> String {
     let mut variables: Vec<(String, String)> = reply["env"]
         .as_object()
         .into_iter()
@@ -163,10 +191,28 @@ mod tests {
     #[test]
     fn env_output_is_quoted_for_eval() {
         let reply = json!({"env": {"KAFKA_PRINCIPAL": "ci:it's"}, "issuance_id": "abc"});
-        let out = render(&reply, Format::Env);
+        let out = render(&reply, Format::Env).unwrap();
         assert!(out.contains("export KAFKA_PRINCIPAL='ci:it'\\''s'\n"), "{out}");
         assert!(out.contains("export CREDBROKER_ISSUANCE_ID='abc'\n"), "{out}");
-        assert!(render(&reply, Format::Dotenv).contains("KAFKA_PRINCIPAL=ci:it's\n"));
+        assert!(render(&reply, Format::Dotenv).unwrap().contains("KAFKA_PRINCIPAL=ci:it's\n"));
+    }
+
+    #[test]
+    fn credential_process_output_is_exactly_the_documented_document() {
+        let reply = json!({"target": "aws", "credential": {
+            "access_key_id": "ASIAX", "secret_access_key": "s", "session_token": "t",
+            "expiration": "2026-01-01T00:15:00Z", "assumed_role_arn": "arn:aws:sts::123456789012:assumed-role/r/ci-1",
+        }});
+        let out = render(&reply, Format::AwsCredentialProcess).unwrap();
+        let document: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            document,
+            json!({"Version": 1, "AccessKeyId": "ASIAX", "SecretAccessKey": "s", "SessionToken": "t", "Expiration": "2026-01-01T00:15:00Z"})
+        );
+        let kafka = json!({"target": "kafka", "credential": {"token": "x"}});
+        let (status, message) = render(&kafka, Format::AwsCredentialProcess).unwrap_err();
+        assert_eq!(status, 2);
+        assert!(message.contains("kafka credential"), "{message}");
     }
 
     #[test]

@@ -112,15 +112,18 @@ pub fn explain(policies: &PolicySet, role_name: &str, claims: &Map<String, Value
         role.max_ttl,
         role.min_ttl.map(|t| t.to_string()).unwrap_or_else(|| "none".into())
     );
-    if let Some(schema) = backend::all_param_schemas().into_iter().find(|schema| {
-        role.params.keys().all(|key| schema.required.contains(&key.as_str()) || schema.optional.contains(&key.as_str()))
-    }) {
+    if let Some(schema) = role.schema {
         let _ = writeln!(out, "  backend {} ({}): {}", role.backend, schema.kind, schema.ttl_note);
     }
     match role.render_params(claims) {
         Ok(params) => {
-            for (key, value) in params {
+            for (key, value) in params.text {
                 let _ = writeln!(out, "  param {key} = {value:?}");
+            }
+            for (key, table) in params.tables {
+                for (name, value) in table {
+                    let _ = writeln!(out, "  param {key}.{name} = {value:?}");
+                }
             }
         }
         Err(error) => {

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 pub use glob::Glob;
-pub use template::Template;
-pub use ttl::{grant, GrantedTtl, TtlLimits, TtlNotSatisfiable, TtlRequest};
+pub use template::{ClaimValues, JsonTemplate, Template, POLICY_STRING_MAX_CHARS};
+pub use ttl::{grant, GrantedTtl, OnShortDeadline, TtlLimits, TtlNotSatisfiable, TtlRequest};
 
 use crate::types::{BackendName, IssuerName, RoleName, Ttl};
 
@@ -49,11 +49,76 @@ pub struct ParamSchema {
     pub optional: &'static [&'static str],
     /// Stated in `policy explain`: the backend's own lifetime rules.
     pub ttl_note: &'static str,
+    /// Keys that are not plain text templates ([`ParamShape::Text`] is the default).
+    pub shapes: &'static [(&'static str, ParamShape)],
+    /// The backend's own rules on the compiled parameters (sizes, counts, formats), checked
+    /// once at load so a policy that could only ever fail is refused up front.
+    pub check: Option<CheckParams>,
+    /// Applied to the rendered parameters of every exchange, before anything is minted:
+    /// defaults drawn from claims, sanitising, limits that depend on claim values. An error
+    /// is an `access_denied` naming the parameter.
+    pub finish: Option<FinishParams>,
 }
 
+pub type CheckParams = fn(&BTreeMap<String, Param>) -> Result<(), ParamProblem>;
+pub type FinishParams = fn(&mut RenderedParams, &Map<String, Value>) -> Result<(), ParamProblem>;
+
 impl ParamSchema {
+    /// For `..ParamSchema::PLAIN` in a schema whose parameters are all plain text templates.
+    pub const PLAIN: ParamSchema =
+        ParamSchema { kind: "", required: &[], optional: &[], ttl_note: "", shapes: &[], check: None, finish: None };
+
     fn knows(&self, key: &str) -> bool {
         self.required.contains(&key) || self.optional.contains(&key)
+    }
+
+    pub fn shape(&self, key: &str) -> ParamShape {
+        self.shapes.iter().find(|(name, _)| *name == key).map(|(_, shape)| *shape).unwrap_or(ParamShape::Text)
+    }
+}
+
+/// How a role parameter is written and rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamShape {
+    /// `key = "text {claim}"`; claim values substituted as they are.
+    Text,
+    /// A string that names something fixed (an ARN, a mount path). It may read claims only
+    /// when the role opts in with `allow_claims_in = ["key"]`, and then each claim value is
+    /// held to [`ClaimValues::Identifier`], so a claim cannot add a path segment or wildcard.
+    Literal,
+    /// A table of text templates: `[role.key]` with one `name = "template"` per entry.
+    Table,
+    /// A JSON document as a string, whose string values are templates ([`JsonTemplate`]).
+    Json,
+}
+
+/// A compiled role parameter.
+#[derive(Debug, Clone)]
+pub enum Param {
+    Text(Template),
+    Literal(Template),
+    Table(BTreeMap<String, Template>),
+    Json(JsonTemplate),
+}
+
+/// The parameters of one exchange, rendered from the verified claims.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RenderedParams {
+    /// Text, literal and JSON parameters.
+    pub text: BTreeMap<String, String>,
+    pub tables: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// A parameter a backend refuses, by key (`session_tags.team` for a table entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamProblem {
+    pub key: String,
+    pub message: String,
+}
+
+impl ParamProblem {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { key: key.into(), message: message.into() }
     }
 }
 
@@ -140,7 +205,12 @@ pub struct Role {
     pub max_ttl: Ttl,
     pub min_ttl: Option<Ttl>,
     pub max_uses_per_token: Option<u32>,
-    pub params: BTreeMap<String, Template>,
+    /// What to do when the backend's minimum lifetime reaches past the job's deadline.
+    pub on_short_deadline: OnShortDeadline,
+    pub params: BTreeMap<String, Param>,
+    /// The backend kind's parameter rules: the configured backend's, or offline the one kind
+    /// whose keys the role uses.
+    pub schema: Option<ParamSchema>,
 }
 
 impl Role {
@@ -169,15 +239,46 @@ impl Role {
             .collect()
     }
 
-    pub fn render_params(&self, claims: &Map<String, Value>) -> Result<BTreeMap<String, String>, String> {
-        self.params
-            .iter()
-            .map(|(key, template)| template.render(claims).map(|v| (key.clone(), v)).map_err(|e| format!("{key}: {e}")))
-            .collect()
+    pub fn render_params(&self, claims: &Map<String, Value>) -> Result<RenderedParams, String> {
+        let mut rendered = RenderedParams::default();
+        for (key, param) in &self.params {
+            let failed = |e: String| format!("{key}: {e}");
+            match param {
+                Param::Text(template) => {
+                    rendered.text.insert(key.clone(), template.render(claims).map_err(failed)?);
+                }
+                Param::Literal(template) => {
+                    let value = template.render_checked(claims, ClaimValues::Identifier).map_err(failed)?;
+                    rendered.text.insert(key.clone(), value);
+                }
+                Param::Json(template) => {
+                    rendered.text.insert(key.clone(), template.render(claims).map_err(failed)?);
+                }
+                Param::Table(entries) => {
+                    let mut table = BTreeMap::new();
+                    for (name, template) in entries {
+                        let value = template.render(claims).map_err(|e| format!("{key}.{name}: {e}"))?;
+                        table.insert(name.clone(), value);
+                    }
+                    rendered.tables.insert(key.clone(), table);
+                }
+            }
+        }
+        if let Some(finish) = self.schema.and_then(|schema| schema.finish) {
+            finish(&mut rendered, claims).map_err(|problem| format!("{}: {}", problem.key, problem.message))?;
+        }
+        Ok(rendered)
     }
 
     pub fn ttl_limits(&self, backend_max: Option<Ttl>) -> TtlLimits {
-        TtlLimits { default_ttl: self.default_ttl, max_ttl: self.max_ttl, min_ttl: self.min_ttl, backend_max }
+        TtlLimits {
+            default_ttl: self.default_ttl,
+            max_ttl: self.max_ttl,
+            min_ttl: self.min_ttl,
+            backend_max,
+            backend_min: None,
+            on_short_deadline: self.on_short_deadline,
+        }
     }
 }
 
@@ -268,8 +369,20 @@ impl PolicySet {
 }
 
 /// Keys a role has besides its backend parameters.
-const ROLE_KEYS: &[&str] =
-    &["name", "description", "backend", "issuer", "target", "claims", "default_ttl", "max_ttl", "min_ttl", "max_uses_per_token"];
+const ROLE_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "backend",
+    "issuer",
+    "target",
+    "claims",
+    "default_ttl",
+    "max_ttl",
+    "min_ttl",
+    "max_uses_per_token",
+    "on_short_deadline",
+    "allow_claims_in",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -356,8 +469,14 @@ fn compile_role(file: &Path, raw: toml::Table, context: &CompileContext<'_>) -> 
         ));
     }
 
-    let mut params = BTreeMap::new();
-    for (key, value) in raw.iter().filter(|(key, _)| !ROLE_KEYS.contains(&key.as_str())) {
+    let on_short_deadline = match string("on_short_deadline")?.as_deref() {
+        None | Some("refuse") => OnShortDeadline::Refuse,
+        Some("allow_overshoot") => OnShortDeadline::AllowOvershoot,
+        Some(other) => return Err(error("on_short_deadline", format!("{other:?}: expected \"refuse\" or \"allow_overshoot\""))),
+    };
+
+    let param_keys: Vec<&str> = raw.keys().map(String::as_str).filter(|key| !ROLE_KEYS.contains(key)).collect();
+    for key in &param_keys {
         let known = match schema {
             Some(schema) => schema.knows(key),
             None => context.all_schemas.iter().any(|schema| schema.knows(key)),
@@ -369,15 +488,76 @@ fn compile_role(file: &Path, raw: toml::Table, context: &CompileContext<'_>) -> 
             };
             return Err(error(key, format!("unknown key: {expected}")));
         }
-        let toml::Value::String(source) = value else {
-            return Err(error(key, "must be a string template".into()));
-        };
-        params.insert(key.clone(), Template::parse(source).map_err(|m| error(key, m))?);
     }
-    if let Some(schema) = schema {
-        if let Some(missing) = schema.required.iter().find(|key| !params.contains_key(**key)) {
-            return Err(error(missing, format!("is required by backend kind {}", schema.kind)));
-        }
+    // Offline the backend's kind is unknown: it is the kind whose keys the role uses.
+    let schema = match schema {
+        Some(schema) => Some(schema),
+        None => Some(
+            *context
+                .all_schemas
+                .iter()
+                .find(|schema| {
+                    param_keys.iter().all(|key| schema.knows(key)) && schema.required.iter().all(|key| param_keys.contains(key))
+                })
+                .ok_or_else(|| {
+                    error("backend", format!("no backend kind accepts this combination of parameters: {param_keys:?}"))
+                })?,
+        ),
+    };
+    let schema_rules = schema.expect("resolved above");
+
+    let allow_claims_in: Vec<String> = match raw.get("allow_claims_in") {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(str::to_owned).ok_or_else(|| error("allow_claims_in", "must be a list of parameter names".into())))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(error("allow_claims_in", "must be a list of parameter names".into())),
+    };
+    if let Some(key) = allow_claims_in.iter().find(|key| schema_rules.shape(key) != ParamShape::Literal) {
+        return Err(error(
+            "allow_claims_in",
+            format!("{key:?} is not a parameter of backend kind {} that is fixed unless opted in", schema_rules.kind),
+        ));
+    }
+
+    let mut params = BTreeMap::new();
+    for key in param_keys {
+        let value = &raw[key];
+        let text = || value.as_str().ok_or_else(|| error(key, "must be a string template".into()));
+        let param = match schema_rules.shape(key) {
+            ParamShape::Text => Param::Text(Template::parse(text()?).map_err(|m| error(key, m))?),
+            ParamShape::Literal => {
+                let template = Template::parse(text()?).map_err(|m| error(key, m))?;
+                if template.placeholders().next().is_some() && !allow_claims_in.iter().any(|allowed| allowed == key) {
+                    return Err(error(
+                        key,
+                        format!("reads claims, which this key may only do if the role says so: add allow_claims_in = [{key:?}]"),
+                    ));
+                }
+                Param::Literal(template)
+            }
+            ParamShape::Json => Param::Json(JsonTemplate::parse(text()?).map_err(|m| error(key, m))?),
+            ParamShape::Table => {
+                let toml::Value::Table(entries) = value else {
+                    return Err(error(key, "must be a table of string templates".into()));
+                };
+                let mut table = BTreeMap::new();
+                for (name, entry) in entries {
+                    let entry_key = format!("{key}.{name}");
+                    let source = entry.as_str().ok_or_else(|| error(&entry_key, "must be a string template".into()))?;
+                    table.insert(name.clone(), Template::parse(source).map_err(|m| error(&entry_key, m))?);
+                }
+                Param::Table(table)
+            }
+        };
+        params.insert(key.to_owned(), param);
+    }
+    if let Some(missing) = schema_rules.required.iter().find(|key| !params.contains_key(**key)) {
+        return Err(error(missing, format!("is required by backend kind {}", schema_rules.kind)));
+    }
+    if let Some(check) = schema_rules.check {
+        check(&params).map_err(|problem| error(&problem.key, problem.message))?;
     }
 
     Ok(Role {
@@ -392,7 +572,9 @@ fn compile_role(file: &Path, raw: toml::Table, context: &CompileContext<'_>) -> 
         max_ttl,
         min_ttl,
         max_uses_per_token,
+        on_short_deadline,
         params,
+        schema,
     })
 }
 

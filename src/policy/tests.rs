@@ -5,7 +5,7 @@ use serde_json::json;
 use super::*;
 
 const KAFKA: ParamSchema =
-    ParamSchema { kind: "kafka_oauthbearer", required: &["principal"], optional: &["scope"], ttl_note: "" };
+    ParamSchema { kind: "kafka_oauthbearer", required: &["principal"], optional: &["scope"], ..ParamSchema::PLAIN };
 
 fn compile(text: &str) -> Result<PolicySet, PolicyError> {
     let context = CompileContext { issuers: None, backends: None, all_schemas: &[KAFKA] };
@@ -182,5 +182,5 @@ fn params_render_from_claims() {
     let policies = compile(&role_with_claims(r#"project_path = "platform/orders""#)).unwrap();
     let role = policies.role("deploy").unwrap();
     let params = role.render_params(&gitlab_claims()).unwrap();
-    assert_eq!(params["principal"], "ci:platform/orders");
+    assert_eq!(params.text["principal"], "ci:platform/orders");
 }

@@ -18,12 +18,34 @@ pub struct TtlLimits {
     pub min_ttl: Option<Ttl>,
     /// The backend's own ceiling (e.g. Snowflake JWTs: one hour).
     pub backend_max: Option<Ttl>,
+    /// The backend's own floor (e.g. AWS STS: 900 s).
+    pub backend_min: Option<Ttl>,
+    pub on_short_deadline: OnShortDeadline,
+}
+
+impl TtlLimits {
+    pub fn with_backend_min(self, backend_min: Option<Ttl>) -> Self {
+        Self { backend_min, ..self }
+    }
+}
+
+/// The role's choice when the backend cannot issue anything short enough to end by the
+/// job's deadline (`on_short_deadline` in a policy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnShortDeadline {
+    /// Refuse with `ttl_not_satisfiable`: no credential outlives its job.
+    #[default]
+    Refuse,
+    /// Issue the backend's minimum anyway; the audit row records by how much it outlives the job.
+    AllowOvershoot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantedTtl {
     pub ttl: Ttl,
     pub expires_at: OffsetDateTime,
+    /// Seconds the credential lives past the job's deadline (`allow_overshoot` only).
+    pub overshoot_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -73,8 +95,31 @@ pub fn grant(
             needed - granted
         )));
     }
+    let mut granted = granted;
+    let mut overshoot_seconds = None;
+    if let Some(floor) = limits.backend_min.map(|ttl| i64::from(ttl.seconds())).filter(|floor| *floor > granted) {
+        let ceiling = [Some(limits.max_ttl), limits.backend_max].into_iter().flatten().min().map(|ttl| i64::from(ttl.seconds()));
+        if let Some(ceiling) = ceiling.filter(|ceiling| *ceiling < floor) {
+            return Err(TtlNotSatisfiable(format!(
+                "the role allows at most {ceiling} s, but the backend issues at least {floor} s: raise the role's max_ttl"
+            )));
+        }
+        if floor > remaining {
+            if limits.on_short_deadline == OnShortDeadline::Refuse {
+                return Err(TtlNotSatisfiable(format!(
+                    "the job deadline {deadline_text} is {remaining} s away, but the backend issues at least {floor} s: \
+                     short by {} s (the role refuses to outlive the job: on_short_deadline = \"refuse\")",
+                    floor - remaining
+                )));
+            }
+            overshoot_seconds = Some((floor - remaining) as u32);
+        }
+        // Below the floor only because less was asked for: the floor still ends by the deadline
+        // (or overshoots it knowingly, above), and the backend cannot issue less.
+        granted = floor;
+    }
     let ttl = Ttl::from_seconds(granted as u64).map_err(TtlNotSatisfiable)?;
-    Ok(GrantedTtl { ttl, expires_at: now + ttl.as_duration() })
+    Ok(GrantedTtl { ttl, expires_at: now + ttl.as_duration(), overshoot_seconds })
 }
 
 fn rfc3339(at: OffsetDateTime) -> String {
@@ -93,7 +138,14 @@ mod tests {
     }
 
     fn limits() -> TtlLimits {
-        TtlLimits { default_ttl: ttl(900), max_ttl: ttl(3600), min_ttl: None, backend_max: None }
+        TtlLimits {
+            default_ttl: ttl(900),
+            max_ttl: ttl(3600),
+            min_ttl: None,
+            backend_max: None,
+            backend_min: None,
+            on_short_deadline: OnShortDeadline::Refuse,
+        }
     }
 
     fn deadline_in(seconds: i64) -> OffsetDateTime {
@@ -149,5 +201,44 @@ mod tests {
         let error = grant(TtlRequest::default(), limits(), deadline_in(-5), NOW).unwrap_err().0;
         assert!(error.contains("has passed"), "{error}");
         assert!(grant(TtlRequest::default(), limits(), NOW, NOW).is_err());
+    }
+
+    fn sts_like() -> TtlLimits {
+        TtlLimits { default_ttl: ttl(600), ..limits() }.with_backend_min(Some(ttl(900)))
+    }
+
+    #[test]
+    fn backend_floor_raises_short_requests_that_still_end_by_the_deadline() {
+        let granted = grant(TtlRequest { ttl: Some(ttl(60)), min_ttl: None }, sts_like(), deadline_in(3600), NOW).unwrap();
+        assert_eq!((granted.ttl.seconds(), granted.overshoot_seconds), (900, None));
+        let granted = grant(TtlRequest::default(), sts_like(), deadline_in(900), NOW).unwrap();
+        assert_eq!((granted.ttl.seconds(), granted.expires_at), (900, deadline_in(900)));
+    }
+
+    #[test]
+    fn backend_floor_past_the_deadline_is_refused_naming_both_numbers() {
+        let error = grant(TtlRequest::default(), sts_like(), deadline_in(300), NOW).unwrap_err().0;
+        assert!(error.contains("300 s away"), "{error}");
+        assert!(error.contains("at least 900 s"), "{error}");
+        assert!(error.contains("short by 600 s"), "{error}");
+    }
+
+    #[test]
+    fn backend_floor_past_the_deadline_overshoots_when_the_role_allows_it() {
+        let limits = TtlLimits { on_short_deadline: OnShortDeadline::AllowOvershoot, ..sts_like() };
+        let granted = grant(TtlRequest::default(), limits, deadline_in(300), NOW).unwrap();
+        assert_eq!(granted.ttl.seconds(), 900);
+        assert_eq!(granted.expires_at, deadline_in(900));
+        assert_eq!(granted.overshoot_seconds, Some(600));
+        // A requested minimum is still a hard requirement.
+        let request = TtlRequest { ttl: None, min_ttl: Some(ttl(600)) };
+        assert!(grant(request, limits, deadline_in(300), NOW).is_err());
+    }
+
+    #[test]
+    fn backend_floor_above_the_roles_ceiling_is_refused() {
+        let limits = TtlLimits { max_ttl: ttl(600), ..sts_like() };
+        let error = grant(TtlRequest::default(), limits, deadline_in(3600), NOW).unwrap_err().0;
+        assert!(error.contains("at most 600 s") && error.contains("at least 900 s"), "{error}");
     }
 }
