@@ -56,6 +56,8 @@ pub struct Config {
     pub issuers: Vec<IssuerConfig>,
     /// Each backend's table is parsed by the backend itself (`backend::build`).
     pub backends: Vec<(BackendName, toml::Table)>,
+    /// The broker's own Vault connection, for Vault-backed backends and signing.
+    pub vault: Option<crate::vault::VaultConfig>,
     pub dev: Option<DevConfig>,
 }
 
@@ -126,6 +128,7 @@ struct RawConfig {
     issuers: Vec<RawIssuer>,
     #[serde(default)]
     backends: toml::Table,
+    vault: Option<toml::Table>,
     dev: Option<RawDev>,
 }
 
@@ -276,6 +279,7 @@ impl Config {
             };
             backends.push((backend_name, table));
         }
+        let vault = raw.vault.map(|table| crate::vault::VaultConfig::parse(&table, file, &base_dir)).transpose()?;
         let dev = raw.dev.map(|dev| DevConfig {
             state_dir: base_dir.join(dev.state_dir.unwrap_or_else(|| PathBuf::from(".credbroker-dev"))),
         });
@@ -297,6 +301,7 @@ impl Config {
             log_format: raw.log_format,
             issuers,
             backends,
+            vault,
             dev,
             base_dir,
         })

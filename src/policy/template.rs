@@ -61,6 +61,14 @@ impl Template {
         &self.source
     }
 
+    /// The claims the template reads; empty for a literal.
+    pub fn claims(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|part| match part {
+            Part::Claim(name) => Some(name.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+
     /// Strings render as they are, integers in decimal; anything else (missing, bool, object)
     /// is refused rather than guessed at.
     pub fn render(&self, claims: &Map<String, Value>) -> Result<String, String> {
