@@ -29,6 +29,7 @@ pub const PARAMS: ParamSchema = ParamSchema {
 };
 
 const DEFAULT_MOUNT: &str = "database";
+const TTL_GRANULARITY: Duration = Duration::from_secs(2);
 /// The opt-in that lets `vault_role` be a claim template.
 const SANITISE: &str = "sanitise";
 
@@ -209,7 +210,9 @@ impl Backend for VaultDatabase {
                 credential = credential.with_public(hint, value).with_env(variable, EnvValue::Public(value.to_owned()));
             }
         }
-        if vault_expires_at < request.expires_at {
+        // Vault counts whole seconds, so a lease shortened to the deadline may end up to a
+        // second early; only a real cap (the Vault role's max TTL) changes what is reported.
+        if vault_expires_at + TTL_GRANULARITY < request.expires_at {
             credential = credential.with_expires_at(vault_expires_at);
         }
         Ok(credential)

@@ -3,6 +3,8 @@
 //! in-process on port 0.
 #![allow(dead_code)]
 
+pub mod vault_standin;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -277,6 +279,11 @@ pub fn temp_dir() -> TempDir {
 
 /// The broker's configuration as a test writes it; `extra` lands at the top level.
 pub fn config_text(issuer_url: &str, database_url: &str, public_url: &str, extra: &str) -> String {
+    config_text_with_tables(issuer_url, database_url, public_url, extra, "")
+}
+
+/// As [`config_text`], with `tables` (e.g. `[vault]`, more `[backends.x]`) appended.
+pub fn config_text_with_tables(issuer_url: &str, database_url: &str, public_url: &str, extra: &str, tables: &str) -> String {
     format!(
         r#"
 {extra}
@@ -295,6 +302,8 @@ type = "kafka_oauthbearer"
 audience = "kafka-test"
 signing_key_file = "kafka.pem"
 max_ttl = "1h"
+
+{tables}
 "#
     )
 }
@@ -306,6 +315,11 @@ impl TestApp {
 
     /// `extra`: top-level config lines; `database_url`: override (e.g. through a proxy).
     pub async fn spawn_with(extra: &str, database_url: Option<String>) -> Self {
+        Self::spawn_full(extra, "", POLICIES, database_url).await
+    }
+
+    /// `tables`: config tables appended after the kafka backend; `policies`: the policy file.
+    pub async fn spawn_full(extra: &str, tables: &str, policies: &str, database_url: Option<String>) -> Self {
         let issuer = TestIssuer::start().await;
         let database_url = match database_url {
             Some(url) => url,
@@ -313,10 +327,10 @@ impl TestApp {
         };
         let dir = temp_dir();
         std::fs::write(dir.0.join("kafka.pem"), rsa_pem(2)).unwrap();
-        std::fs::write(dir.0.join("policies/test.toml"), POLICIES).unwrap();
+        std::fs::write(dir.0.join("policies/test.toml"), policies).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let text = config_text(&issuer.url, &database_url, &url, extra);
+        let text = config_text_with_tables(&issuer.url, &database_url, &url, extra, tables);
         let config_path = dir.0.join("credbroker.toml");
         std::fs::write(&config_path, &text).unwrap();
         let config = Config::parse(&text, &config_path, std::iter::empty()).unwrap();
