@@ -405,3 +405,130 @@ async fn kafka_tokens_signed_by_vault_transit_verify_across_a_key_rotation() {
         assert_eq!(verdict, json!({"principal": "ci:platform/orders", "scope": ["orders.write"]}));
     }
 }
+
+/// The broker's configuration and policies as `serve` and `policy check --config` load them.
+fn load_with(vault_section: &str, policies: &str) -> anyhow::Result<credbroker::policy::PolicySet> {
+    let dir = common::temp_dir();
+    std::fs::write(dir.0.join("policies/test.toml"), policies).unwrap();
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+public_url = "http://127.0.0.1:1"
+audience = "credbroker"
+database_url = "postgres://127.0.0.1:1/none"
+policy_dir = "policies"
+[[issuers]]
+name = "gitlab"
+issuer = "https://gitlab.example.com"
+{vault_section}
+[backends.snowflake]
+type = "vault_database"
+[backends.static-secrets]
+type = "vault_kv"
+"#
+    );
+    let path = dir.0.join("credbroker.toml");
+    let config = credbroker::config::Config::parse(&text, &path, std::iter::empty())?;
+    let backends = credbroker::backend::Backends::build(&config, None)?;
+    credbroker::startup::load_policies(&config, &backends, false)
+}
+
+const APPROLE: &str = "[vault]\naddress = \"http://127.0.0.1:1\"\n[vault.approle]\nrole_id = \"r\"\nsecret_id_env = \"VAULT_SECRET_ID\"\n";
+
+#[test]
+fn policies_that_would_hand_out_static_secrets_or_unbounded_vault_roles_are_refused_at_load() {
+    let role = |extra: &str, backend: &str| {
+        format!("[[role]]\nname = \"r1\"\nbackend = \"{backend}\"\nissuer = \"gitlab\"\ndefault_ttl = \"5m\"\nmax_ttl = \"1h\"\n{extra}\n[role.claims]\njob_project_path = \"platform/orders\"\n")
+    };
+    let cases = [
+        (role("", "static-secrets"), "key `backend`", "never hands a static KV secret"),
+        (role("vault_role = \"ci-{job_project_path}\"", "snowflake"), "key `vault_role`", "vault_role_template = \"sanitise\""),
+        (role("vault_role = \"ci-{ref}\"\nvault_role_template = \"sanitise\"", "snowflake"), "key `vault_role`", "does not bind"),
+        (role("vault_role = \"ci\"\nvault_role_template = \"yes\"", "snowflake"), "key `vault_role_template`", "not an option"),
+        (role("vault_role = \"ci\"\nmount = \"{project_path}\"", "snowflake"), "key `mount`", "literal"),
+        (role("vault_role = \"ci/x\"", "snowflake"), "key `vault_role`", "not a Vault role name"),
+    ];
+    for (policy, key, message) in cases {
+        let error = format!("{:#}", load_with(APPROLE, &policy).unwrap_err());
+        assert!(error.contains("test.toml: role r1: ") && error.contains(key) && error.contains(message), "{error}");
+    }
+    assert!(load_with(APPROLE, &role("vault_role = \"ci-reader\"", "snowflake")).is_ok());
+    let error = format!("{:#}", load_with("", &role("vault_role = \"ci-reader\"", "snowflake")).unwrap_err());
+    assert!(error.contains("backends.snowflake.type") && error.contains("[vault]"), "{error}");
+}
+
+#[tokio::test]
+async fn a_static_vault_token_is_refused_outside_dev_mode() {
+    let dir = common::temp_dir();
+    let text = common::config_text_with_tables(
+        "https://gitlab.example.com",
+        "postgres://127.0.0.1:1/none",
+        "http://127.0.0.1:1",
+        "",
+        "[vault]\naddress = \"http://127.0.0.1:1\"\n[vault.token]\ntoken_env = \"VAULT_TOKEN\"\n",
+    );
+    std::fs::write(dir.0.join("kafka.pem"), common::rsa_pem(2)).unwrap();
+    let path = dir.0.join("credbroker.toml");
+    let config = credbroker::config::Config::parse(&text, &path, std::iter::empty()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let options = credbroker::startup::ServeOptions::default();
+    let error = credbroker::startup::Application::build_on(listener, config, options).await.err().unwrap().to_string();
+    assert!(error.contains("vault.token") && error.contains("serve --dev") && error.contains("allow_outside_dev"), "{error}");
+}
+
+#[tokio::test]
+async fn secret_sources_read_files_environment_and_vault_kv_with_caching_and_rotation() {
+    use credbroker::vault::secret_source::{self, SecretSource, VaultKvSecret};
+    use secrecy::ExposeSecret;
+    let standin = VaultStandin::start().await;
+    standin.put_kv("looker/admin", json!({"client_id": "looker-admin", "client_secret": "first-secret"}));
+    let table: toml::Table = format!(
+        "address = \"{}\"\n[approle]\nrole_id = \"{ROLE_ID}\"\nsecret_id_env = \"CREDBROKER_TEST_VAULT_SECRET_ID\"\n",
+        standin.url
+    )
+    .parse()
+    .unwrap();
+    // Set once, before any thread reads the environment; nextest runs each test in its own process.
+    std::env::set_var("CREDBROKER_TEST_VAULT_SECRET_ID", SECRET_ID);
+    let config = credbroker::vault::VaultConfig::parse(&table, "test.toml", std::path::Path::new("/")).unwrap();
+    let vault = credbroker::vault::Vault::new(config).unwrap();
+
+    let cached = VaultKvSecret::new(vault.clone(), "secret", "looker/admin", "client_secret", Duration::from_secs(60));
+    assert_eq!(cached.read().await.unwrap().expose_secret(), "first-secret");
+    assert_eq!(cached.cached_version(), Some(1));
+    standin.put_kv("looker/admin", json!({"client_id": "looker-admin", "client_secret": "rotated-secret"}));
+    assert_eq!(cached.read().await.unwrap().expose_secret(), "first-secret", "served from the cache");
+    cached.invalidate();
+    assert_eq!(cached.read().await.unwrap().expose_secret(), "rotated-secret", "re-read after rotation");
+    assert_eq!(cached.cached_version(), Some(2));
+    let uncached = VaultKvSecret::new(vault.clone(), "secret", "looker/admin", "client_secret", Duration::ZERO);
+    standin.put_kv("looker/admin", json!({"client_secret": "third-secret"}));
+    assert_eq!(uncached.read().await.unwrap().expose_secret(), "third-secret");
+
+    let missing = VaultKvSecret::new(vault.clone(), "secret", "looker/admin", "nope", Duration::ZERO);
+    let error = missing.read().await.unwrap_err().to_string();
+    assert!(error.contains("vault kv secret/looker/admin#nope") && !error.contains("third-secret"), "{error}");
+    let absent = VaultKvSecret::new(vault.clone(), "secret", "looker/gone", "x", Duration::ZERO);
+    assert!(absent.read().await.unwrap_err().to_string().contains("404"));
+
+    // The same sources parsed from a backend table.
+    let dir = common::temp_dir();
+    std::fs::write(dir.0.join("key.pem"), "file-secret\n").unwrap();
+    let parse = |text: &str| {
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("s = {text}")).unwrap()["s"].clone();
+        secret_source::parse(&value, "test.toml", "backends.looker.admin_client_secret", &dir.0, Some(&vault))
+    };
+    assert_eq!(parse("{ file = \"key.pem\" }").unwrap().read().await.unwrap().expose_secret(), "file-secret");
+    assert_eq!(parse("{ env = \"CREDBROKER_TEST_VAULT_SECRET_ID\" }").unwrap().read().await.unwrap().expose_secret(), SECRET_ID);
+    let kv = parse("{ vault_kv = \"looker/admin\", key = \"client_secret\", cache_seconds = 0 }").unwrap();
+    assert_eq!(kv.read().await.unwrap().expose_secret(), "third-secret");
+    for (bad, key) in [
+        ("\"inline\"", "backends.looker.admin_client_secret"),
+        ("{ vault_kv = \"looker/admin\" }", "admin_client_secret.key"),
+        ("{ file = \"a\", env = \"B\" }", "admin_client_secret.env"),
+        ("{ vault_kv = \"p\", key = \"k\", cache_seconds = -1 }", "admin_client_secret.cache_seconds"),
+    ] {
+        let error = parse(bad).err().unwrap().to_string();
+        assert!(error.contains(&format!("{key}`")), "{bad}: {error}");
+    }
+}
