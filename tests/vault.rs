@@ -348,21 +348,6 @@ async fn wrong_approle_credentials_leave_the_broker_unauthenticated() {
     assert_backend_failed(&app, "snowflake-ci", "approle").await;
 }
 
-/// PEERS.md: validate as Kafka's KIP-768 validator does, with an independent JWT library.
-fn kip768_validate(jwks_url: &str, issuer: &str, token: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = std::process::Command::new("python3")
-        .arg(common::repo_path("tests/kip768_validate.py"))
-        .args([jwks_url, "kafka-test", issuer])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 (scripts/test.sh installs PyJWT)");
-    child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
-    child.wait_with_output().unwrap()
-}
-
 #[tokio::test]
 async fn kafka_tokens_signed_by_vault_transit_verify_across_a_key_rotation() {
     let VaultApp { app, vault, _secrets } = spawn().await;
@@ -395,7 +380,8 @@ async fn kafka_tokens_signed_by_vault_transit_verify_across_a_key_rotation() {
 
     let issuer = app.public_url.clone();
     let (old, new) = tokio::task::spawn_blocking(move || {
-        (kip768_validate(&jwks_url, &issuer, &first_token), kip768_validate(&jwks_url, &issuer, &second_token))
+        let validate = |token: &str| common::kip768_validate(&jwks_url, "kafka-test", &issuer, token);
+        (validate(&first_token), validate(&second_token))
     })
     .await
     .unwrap();

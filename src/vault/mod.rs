@@ -172,6 +172,10 @@ impl Vault {
     #[tracing::instrument(skip(self), fields(method = self.inner.config.auth.method()))]
     pub async fn login(&self) -> Result<(), VaultError> {
         let _guard = self.inner.login.lock().await;
+        self.login_locked().await
+    }
+
+    async fn login_locked(&self) -> Result<(), VaultError> {
         let result = self.login_now().await;
         let mut session = self.inner.session.lock().expect("session lock");
         match &result {
@@ -254,7 +258,11 @@ impl Vault {
     /// A client with a live token, logging in first when there is none.
     async fn client(&self) -> Result<Arc<VaultClient>, VaultError> {
         if !self.session().usable() {
-            self.login().await?;
+            let _guard = self.inner.login.lock().await;
+            // Another request may have logged in while this one waited.
+            if !self.session().usable() {
+                self.login_locked().await?;
+            }
         }
         Ok(self.current_client())
     }

@@ -371,6 +371,23 @@ impl TestApp {
     }
 }
 
+/// PEERS.md: no Kafka broker here validates OAUTHBEARER, so a minted token is validated the
+/// way KIP-768 does with an independent library (PyJWT, installed by scripts/test.sh).
+/// Blocking: call it from `spawn_blocking`.
+pub fn kip768_validate(jwks_url: &str, audience: &str, issuer: &str, token: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .arg(repo_path("tests/kip768_validate.py"))
+        .args([jwks_url, audience, issuer])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/test.sh installs PyJWT)");
+    child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 pub fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
