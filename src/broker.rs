@@ -246,6 +246,17 @@ impl Broker {
             Ok(credential) => credential,
             Err(error) => return Err(self.fail(slot, event, error.into()).await),
         };
+        // The target may have set an earlier end than asked (Vault capped the lease): report
+        // and record what really holds.
+        let (ttl, expires_at) = match credential.expires_at.filter(|at| *at < granted.expires_at) {
+            Some(at) => match Ttl::from_seconds((at - now).whole_seconds().max(1) as u64) {
+                Ok(ttl) => (ttl, at),
+                Err(_) => (granted.ttl, granted.expires_at),
+            },
+            None => (granted.ttl, granted.expires_at),
+        };
+        event.granted_ttl_seconds = Some(ttl.seconds());
+        event.expires_at = Some(expires_at);
 
         // Record the issuance; only a durable row lets the credential leave.
         event.decision = Decision::Issued;
@@ -262,14 +273,14 @@ impl Broker {
             tracing::error!(%issuance_id, error = %error, "issued row not recorded; credential withheld");
             return Err(ExchangeFailure { issuance_id, error: ExchangeError::AuditUnavailable(error) });
         }
-        tracing::info!(%issuance_id, role = %role.name, ttl = granted.ttl.seconds(), "credential issued");
+        tracing::info!(%issuance_id, role = %role.name, ttl = ttl.seconds(), "credential issued");
         Ok(Issued {
             issuance_id,
             role: role.name.to_string(),
             target,
             backend: role.backend.to_string(),
-            ttl: granted.ttl,
-            expires_at: granted.expires_at,
+            ttl,
+            expires_at,
             job_deadline: token.job_deadline,
             credential,
         })

@@ -57,6 +57,8 @@ pub struct Config {
     pub issuers: Vec<IssuerConfig>,
     /// Each backend's table is parsed by the backend itself (`backend::build`).
     pub backends: Vec<(BackendName, toml::Table)>,
+    /// The broker's own Vault connection, for Vault-backed backends and signing.
+    pub vault: Option<crate::vault::VaultConfig>,
     pub dev: Option<DevConfig>,
 }
 
@@ -164,6 +166,7 @@ struct RawConfig {
     issuers: Vec<RawIssuer>,
     #[serde(default)]
     backends: toml::Table,
+    vault: Option<toml::Table>,
     dev: Option<RawDev>,
 }
 
@@ -352,6 +355,7 @@ impl Config {
             };
             backends.push((backend_name, table));
         }
+        let vault = raw.vault.map(|table| crate::vault::VaultConfig::parse(&table, file, &base_dir)).transpose()?;
         let dev = raw.dev.map(|dev| DevConfig {
             state_dir: base_dir.join(dev.state_dir.unwrap_or_else(|| PathBuf::from(".credbroker-dev"))),
         });
@@ -374,6 +378,7 @@ impl Config {
             audit_writer,
             issuers,
             backends,
+            vault,
             dev,
             base_dir,
         })

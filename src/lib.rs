@@ -15,3 +15,4 @@ pub mod oidc;
 pub mod policy;
 pub mod startup;
 pub mod types;
+pub mod vault;

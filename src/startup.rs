@@ -40,7 +40,9 @@ pub fn load_policies(config: &Config, backends: &Backends, dev: bool) -> anyhow:
     let schemas = backends.schemas();
     let all_schemas = backend::all_param_schemas();
     let context = CompileContext { issuers: Some(&issuers), backends: Some(&schemas), all_schemas: &all_schemas };
-    Ok(PolicySet::load_dir(&config.policy_dir, &context)?)
+    let policies = PolicySet::load_dir(&config.policy_dir, &context)?;
+    backends.check_roles(policies.roles())?;
+    Ok(policies)
 }
 
 impl Application {
@@ -64,6 +66,9 @@ impl Application {
         };
         config.issuers.extend(dev_issuer.as_ref().map(DevIssuer::issuer_config));
 
+        if let Some(vault) = &config.vault {
+            vault.check_auth_allowed(options.dev).map_err(|message| anyhow::anyhow!("{}: key `vault.token`: {message}", config.source_name()))?;
+        }
         let dev_state_dir = options.dev.then(|| DevIssuer::state_dir(&config));
         let backends = Backends::build(&config, dev_state_dir.as_deref())?;
         let policies = load_policies(&config, &backends, false)?;
@@ -84,7 +89,7 @@ impl Application {
             Duration::from_secs(config.jwks_max_age_seconds),
             Duration::from_secs(config.jwks_min_refetch_seconds),
         )?;
-        let jwks = json!({ "keys": backends.published_keys() });
+        backends.start().await;
         let openid_configuration = json!({
             "issuer": config.public_url,
             "jwks_uri": format!("{}/.well-known/jwks.json", config.public_url),
@@ -101,7 +106,6 @@ impl Application {
         };
         let state = AppState {
             broker: Arc::new(broker),
-            jwks: Bytes::from(jwks.to_string()),
             openid_configuration: Bytes::from(openid_configuration.to_string()),
             dev_issuer: dev_issuer.map(|dev| DevIssuerDocuments {
                 openid_configuration: Bytes::from(dev.discovery_document().to_string()),

@@ -77,23 +77,11 @@ async fn minted_kafka_token_verifies_against_the_published_jwks() {
 /// independent library (PyJWT, installed by scripts/test.sh), not with our own JWT code.
 #[tokio::test]
 async fn minted_kafka_token_passes_an_independent_kip768_validation() {
-    use std::io::Write;
     let app = TestApp::spawn().await;
     let (status, _, body) = app.exchange(&app.issuer.token(), role("orders-producer")).await;
     assert_eq!(status, 200, "{body}");
     let (jwks_url, issuer) = (format!("{}/.well-known/jwks.json", app.url), app.public_url.clone());
-    let validate = move |token: &str, audience: &str| {
-        let mut child = std::process::Command::new("python3")
-            .arg(common::repo_path("tests/kip768_validate.py"))
-            .args([jwks_url.as_str(), audience, issuer.as_str()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 (scripts/test.sh installs PyJWT)");
-        child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let validate = move |token: &str, audience: &str| common::kip768_validate(&jwks_url, audience, &issuer, token);
     let token = body["credential"]["token"].as_str().unwrap().to_owned();
     let output = tokio::task::spawn_blocking(move || (validate(&token, "kafka-test"), validate(&token, "kafka-other"))).await.unwrap();
     let (accepted, wrong_audience) = output;

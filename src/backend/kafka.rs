@@ -10,7 +10,7 @@ use jsonwebtoken::jwk::Jwk;
 use secrecy::SecretString;
 use serde::Serialize;
 
-use super::signing::SigningKey;
+use super::signing::{LocalSigner, Signer, SigningKey};
 use super::{table_string, Backend, BackendError, BuildContext, Credential, EnvValue, MintRequest};
 use crate::config::ConfigError;
 use crate::policy::ParamSchema;
@@ -31,9 +31,8 @@ pub struct KafkaOauthbearer {
     name: String,
     issuer: String,
     audience: String,
-    signing_key: SigningKey,
-    /// Keys rotated out of signing but still published until every token they signed expired.
-    retired_keys: Vec<SigningKey>,
+    /// A local PEM key (with retired keys still published) or a Vault transit key.
+    signer: Arc<dyn Signer>,
     max_ttl: Ttl,
 }
 
@@ -50,39 +49,74 @@ struct Claims<'a> {
 }
 
 pub fn build(table: &toml::Table, context: &BuildContext<'_>) -> Result<Arc<dyn Backend>, ConfigError> {
-    context.reject_unknown_keys(table, &["audience", "signing_key_file", "retired_signing_key_files", "max_ttl"])?;
+    context.reject_unknown_keys(table, &["audience", "signing_key_file", "retired_signing_key_files", "signing", "max_ttl"])?;
     let audience = table_string(table, context, "audience")?
         .filter(|a| !a.trim().is_empty())
         .ok_or_else(|| context.error("audience", "is required"))?
         .to_owned();
-    let key_path = context.config.resolve(&PathBuf::from(
-        table_string(table, context, "signing_key_file")?.ok_or_else(|| context.error("signing_key_file", "is required"))?,
-    ));
+    let max_ttl = match table_string(table, context, "max_ttl")? {
+        Some(raw) => Ttl::parse(raw).map_err(|m| context.error("max_ttl", m))?,
+        None => Ttl::from_seconds(DEFAULT_MAX_TTL_SECONDS).expect("default is a valid TTL"),
+    };
+    let signer = match (table.get("signing"), table_string(table, context, "signing_key_file")?) {
+        (Some(_), Some(_)) => return Err(context.error("signing", "set either signing_key_file or signing, not both")),
+        (Some(signing), None) => {
+            if table.contains_key("retired_signing_key_files") {
+                return Err(context.error("retired_signing_key_files", "applies to signing_key_file only; Vault keeps old transit versions itself"));
+            }
+            transit_signer(signing, context, max_ttl)?
+        }
+        (None, Some(key_file)) => local_signer(table, context, key_file)?,
+        (None, None) => return Err(context.error("signing_key_file", "is required (or signing = { vault_transit = \"<key>\" })")),
+    };
+    Ok(Arc::new(KafkaOauthbearer { name: context.name.to_string(), issuer: context.config.public_url.clone(), audience, signer, max_ttl }))
+}
+
+fn local_signer(table: &toml::Table, context: &BuildContext<'_>, key_file: &str) -> Result<Arc<dyn Signer>, ConfigError> {
+    let key_path = context.config.resolve(&PathBuf::from(key_file));
     let may_generate = context.dev_state_dir.is_some_and(|dir| key_path.starts_with(dir));
-    let signing_key = SigningKey::load_or_generate(&key_path, may_generate)
-        .map_err(|e| context.error("signing_key_file", e.to_string()))?;
-    let mut retired_keys = Vec::new();
+    let current = SigningKey::load_or_generate(&key_path, may_generate).map_err(|e| context.error("signing_key_file", e.to_string()))?;
+    let mut retired = Vec::new();
     if let Some(files) = table.get("retired_signing_key_files") {
         let files = files.as_array().ok_or_else(|| context.error("retired_signing_key_files", "must be a list"))?;
         for file in files {
             let path = file.as_str().ok_or_else(|| context.error("retired_signing_key_files", "must list paths"))?;
             let key = SigningKey::from_pem_file(&context.config.resolve(&PathBuf::from(path)))
                 .map_err(|e| context.error("retired_signing_key_files", e.to_string()))?;
-            retired_keys.push(key);
+            retired.push(key);
         }
     }
-    let max_ttl = match table_string(table, context, "max_ttl")? {
-        Some(raw) => Ttl::parse(raw).map_err(|m| context.error("max_ttl", m))?,
-        None => Ttl::from_seconds(DEFAULT_MAX_TTL_SECONDS).expect("default is a valid TTL"),
+    Ok(Arc::new(LocalSigner { current, retired }))
+}
+
+const DEFAULT_TRANSIT_MOUNT: &str = "transit";
+const DEFAULT_KEY_REFRESH_SECONDS: i64 = 60;
+
+/// `signing = { vault_transit = "credbroker-kafka", mount = "transit", refresh_seconds = 60 }`
+fn transit_signer(signing: &toml::Value, context: &BuildContext<'_>, max_ttl: Ttl) -> Result<Arc<dyn Signer>, ConfigError> {
+    let toml::Value::Table(signing) = signing else {
+        return Err(context.error("signing", "must be a table like { vault_transit = \"credbroker-kafka\" }"));
     };
-    Ok(Arc::new(KafkaOauthbearer {
-        name: context.name.to_string(),
-        issuer: context.config.public_url.clone(),
-        audience,
-        signing_key,
-        retired_keys,
-        max_ttl,
-    }))
+    if let Some(unknown) = signing.keys().find(|k| !["vault_transit", "mount", "refresh_seconds"].contains(&k.as_str())) {
+        return Err(context.error(&format!("signing.{unknown}"), "unknown key; expected vault_transit, mount, refresh_seconds"));
+    }
+    let string = |key: &str| match signing.get(key) {
+        None => Ok(None),
+        Some(toml::Value::String(value)) if !value.trim().is_empty() && !value.contains('/') => Ok(Some(value.clone())),
+        Some(_) => Err(context.error(&format!("signing.{key}"), "must be a non-empty name without '/'")),
+    };
+    let key = string("vault_transit")?.ok_or_else(|| context.error("signing.vault_transit", "is required: the transit key's name"))?;
+    let mount = string("mount")?.unwrap_or_else(|| DEFAULT_TRANSIT_MOUNT.to_owned());
+    let refresh_seconds = match signing.get("refresh_seconds") {
+        None => DEFAULT_KEY_REFRESH_SECONDS,
+        Some(toml::Value::Integer(seconds)) if (1..=3600).contains(seconds) => *seconds,
+        Some(_) => return Err(context.error("signing.refresh_seconds", "must be an integer from 1 to 3600")),
+    };
+    let vault = context.vault.ok_or_else(|| context.error("signing.vault_transit", "needs a [vault] section"))?;
+    // A retired version stays published for the longest token plus Kafka's 30 s clock skew.
+    let retain_for = std::time::Duration::from_secs(u64::from(max_ttl.seconds()) + 30);
+    let refresh_every = std::time::Duration::from_secs(refresh_seconds as u64);
+    Ok(Arc::new(crate::vault::transit::TransitSigner::new(vault.clone(), mount, key, retain_for, refresh_every)))
 }
 
 #[async_trait]
@@ -116,16 +150,18 @@ impl Backend for KafkaOauthbearer {
             // The issuance id: a Kafka-side log line leads straight to the audit row.
             jti: request.issuance_id.to_string(),
         };
-        let token = self
-            .signing_key
+        let claims = serde_json::to_value(&claims).expect("claims serialise");
+        let signed = self
+            .signer
             .sign(&claims)
+            .await
             .map_err(|e| BackendError::Failed { backend: self.name.clone(), detail: e.to_string() })?;
-        Ok(Credential::new("token", SecretString::from(token))
+        Ok(Credential::new("token", SecretString::from(signed.token))
             .with_public("token_type", "Bearer")
             .with_public("mechanism", "OAUTHBEARER")
             .with_public("principal", principal)
             .with_public("scope", scope)
-            .with_public("key_id", self.signing_key.kid())
+            .with_public("key_id", signed.kid.clone())
             .with_public(
                 "client_properties",
                 serde_json::json!({
@@ -136,10 +172,14 @@ impl Backend for KafkaOauthbearer {
             .with_env("KAFKA_SASL_MECHANISM", EnvValue::Public("OAUTHBEARER".into()))
             .with_env("KAFKA_OAUTHBEARER_TOKEN", EnvValue::Secret("token"))
             .with_env("KAFKA_PRINCIPAL", EnvValue::Public(principal.to_owned()))
-            .with_handle(self.signing_key.kid().to_owned()))
+            .with_handle(signed.kid))
     }
 
     fn published_keys(&self) -> Vec<Jwk> {
-        std::iter::once(&self.signing_key).chain(&self.retired_keys).map(|key| key.public_jwk().clone()).collect()
+        self.signer.published_keys()
+    }
+
+    async fn start(&self) {
+        self.signer.start().await;
     }
 }

@@ -4,6 +4,8 @@
 mod aws_sts;
 mod kafka;
 pub mod signing;
+mod vault_database;
+mod vault_kv;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -17,8 +19,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::config::{Config, ConfigError};
-use crate::policy::ParamSchema;
+use crate::policy::{ParamSchema, PolicyError, Role};
 use crate::types::{sha256_hex, BackendName, RoleName, Ttl};
+use crate::vault::Vault;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -49,6 +52,9 @@ pub struct Credential {
     pub fingerprint: String,
     /// The backend's own reference (key id, lease id): never a secret.
     pub handle: Option<String>,
+    /// When the target itself ends the credential, if earlier than the granted expiry (Vault
+    /// capped the lease): the broker reports and records this instead of what it asked for.
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 pub enum EnvValue {
@@ -60,7 +66,7 @@ pub enum EnvValue {
 impl Credential {
     pub fn new(primary_field: &'static str, primary: SecretString) -> Self {
         let fingerprint = sha256_hex(primary.expose_secret().as_bytes());
-        Self { public: Map::new(), secrets: vec![(primary_field, primary)], env: Vec::new(), fingerprint, handle: None }
+        Self { public: Map::new(), secrets: vec![(primary_field, primary)], env: Vec::new(), fingerprint, handle: None, expires_at: None }
     }
 
     /// A further secret field (e.g. a session token next to a secret key).
@@ -81,6 +87,11 @@ impl Credential {
 
     pub fn with_handle(mut self, handle: String) -> Self {
         self.handle = Some(handle);
+        self
+    }
+
+    pub fn with_expires_at(mut self, expires_at: OffsetDateTime) -> Self {
+        self.expires_at = Some(expires_at);
         self
     }
 
@@ -134,6 +145,14 @@ pub trait Backend: Send + Sync {
     fn published_keys(&self) -> Vec<Jwk> {
         Vec::new()
     }
+    /// Checks a role that names this backend, at load, beyond its parameter names (e.g. a
+    /// template where only a literal is safe). The error names the role's file, role and key.
+    fn check_role(&self, _role: &Role) -> Result<(), PolicyError> {
+        Ok(())
+    }
+    /// Background work started once the application is built (e.g. keeping a remote key
+    /// list fresh).
+    async fn start(&self) {}
 }
 
 /// Everything a backend's constructor may need from outside its own table.
@@ -142,6 +161,8 @@ pub struct BuildContext<'a> {
     pub name: &'a BackendName,
     /// Dev mode's state directory: missing key files inside it may be generated.
     pub dev_state_dir: Option<&'a Path>,
+    /// The broker's Vault connection, when `[vault]` is configured.
+    pub vault: Option<&'a Vault>,
 }
 
 type Constructor = fn(&toml::Table, &BuildContext<'_>) -> Result<Arc<dyn Backend>, ConfigError>;
@@ -155,6 +176,8 @@ struct Kind {
 const KINDS: &[Kind] = &[
     Kind { name: "kafka_oauthbearer", params: kafka::PARAMS, build: kafka::build },
     Kind { name: "aws_sts", params: aws_sts::PARAMS, build: aws_sts::build },
+    Kind { name: "vault_database", params: vault_database::PARAMS, build: vault_database::build },
+    Kind { name: "vault_kv", params: vault_kv::PARAMS, build: vault_kv::build },
 ];
 
 pub fn all_param_schemas() -> Vec<ParamSchema> {
@@ -163,10 +186,15 @@ pub fn all_param_schemas() -> Vec<ParamSchema> {
 
 pub struct Backends {
     by_name: HashMap<BackendName, (Arc<dyn Backend>, ParamSchema)>,
+    vault: Option<Vault>,
 }
 
 impl Backends {
     pub fn build(config: &Config, dev_state_dir: Option<&Path>) -> Result<Self, ConfigError> {
+        let vault = match &config.vault {
+            Some(vault) => Some(Vault::new(vault.clone()).map_err(|e| ConfigError::new(config.source_name(), "vault", e.to_string()))?),
+            None => None,
+        };
         let mut by_name = HashMap::new();
         for (name, table) in &config.backends {
             let key = format!("backends.{name}.type");
@@ -178,10 +206,35 @@ impl Backends {
                 let known: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
                 ConfigError::new(config.source_name(), &key, format!("unknown backend type {kind_name:?}; known: {known:?}"))
             })?;
-            let context = BuildContext { config, name, dev_state_dir };
+            let context = BuildContext { config, name, dev_state_dir, vault: vault.as_ref() };
             by_name.insert(name.clone(), ((kind.build)(table, &context)?, kind.params));
         }
-        Ok(Self { by_name })
+        Ok(Self { by_name, vault })
+    }
+
+    /// The Vault connection, when configured (for `/readyz`).
+    pub fn vault(&self) -> Option<&Vault> {
+        self.vault.as_ref()
+    }
+
+    /// Logs in to Vault and starts every backend's background work.
+    pub async fn start(&self) {
+        if let Some(vault) = &self.vault {
+            vault.start().await;
+        }
+        for (backend, _) in self.by_name.values() {
+            backend.start().await;
+        }
+    }
+
+    /// Each backend's own checks of the roles that use it.
+    pub fn check_roles<'r>(&self, roles: impl Iterator<Item = &'r Role>) -> Result<(), PolicyError> {
+        for role in roles {
+            if let Some(backend) = self.get(&role.backend) {
+                backend.check_role(role)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn get(&self, name: &BackendName) -> Option<&Arc<dyn Backend>> {

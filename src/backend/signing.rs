@@ -1,8 +1,12 @@
 //! Keys the broker signs with (Kafka tokens, the dev issuer), parsed once at startup.
 //! The private half never leaves this struct; the public half is what `/.well-known/jwks.json` serves.
+//! [`Signer`] hides where a key lives: a local PEM file ([`LocalSigner`]) or a Vault transit
+//! key (`crate::vault::transit::TransitSigner`), so every broker-signed JWT (Kafka tokens today,
+//! Snowflake key-pair JWTs and Gogs delivery tokens later) can use either.
 
 use std::path::Path;
 
+use async_trait::async_trait;
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse, ThumbprintHash};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
@@ -19,6 +23,78 @@ pub enum SigningKeyError {
     Generate(String),
     #[error("signing failed: {0}")]
     Sign(#[from] jsonwebtoken::errors::Error),
+    /// A signer outside this process (Vault transit) failed; the message is safe to show.
+    #[error("{0}")]
+    Remote(String),
+}
+
+/// A compact JWS and the `kid` its header names.
+pub struct SignedToken {
+    pub token: String,
+    pub kid: String,
+}
+
+#[async_trait]
+pub trait Signer: Send + Sync {
+    /// Signs `claims` as a JWT (`typ` JWT, `kid` of the signing key).
+    async fn sign(&self, claims: &serde_json::Value) -> Result<SignedToken, SigningKeyError>;
+    /// Every public key a verifier may still meet, current and retired.
+    fn published_keys(&self) -> Vec<Jwk>;
+    /// Background work (a remote key list to keep fresh); local keys need none.
+    async fn start(&self) {}
+}
+
+/// A key from a PEM file, plus retired keys published until their tokens have expired.
+pub struct LocalSigner {
+    pub current: SigningKey,
+    pub retired: Vec<SigningKey>,
+}
+
+#[async_trait]
+impl Signer for LocalSigner {
+    async fn sign(&self, claims: &serde_json::Value) -> Result<SignedToken, SigningKeyError> {
+        Ok(SignedToken { token: self.current.sign(claims)?, kid: self.current.kid().to_owned() })
+    }
+
+    fn published_keys(&self) -> Vec<Jwk> {
+        std::iter::once(&self.current).chain(&self.retired).map(|key| key.public_jwk().clone()).collect()
+    }
+}
+
+/// A public JWK for a key held elsewhere, with its RFC 7638 thumbprint as `kid` (the same rule
+/// local keys follow). Accepts SPKI PEM (`BEGIN PUBLIC KEY`) for RSA and EC P-256.
+pub fn public_jwk_from_pem(pem: &str) -> Option<(Jwk, Algorithm)> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use rsa::pkcs8::DecodePublicKey;
+    use rsa::traits::PublicKeyParts;
+    let (mut jwk, algorithm) = if let Ok(key) = rsa::RsaPublicKey::from_public_key_pem(pem) {
+        let jwk = serde_json::json!({
+            "kty": "RSA",
+            "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+            "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+        });
+        (serde_json::from_value::<Jwk>(jwk).ok()?, Algorithm::RS256)
+    } else {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let key = p256::PublicKey::from_public_key_pem(pem).ok()?;
+        let point = key.to_encoded_point(false);
+        let jwk = serde_json::json!({
+            "kty": "EC",
+            "crv": "P-256",
+            "x": URL_SAFE_NO_PAD.encode(point.x()?),
+            "y": URL_SAFE_NO_PAD.encode(point.y()?),
+        });
+        (serde_json::from_value::<Jwk>(jwk).ok()?, Algorithm::ES256)
+    };
+    let kid = jwk.thumbprint(ThumbprintHash::SHA256);
+    jwk.common.key_id = Some(kid);
+    jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+    jwk.common.key_algorithm = Some(match algorithm {
+        Algorithm::ES256 => KeyAlgorithm::ES256,
+        _ => KeyAlgorithm::RS256,
+    });
+    Some((jwk, algorithm))
 }
 
 pub struct SigningKey {

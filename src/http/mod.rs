@@ -26,8 +26,8 @@ const REQUEST_ID_HEADER: &str = "x-request-id";
 #[derive(Clone)]
 pub struct AppState {
     pub broker: Arc<Broker>,
-    /// Documents that never change while the process runs, rendered once.
-    pub jwks: Bytes,
+    /// Documents that never change while the process runs, rendered once. (The JWKS is
+    /// rendered per request: a Vault transit key's versions change while the broker runs.)
     pub openid_configuration: Bytes,
     pub dev_issuer: Option<DevIssuerDocuments>,
     pub request_timeout: Duration,
@@ -152,7 +152,8 @@ fn json_document(body: &Bytes) -> Response {
 }
 
 async fn jwks(State(state): State<AppState>) -> Response {
-    json_document(&state.jwks)
+    let keys = json!({ "keys": state.broker.backends.published_keys() });
+    json_document(&Bytes::from(keys.to_string()))
 }
 
 async fn openid_configuration(State(state): State<AppState>) -> Response {
@@ -174,18 +175,30 @@ async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the audit log can be written and policies are loaded: without either, every
-/// exchange would fail, so a load balancer should look elsewhere.
+/// Ready when the audit log can be written, policies are loaded and (when configured) Vault
+/// is reachable with a live broker token: without them exchanges would fail, so a load
+/// balancer should look elsewhere.
 async fn readyz(State(state): State<AppState>) -> Response {
     let postgres = state.broker.audit.ping().await;
     let roles = state.broker.policies.len();
-    let ready = postgres.is_ok() && roles > 0;
+    let mut ready = postgres.is_ok() && roles > 0;
+    let mut checks = json!({
+        "postgres": match &postgres { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
+        "policies": format!("{roles} roles loaded"),
+    });
+    if let Some(vault) = state.broker.backends.vault() {
+        use crate::vault::Health;
+        let health = vault.health().await;
+        ready &= health == Health::Ready;
+        checks["vault"] = json!(match health {
+            Health::Ready => "ok".to_owned(),
+            Health::Unreachable(reason) => format!("unreachable: {reason}"),
+            Health::Unauthenticated(reason) => format!("unauthenticated: {reason}"),
+        });
+    }
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "checks": {
-            "postgres": match &postgres { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
-            "policies": format!("{roles} roles loaded"),
-        }
+        "checks": checks,
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()

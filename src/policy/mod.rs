@@ -101,6 +101,16 @@ pub enum Param {
     Json(JsonTemplate),
 }
 
+impl Param {
+    /// The template of a text or literal parameter.
+    pub fn as_template(&self) -> Option<&Template> {
+        match self {
+            Param::Text(template) | Param::Literal(template) => Some(template),
+            Param::Table(_) | Param::Json(_) => None,
+        }
+    }
+}
+
 /// The parameters of one exchange, rendered from the verified claims.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RenderedParams {

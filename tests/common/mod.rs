@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod moto;
+pub mod vault_standin;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -279,6 +280,11 @@ pub fn temp_dir() -> TempDir {
 
 /// The broker's configuration as a test writes it; `extra` lands at the top level.
 pub fn config_text(issuer_url: &str, database_url: &str, public_url: &str, extra: &str) -> String {
+    config_text_with_tables(issuer_url, database_url, public_url, extra, "")
+}
+
+/// As [`config_text`], with `tables` (e.g. `[vault]`, more `[backends.x]`) appended.
+pub fn config_text_with_tables(issuer_url: &str, database_url: &str, public_url: &str, extra: &str, tables: &str) -> String {
     format!(
         r#"
 {extra}
@@ -297,6 +303,8 @@ type = "kafka_oauthbearer"
 audience = "kafka-test"
 signing_key_file = "kafka.pem"
 max_ttl = "1h"
+
+{tables}
 "#
     )
 }
@@ -308,6 +316,11 @@ impl TestApp {
 
     /// `extra`: top-level config lines; `database_url`: override (e.g. through a proxy).
     pub async fn spawn_with(extra: &str, database_url: Option<String>) -> Self {
+        Self::spawn_full(extra, "", POLICIES, database_url).await
+    }
+
+    /// `tables`: config tables appended after the kafka backend; `policies`: the policy file.
+    pub async fn spawn_full(extra: &str, tables: &str, policies: &str, database_url: Option<String>) -> Self {
         let issuer = TestIssuer::start().await;
         let database_url = match database_url {
             Some(url) => url,
@@ -315,10 +328,10 @@ impl TestApp {
         };
         let dir = temp_dir();
         std::fs::write(dir.0.join("kafka.pem"), rsa_pem(2)).unwrap();
-        std::fs::write(dir.0.join("policies/test.toml"), POLICIES).unwrap();
+        std::fs::write(dir.0.join("policies/test.toml"), policies).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let text = config_text(&issuer.url, &database_url, &url, extra);
+        let text = config_text_with_tables(&issuer.url, &database_url, &url, extra, tables);
         let config_path = dir.0.join("credbroker.toml");
         std::fs::write(&config_path, &text).unwrap();
         let config = Config::parse(&text, &config_path, std::iter::empty()).unwrap();
@@ -357,6 +370,23 @@ impl TestApp {
     pub async fn audit_count(&self) -> i64 {
         sqlx::query_scalar("select count(*) from audit_events").fetch_one(&self.pool).await.unwrap()
     }
+}
+
+/// PEERS.md: no Kafka broker here validates OAUTHBEARER, so a minted token is validated the
+/// way KIP-768 does with an independent library (PyJWT, installed by scripts/test.sh).
+/// Blocking: call it from `spawn_blocking`.
+pub fn kip768_validate(jwks_url: &str, audience: &str, issuer: &str, token: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .arg(repo_path("tests/kip768_validate.py"))
+        .args([jwks_url, audience, issuer])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/test.sh installs PyJWT)");
+    child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 pub fn repo_path(relative: &str) -> PathBuf {
