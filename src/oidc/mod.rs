@@ -4,6 +4,7 @@
 
 mod fetch;
 mod keys;
+mod rsa_verify;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -81,6 +82,7 @@ impl Verifier {
         jwks_max_age: Duration,
         jwks_min_refetch: Duration,
     ) -> Result<Self, reqwest::Error> {
+        rsa_verify::install();
         let client = DiscoveryClient::new()?;
         let by_issuer_url = issuers
             .iter()
