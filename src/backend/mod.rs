@@ -191,6 +191,8 @@ pub struct Backends {
 
 impl Backends {
     pub fn build(config: &Config, dev_state_dir: Option<&Path>) -> Result<Self, ConfigError> {
+        // Before any key is parsed: jsonwebtoken fixes its provider at first use.
+        crate::oidc::install_crypto_provider();
         let vault = match &config.vault {
             Some(vault) => Some(Vault::new(vault.clone()).map_err(|e| ConfigError::new(config.source_name(), "vault", e.to_string()))?),
             None => None,

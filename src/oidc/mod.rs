@@ -6,6 +6,8 @@ mod fetch;
 mod keys;
 mod rsa_verify;
 
+pub use rsa_verify::install as install_crypto_provider;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
