@@ -7,8 +7,9 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::audit::{Audit, AuditError, AuditEvent, AuditSlot, Decision, TokenUse};
+use crate::audit::{Audit, AuditError, AuditEvent, AuditSlot, Decision, RevocationReason, TokenUse};
 use crate::backend::{BackendError, Backends, Credential, MintRequest};
+use crate::lifecycle::Lifecycle;
 use crate::oidc::{Verifier, VerifiedToken, VerifyError};
 use crate::policy::{self, PolicySet, TtlRequest};
 use crate::types::Ttl;
@@ -140,6 +141,7 @@ pub struct Broker {
     pub backends: Backends,
     pub audit: Audit,
     pub max_uses_per_token: u32,
+    pub lifecycle: Lifecycle,
 }
 
 impl Broker {
@@ -220,6 +222,24 @@ impl Broker {
         event.expires_at = Some(granted.expires_at);
         event.overshoot_seconds = granted.overshoot_seconds;
 
+        // A freeze (`credbroker freeze`) stops issuance on every replica at once.
+        match self.audit.store().active_freeze(role.name.as_str(), event.claim_text("project_path").as_deref()).await {
+            Ok(None) => {}
+            Ok(Some(freeze)) => {
+                let until = freeze.until.map(|until| format!(" until {}", rfc3339(until))).unwrap_or_default();
+                let reason = format!(
+                    "frozen: new credentials for {} {} are stopped by {} since {}{until}",
+                    freeze.scope,
+                    freeze.value,
+                    freeze.frozen_by,
+                    rfc3339(freeze.frozen_at)
+                );
+                let error = ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true };
+                return Err(self.refuse(slot, event, error).await);
+            }
+            Err(error) => return Err(self.fail(slot, event, ExchangeError::AuditUnavailable(error)).await),
+        }
+
         // Record the use before minting, so two replicas racing on one token cannot both mint.
         let max_uses = role.max_uses_per_token.unwrap_or(self.max_uses_per_token);
         match self
@@ -258,6 +278,22 @@ impl Broker {
         event.granted_ttl_seconds = Some(ttl.seconds());
         event.expires_at = Some(expires_at);
 
+        // From here until the response is built, a credential that does not reach the client
+        // is revoked (the guard), and one the target would keep past its grant is scheduled
+        // for revocation before the issued row lets it out.
+        let undelivered = self.lifecycle.guard_undelivered(&self.audit, backend, &role.backend, issuance_id, &credential);
+        if let (true, true, Some(handle)) = (credential.outlives_grant, backend.can_revoke(), &credential.handle) {
+            let due_at = expires_at.min(token.job_deadline);
+            let scheduled = self
+                .audit
+                .store()
+                .schedule_revocation(issuance_id, role.backend.as_str(), handle, due_at, RevocationReason::Deadline, None)
+                .await;
+            if let Err(error) = scheduled {
+                return Err(self.fail(slot, event, ExchangeError::AuditUnavailable(error)).await);
+            }
+        }
+
         // Record the issuance; only a durable row lets the credential leave.
         event.decision = Decision::Issued;
         event.credential_sha256 = Some(credential.fingerprint.clone());
@@ -274,6 +310,7 @@ impl Broker {
             return Err(ExchangeFailure { issuance_id, error: ExchangeError::AuditUnavailable(error) });
         }
         tracing::info!(%issuance_id, role = %role.name, ttl = ttl.seconds(), "credential issued");
+        undelivered.delivered();
         Ok(Issued {
             issuance_id,
             role: role.name.to_string(),
@@ -286,14 +323,14 @@ impl Broker {
         })
     }
 
-    async fn verify(&self, input: &ExchangeInput<'_>, now: OffsetDateTime) -> Result<VerifiedToken, ExchangeError> {
+    pub(crate) async fn verify(&self, input: &ExchangeInput<'_>, now: OffsetDateTime) -> Result<VerifiedToken, ExchangeError> {
         let token = input
             .bearer_token
             .ok_or_else(|| ExchangeError::InvalidToken(VerifyError::Malformed("no bearer token in Authorization".into())))?;
         self.verifier.verify(token, now).await.map_err(ExchangeError::InvalidToken)
     }
 
-    async fn refuse_unattributed(&self, slot: AuditSlot, mut event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
+    pub(crate) async fn refuse_unattributed(&self, slot: AuditSlot, mut event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
         event.code = Some(error.code().as_str().to_owned());
         event.detail.get_or_insert_with(|| error.to_string());
         let issuance_id = event.id;
@@ -303,7 +340,7 @@ impl Broker {
         ExchangeFailure { issuance_id, error }
     }
 
-    async fn refuse(&self, slot: AuditSlot, event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
+    pub(crate) async fn refuse(&self, slot: AuditSlot, event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
         self.finish(slot, event, Decision::Denied, error).await
     }
 
@@ -329,6 +366,10 @@ impl Broker {
         }
         ExchangeFailure { issuance_id, error }
     }
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
