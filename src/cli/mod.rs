@@ -1,6 +1,7 @@
 //! Command-line edge. Each subcommand parses its flags, calls the library, and maps the result
 //! to output and an exit code; `anyhow` stops here.
 
+mod admin;
 mod exchange;
 mod policy;
 
@@ -36,6 +37,12 @@ enum Command {
     },
     /// Exchange this job's OIDC token for a credential and print it.
     Exchange(exchange::ExchangeArgs),
+    /// Revoke issued credentials (security team; needs `[admins]` rights).
+    Revoke(admin::RevokeArgs),
+    /// Stop new issuance for a project, a role or everything (needs `[admins]` rights).
+    Freeze(admin::FreezeArgs),
+    /// End a freeze (needs `[admins]` rights).
+    Unfreeze(admin::UnfreezeArgs),
     /// Check or explain trust policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -93,10 +100,15 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Command::Exchange(args) = cli.command {
-        // The client has its own exit codes, one per problem code.
-        return runtime.block_on(exchange::run(args));
-    }
+    // The clients have their own exit codes, one per problem code.
+    let command = match cli.command {
+        Command::Exchange(args) => return runtime.block_on(exchange::run(args)),
+        Command::Revoke(args) => return runtime.block_on(admin::revoke(args)),
+        Command::Freeze(args) => return runtime.block_on(admin::freeze(args)),
+        Command::Unfreeze(args) => return runtime.block_on(admin::unfreeze(args)),
+        command => command,
+    };
+    let cli = Cli { config: cli.config, command };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -133,7 +145,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::Exchange(_) => unreachable!("handled before the runtime"),
+        Command::Exchange(_) | Command::Revoke(_) | Command::Freeze(_) | Command::Unfreeze(_) => {
+            unreachable!("clients are handled before")
+        }
     }
 }
 
