@@ -507,3 +507,65 @@ async fn the_cli_revokes_freezes_and_unfreezes() {
     assert!(lifted.status.success(), "{}", String::from_utf8_lossy(&lifted.stderr));
     issue(&app, "orders-producer", json!({})).await;
 }
+
+/// A test-only trigger on the audit table: `body` runs for each issued row before it is written.
+async fn on_issued_row(pool: &sqlx::PgPool, body: &str) {
+    sqlx::query(&format!(
+        "create function test_on_issued() returns trigger language plpgsql as $$
+         begin
+             if new.decision = 'issued' then {body}; end if;
+             return new;
+         end $$"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("create trigger test_on_issued before insert on audit_events for each row execute function test_on_issued()")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+async fn eventually_revoked_row(pool: &sqlx::PgPool, lease_id: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        if let Some(row) = rows_for_handle(pool, "revoked", lease_id).await.pop() {
+            return row;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no revoked row for {lease_id}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_credential_whose_issued_row_cannot_be_written_is_revoked_not_leaked() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    on_issued_row(&app.pool, "raise exception 'disk full (staged by the test)'").await;
+    let (status, _, problem) = app.exchange(&app.issuer.token(), json!({"role": "snowflake-ci"})).await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(problem["code"], "audit_unavailable");
+    let lease_id = vault.with(|s| s.leases.keys().next().cloned()).expect("a lease was minted");
+    eventually("the undelivered lease revoked", Duration::from_secs(10), || revoked_at_standin(&vault, &lease_id)).await;
+    let row = eventually_revoked_row(&app.pool, &lease_id).await;
+    assert!(row["detail"].as_str().unwrap().contains("not_delivered"), "{row}");
+}
+
+#[tokio::test]
+async fn a_request_cancelled_after_minting_has_its_credential_revoked() {
+    let (secrets, file) = secret_id_file();
+    let vault = VaultStandin::start().await;
+    standin_roles(&vault);
+    let extra = "revocation_poll_seconds = 1\nrequest_timeout_seconds = 1";
+    let app = TestApp::spawn_full(extra, &vault_tables(&vault.url, &file), POLICIES, None).await;
+    // The issued row takes longer to write than the request may take: the request is dropped
+    // while it waits, after the credential was minted.
+    on_issued_row(&app.pool, "perform pg_sleep(2)").await;
+    let (status, _, problem) = app.exchange(&app.issuer.token(), json!({"role": "snowflake-ci"})).await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(problem["code"], "request_timeout");
+    let lease_id = vault.with(|s| s.leases.keys().next().cloned()).expect("a lease was minted");
+    eventually("the cancelled request's lease revoked", Duration::from_secs(10), || revoked_at_standin(&vault, &lease_id)).await;
+    let row = eventually_revoked_row(&app.pool, &lease_id).await;
+    assert!(row["detail"].as_str().unwrap().contains("not_delivered"), "{row}");
+    drop(secrets);
+}
