@@ -122,6 +122,8 @@ struct CredentialRequest {
     role: String,
     ttl_seconds: Option<u64>,
     min_ttl_seconds: Option<u64>,
+    /// The issuance this one renews (`credbroker exec`): recorded on the issued row to link them.
+    renews: Option<Uuid>,
 }
 
 pub struct Issued {
@@ -304,6 +306,10 @@ impl Broker {
                 granted.ttl
             ));
         }
+        if let Some(first) = request.renews {
+            let renewal = format!("renews issuance {first}");
+            event.detail = Some(event.detail.take().map(|detail| format!("{detail}; {renewal}")).unwrap_or(renewal));
+        }
         let target = event.target.clone().unwrap_or_default();
         if let Err(error) = self.audit.record_in(slot, event).await {
             tracing::error!(%issuance_id, error = %error, "issued row not recorded; credential withheld");
@@ -390,12 +396,13 @@ fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
 struct ParsedRequest {
     role: String,
     ttl: TtlRequest,
+    renews: Option<Uuid>,
 }
 
 fn parse_request(body: &[u8]) -> Result<ParsedRequest, ExchangeError> {
     let invalid = |message: String| ExchangeError::InvalidRequest(message);
     let request: CredentialRequest = serde_json::from_slice(body)
-        .map_err(|e| invalid(format!("body must be a JSON object {{\"role\", \"ttl_seconds\"?, \"min_ttl_seconds\"?}}: {e}")))?;
+        .map_err(|e| invalid(format!("body must be a JSON object {{\"role\", \"ttl_seconds\"?, \"min_ttl_seconds\"?, \"renews\"?}}: {e}")))?;
     if request.role.is_empty() || request.role.len() > 128 {
         return Err(invalid("`role` must be a non-empty string of at most 128 characters".into()));
     }
@@ -408,7 +415,7 @@ fn parse_request(body: &[u8]) -> Result<ParsedRequest, ExchangeError> {
             return Err(invalid(format!("`min_ttl_seconds` ({min_ttl}) exceeds `ttl_seconds` ({ttl})")));
         }
     }
-    Ok(ParsedRequest { role: request.role, ttl: ttl_request })
+    Ok(ParsedRequest { role: request.role, ttl: ttl_request, renews: request.renews })
 }
 
 #[cfg(test)]

@@ -40,6 +40,17 @@ vault_role = "ci-fixed"
 job_project_path = "platform/orders"
 
 [[role]]
+name = "snowflake-long"
+backend = "snowflake"
+issuer = "gitlab"
+default_ttl = "15m"
+max_ttl = "1h"
+max_uses_per_token = 10
+vault_role = "ci-reader"
+[role.claims]
+job_project_path = "platform/orders"
+
+[[role]]
 name = "orders-producer"
 backend = "kafka"
 issuer = "gitlab"
@@ -568,4 +579,81 @@ async fn a_request_cancelled_after_minting_has_its_credential_revoked() {
     let row = eventually_revoked_row(&app.pool, &lease_id).await;
     assert!(row["detail"].as_str().unwrap().contains("not_delivered"), "{row}");
     drop(secrets);
+}
+
+// ---------------------------------------------------------------- credbroker exec
+
+fn exec_command(app: &TestApp, token: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.arg("exec").args(["--url", &app.url]).args(args).env("CREDBROKER_ID_TOKEN", token).env_remove("CREDBROKER_CONFIG");
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+}
+
+async fn wait_output(command: Command) -> std::process::Output {
+    let mut command = command;
+    tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
+}
+
+#[tokio::test]
+async fn exec_renews_before_expiry_revokes_on_exit_and_propagates_the_exit_code() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let out = common::temp_dir();
+    let script = format!(
+        "echo \"$SNOWFLAKE_USER\" > {dir}/env-user; stat -c %a \"$CREDBROKER_CREDENTIALS_DIR/snowflake-long.json\" > {dir}/mode; \
+         sleep 4.5; cp \"$CREDBROKER_CREDENTIALS_DIR/snowflake-long.json\" {dir}/latest.json; \
+         echo \"$CREDBROKER_CREDENTIALS_DIR\" > {dir}/credentials-dir; exit 7",
+        dir = out.0.display()
+    );
+    let output = wait_output(exec_command(&app, &app.issuer.token(), &["--role", "snowflake-long", "--role", "orders-producer", "--ttl", "3s", "--", "sh", "-c", &script])).await;
+    assert_eq!(output.status.code(), Some(7), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let leases: Vec<(String, bool)> = vault.with(|s| s.leases.iter().map(|(id, lease)| (id.clone(), lease.revoked_at.is_some())).collect());
+    assert!(leases.len() >= 2, "renewed at least once: {leases:?}");
+    assert!(leases.iter().all(|(_, revoked)| *revoked), "every lease revoked when the command exited: {leases:?}");
+
+    let issued: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'issued' and role = 'snowflake-long' order by occurred_at")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(issued.len(), leases.len());
+    let first = issued[0]["id"].as_str().unwrap();
+    for renewal in &issued[1..] {
+        assert_eq!(renewal["detail"], format!("renews issuance {first}"), "each renewal links to the first");
+    }
+    let latest: Value = serde_json::from_str(&std::fs::read_to_string(out.0.join("latest.json")).unwrap()).unwrap();
+    assert_ne!(latest["issuance_id"], issued[0]["id"], "the file holds the renewed credential");
+    assert_eq!(std::fs::read_to_string(out.0.join("mode")).unwrap().trim(), "600");
+    assert!(!std::fs::read_to_string(out.0.join("env-user")).unwrap().trim().is_empty(), "credentials in the environment");
+    let credentials_dir = std::fs::read_to_string(out.0.join("credentials-dir")).unwrap();
+    assert!(!std::path::Path::new(credentials_dir.trim()).exists(), "the credential files are removed");
+    let revoked: i64 = sqlx::query_scalar("select count(*) from audit_events where decision = 'revoked' and detail like '%exec_exit%'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(revoked >= 1);
+}
+
+#[tokio::test]
+async fn exec_says_plainly_when_the_role_does_not_allow_renewal() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let output = wait_output(exec_command(&app, &app.issuer.token(), &["--role", "snowflake-ci", "--ttl", "2s", "--", "sh", "-c", "sleep 2.5"])).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("cannot renew snowflake-ci") && stderr.contains("max_uses_per_token"), "{stderr}");
+    assert_eq!(vault.with(|s| s.leases.len()), 1);
+}
+
+#[tokio::test]
+async fn exec_forwards_signals_and_exits_with_the_commands_status() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let mut command = exec_command(&app, &app.issuer.token(), &["--role", "snowflake-ci", "--", "sh", "-c", "trap 'exit 42' TERM; sleep 30 & wait"]);
+    let mut child = command.spawn().unwrap();
+    eventually("the credential", Duration::from_secs(10), || vault.with(|s| !s.leases.is_empty())).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SAFETY: a signal to the child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(42));
+    assert!(vault.with(|s| s.leases.values().all(|lease| lease.revoked_at.is_some())), "revoked after the command ended");
 }

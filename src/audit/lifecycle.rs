@@ -58,6 +58,7 @@ pub struct IssuedCredential {
     pub target: Option<String>,
     pub backend: Option<String>,
     pub credential_sha256: Option<String>,
+    pub job_token_sha256: Option<String>,
     pub handle: Option<String>,
     pub expires_at: OffsetDateTime,
     pub job_deadline: Option<OffsetDateTime>,
@@ -94,7 +95,7 @@ pub struct Freeze {
 pub const SELECTOR_LIMIT: i64 = 10_000;
 
 const ISSUED_COLUMNS: &str = "a.id, a.occurred_at, a.issuer, a.subject, a.claims, a.role, a.target, a.backend,
-    a.credential_sha256, a.credential_handle, a.expires_at, a.job_deadline, a.project_path, a.pipeline_id, a.job_id,
+    a.credential_sha256, a.job_token_sha256, a.credential_handle, a.expires_at, a.job_deadline, a.project_path, a.pipeline_id, a.job_id,
     r.state as revocation_state";
 
 fn issued_from_row(row: &sqlx::postgres::PgRow) -> Result<IssuedCredential, sqlx::Error> {
@@ -112,6 +113,7 @@ fn issued_from_row(row: &sqlx::postgres::PgRow) -> Result<IssuedCredential, sqlx
         target: row.try_get("target")?,
         backend: row.try_get("backend")?,
         credential_sha256: row.try_get("credential_sha256")?,
+        job_token_sha256: row.try_get("job_token_sha256")?,
         handle: row.try_get("credential_handle")?,
         expires_at: row.try_get("expires_at")?,
         job_deadline: row.try_get("job_deadline")?,

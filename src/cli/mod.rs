@@ -3,6 +3,7 @@
 
 mod admin;
 mod exchange;
+mod exec;
 mod policy;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ enum Command {
     },
     /// Exchange this job's OIDC token for a credential and print it.
     Exchange(exchange::ExchangeArgs),
+    /// Run a command with credentials for its whole life: renewed before expiry, revoked when it exits.
+    Exec(exec::ExecArgs),
     /// Revoke issued credentials (security team; needs `[admins]` rights).
     Revoke(admin::RevokeArgs),
     /// Stop new issuance for a project, a role or everything (needs `[admins]` rights).
@@ -103,6 +106,7 @@ pub fn main() -> ExitCode {
     // The clients have their own exit codes, one per problem code.
     let command = match cli.command {
         Command::Exchange(args) => return runtime.block_on(exchange::run(args)),
+        Command::Exec(args) => return runtime.block_on(exec::run(args)),
         Command::Revoke(args) => return runtime.block_on(admin::revoke(args)),
         Command::Freeze(args) => return runtime.block_on(admin::freeze(args)),
         Command::Unfreeze(args) => return runtime.block_on(admin::unfreeze(args)),
@@ -145,7 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::Exchange(_) | Command::Revoke(_) | Command::Freeze(_) | Command::Unfreeze(_) => {
+        Command::Exchange(_) | Command::Exec(_) | Command::Revoke(_) | Command::Freeze(_) | Command::Unfreeze(_) => {
             unreachable!("clients are handled before")
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -43,6 +43,7 @@ pub struct DevIssuerDocuments {
 pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/v1/credentials", post(create_credential))
+        .route("/v1/credentials/{issuance_id}", axum::routing::delete(release_credential))
         .route("/v1/revocations", post(|state, request| admin(state, request, AdminAction::Revoke)))
         .route(
             "/v1/freezes",
@@ -149,6 +150,18 @@ async fn admin(State(state): State<AppState>, request: Request, action: AdminAct
         AdminAction::Unfreeze => lifecycle::admin::freeze(&state.broker, parts.input(), true).await,
     };
     match outcome {
+        Ok(body) => Json(body).into_response(),
+        Err(failure) => Problem::from(failure).into_response(),
+    }
+}
+
+/// A job ending its own credential early (`credbroker exec` when its command exits).
+async fn release_credential(State(state): State<AppState>, Path(issuance_id): Path<String>, request: Request) -> Response {
+    let parts = match RequestParts::read(request).await {
+        Ok(parts) => parts,
+        Err(response) => return response,
+    };
+    match lifecycle::release::release(&state.broker, parts.input(), &issuance_id).await {
         Ok(body) => Json(body).into_response(),
         Err(failure) => Problem::from(failure).into_response(),
     }

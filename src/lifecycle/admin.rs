@@ -97,7 +97,7 @@ fn parse_time(raw: &str, now: OffsetDateTime, past: bool) -> Result<OffsetDateTi
     Ok(if past { now - span } else { now + span })
 }
 
-fn rfc3339(at: OffsetDateTime) -> String {
+pub(super) fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_default()
 }
 

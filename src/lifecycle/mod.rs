@@ -8,6 +8,7 @@
 //! every attempt writes a `revoked` or `revoke_failed` audit row.
 
 pub mod admin;
+pub mod release;
 
 use std::sync::Arc;
 use std::time::Duration;
