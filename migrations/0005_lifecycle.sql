@@ -29,6 +29,10 @@ create table revocations (
 
 create index revocations_pending on revocations (next_attempt_at) where state = 'pending';
 
+-- On-demand revocation selects among credentials that have not expired yet: a small slice of
+-- the log, found through this index whatever the selector.
+create index audit_events_live_issued on audit_events (expires_at) where decision = 'issued';
+
 -- Stops new issuance for a project, a role or everything until lifted or `until` passes.
 create table freezes (
     id uuid primary key,

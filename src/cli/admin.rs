@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Args};
 use serde_json::{json, Map, Value};
 
-use super::exchange::{call, read_token};
+use super::exchange::{call, finish, read_token};
 
 #[derive(Args)]
 pub struct Connection {
@@ -57,49 +57,38 @@ pub struct RevokeArgs {
     json: bool,
 }
 
+/// Exactly one of project, role, all.
 #[derive(Args)]
-#[command(group(ArgGroup::new("scope").required(true).args(["project", "role", "all"])))]
+#[group(required = true, multiple = false)]
+pub struct Scope {
+    /// This project path (the `project_path` claim).
+    #[arg(long)]
+    project: Option<String>,
+    /// This role.
+    #[arg(long)]
+    role: Option<String>,
+    /// Everything.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Args)]
 pub struct FreezeArgs {
     #[command(flatten)]
     connection: Connection,
-    /// Stop issuance for this project path.
-    #[arg(long)]
-    project: Option<String>,
-    /// Stop issuance for this role.
-    #[arg(long)]
-    role: Option<String>,
-    /// Stop all issuance.
-    #[arg(long)]
-    all: bool,
+    #[command(flatten)]
+    scope: Scope,
     /// Freeze until this RFC 3339 time, or for this long (e.g. 2h); default until unfrozen.
     #[arg(long)]
     until: Option<String>,
 }
 
 #[derive(Args)]
-#[command(group(ArgGroup::new("scope").required(true).args(["project", "role", "all"])))]
 pub struct UnfreezeArgs {
     #[command(flatten)]
     connection: Connection,
-    #[arg(long)]
-    project: Option<String>,
-    #[arg(long)]
-    role: Option<String>,
-    #[arg(long)]
-    all: bool,
-}
-
-fn finish(outcome: Result<String, (u8, String)>) -> ExitCode {
-    match outcome {
-        Ok(output) => {
-            print!("{output}");
-            ExitCode::SUCCESS
-        }
-        Err((status, message)) => {
-            eprintln!("credbroker: {message}");
-            ExitCode::from(status)
-        }
-    }
+    #[command(flatten)]
+    scope: Scope,
 }
 
 fn insert(body: &mut Map<String, Value>, key: &str, value: &Option<String>) {
@@ -160,12 +149,14 @@ fn render_report(report: &Value) -> String {
 }
 
 pub async fn freeze(args: FreezeArgs) -> ExitCode {
-    let body = json!({ "project": args.project, "role": args.role, "all": args.all, "until": args.until });
+    let Scope { project, role, all } = args.scope;
+    let body = json!({ "project": project, "role": role, "all": all, "until": args.until });
     finish(send_freeze(&args.connection, reqwest::Method::POST, body).await)
 }
 
 pub async fn unfreeze(args: UnfreezeArgs) -> ExitCode {
-    let body = json!({ "project": args.project, "role": args.role, "all": args.all });
+    let Scope { project, role, all } = args.scope;
+    let body = json!({ "project": project, "role": role, "all": all });
     finish(send_freeze(&args.connection, reqwest::Method::DELETE, body).await)
 }
 

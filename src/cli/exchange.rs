@@ -67,7 +67,12 @@ pub fn exit_code_for(code: &str) -> u8 {
 }
 
 pub async fn run(args: ExchangeArgs) -> ExitCode {
-    match exchange(&args).await {
+    finish(exchange(&args).await)
+}
+
+/// Prints a client command's output, or its message with the exit status it chose.
+pub(super) fn finish(outcome: Result<String, (u8, String)>) -> ExitCode {
+    match outcome {
         Ok(output) => {
             print!("{output}");
             ExitCode::SUCCESS

@@ -96,3 +96,47 @@ pub fn compile(file: &Path, raw: &toml::Value, context: &CompileContext<'_>) -> 
     }
     Ok(admins)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn compile_text(text: &str) -> Result<Vec<AdminBinding>, PolicyError> {
+        let value: toml::Table = toml::from_str(text).unwrap();
+        let issuers = [IssuerName::parse("gitlab").unwrap()];
+        let context = CompileContext { issuers: Some(&issuers), backends: None, all_schemas: &[] };
+        compile(Path::new("admins.toml"), &value["admins"], &context)
+    }
+
+    #[test]
+    fn admins_bind_claims_like_roles() {
+        let admins = compile_text(
+            "[[admins]]\nissuer = \"gitlab\"\nclaims = { project_path = \"security/*\", ref_protected = \"true\" }\n\
+             [[admins]]\nissuer = \"gitlab\"\nclaims = { user_login = [\"alice\", \"bob\"] }",
+        )
+        .unwrap();
+        let gitlab = IssuerName::parse("gitlab").unwrap();
+        let claims = |value: serde_json::Value| value.as_object().unwrap().clone();
+        assert!(authorize(&admins, &gitlab, &claims(json!({"project_path": "security/admin", "ref_protected": "true"}))).is_ok());
+        assert!(authorize(&admins, &gitlab, &claims(json!({"user_login": "bob"}))).is_ok());
+        let denial = authorize(&admins, &gitlab, &claims(json!({"project_path": "security/admin", "ref_protected": "false"}))).unwrap_err();
+        assert!(denial.0.contains("claim ref_protected"), "{denial}");
+        assert!(authorize(&[], &gitlab, &claims(json!({}))).unwrap_err().0.contains("no [admins]"));
+    }
+
+    #[test]
+    fn admins_that_would_admit_anyone_are_refused_naming_the_key() {
+        for (text, key) in [
+            ("[admins]\nissuer = \"gitlab\"", "admins.claims"),
+            ("[admins]\nissuer = \"gitlab\"\nclaims = { user_login = \"*\" }", "admins.claims"),
+            ("[admins]\nissuer = \"gitlab\"\nsubject = \"x\"\nclaims = { user_login = \"a\" }", "admins.subject"),
+            ("[admins]\nissuer = \"github\"\nclaims = { user_login = \"a\" }", "admins.issuer"),
+            ("[admins]\nclaims = { user_login = \"a\" }", "admins.issuer"),
+        ] {
+            let error = compile_text(text).unwrap_err();
+            assert_eq!(error.key.as_deref(), Some(key), "{text}: {error}");
+        }
+    }
+}
