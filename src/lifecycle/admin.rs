@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::revoke_due;
 use crate::audit::{AuditError, AuditEvent, AuditSlot, Decision, IssuanceSelector, IssuedCredential, RevocationReason, SELECTOR_LIMIT};
-use crate::broker::{Broker, ExchangeError, ExchangeFailure, ExchangeInput};
+use crate::broker::{rfc3339, Broker, ExchangeError, ExchangeFailure, ExchangeInput};
 use crate::types::{BackendName, Ttl};
 
 /// An authorised caller, whose `admin_request` row is still to be written.
@@ -101,10 +101,6 @@ fn parse_time(raw: &str, now: OffsetDateTime, past: bool) -> Result<OffsetDateTi
     let span = Ttl::parse(raw).map_err(|_| format!("{raw:?} is neither an RFC 3339 time nor a duration like \"2h\""))?;
     let span = time::Duration::seconds(i64::from(span.seconds()));
     Ok(if past { now - span } else { now + span })
-}
-
-pub(super) fn rfc3339(at: OffsetDateTime) -> String {
-    at.format(&Rfc3339).unwrap_or_default()
 }
 
 #[derive(Debug, Deserialize)]

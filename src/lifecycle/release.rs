@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::revoke_due;
 use crate::audit::RevocationReason;
-use crate::broker::{Broker, ExchangeError, ExchangeFailure, ExchangeInput};
+use crate::broker::{rfc3339, Broker, ExchangeError, ExchangeFailure, ExchangeInput};
 use crate::types::BackendName;
 
 pub async fn release(broker: &Broker, input: ExchangeInput<'_>, issuance: &str) -> Result<Value, ExchangeFailure> {
@@ -28,7 +28,7 @@ pub async fn release(broker: &Broker, input: ExchangeInput<'_>, issuance: &str) 
         return Ok(json!({
             "issuance_id": issuance_id,
             "outcome": "not_revocable",
-            "valid_until": super::admin::rfc3339(issued.expires_at),
+            "valid_until": rfc3339(issued.expires_at),
         }));
     };
     if issued.revocation_state.as_deref() == Some("revoked") {
