@@ -7,8 +7,9 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::audit::{Audit, AuditError, AuditEvent, AuditSlot, Decision, TokenUse};
+use crate::audit::{Audit, AuditError, AuditEvent, AuditSlot, Decision, RevocationReason, TokenUse};
 use crate::backend::{BackendError, Backends, Credential, MintRequest};
+use crate::lifecycle::Lifecycle;
 use crate::oidc::{Verifier, VerifiedToken, VerifyError};
 use crate::policy::{self, PolicySet, TtlRequest};
 use crate::types::Ttl;
@@ -121,6 +122,8 @@ struct CredentialRequest {
     role: String,
     ttl_seconds: Option<u64>,
     min_ttl_seconds: Option<u64>,
+    /// The issuance this one renews (`credbroker exec`): recorded on the issued row to link them.
+    renews: Option<Uuid>,
 }
 
 pub struct Issued {
@@ -140,6 +143,7 @@ pub struct Broker {
     pub backends: Backends,
     pub audit: Audit,
     pub max_uses_per_token: u32,
+    pub lifecycle: Lifecycle,
 }
 
 impl Broker {
@@ -220,6 +224,24 @@ impl Broker {
         event.expires_at = Some(granted.expires_at);
         event.overshoot_seconds = granted.overshoot_seconds;
 
+        // A freeze (`credbroker freeze`) stops issuance on every replica at once.
+        match self.audit.store().active_freeze(role.name.as_str(), event.claim_text("project_path").as_deref()).await {
+            Ok(None) => {}
+            Ok(Some(freeze)) => {
+                let until = freeze.until.map(|until| format!(" until {}", rfc3339(until))).unwrap_or_default();
+                let reason = format!(
+                    "frozen: new credentials for {} {} are stopped by {} since {}{until}",
+                    freeze.scope,
+                    freeze.value,
+                    freeze.frozen_by,
+                    rfc3339(freeze.frozen_at)
+                );
+                let error = ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true };
+                return Err(self.refuse(slot, event, error).await);
+            }
+            Err(error) => return Err(self.fail(slot, event, ExchangeError::AuditUnavailable(error)).await),
+        }
+
         // Record the use before minting, so two replicas racing on one token cannot both mint.
         let max_uses = role.max_uses_per_token.unwrap_or(self.max_uses_per_token);
         match self
@@ -258,6 +280,22 @@ impl Broker {
         event.granted_ttl_seconds = Some(ttl.seconds());
         event.expires_at = Some(expires_at);
 
+        // From here until the response is built, a credential that does not reach the client
+        // is revoked (the guard), and one the target would keep past its grant is scheduled
+        // for revocation before the issued row lets it out.
+        let undelivered = self.lifecycle.guard_undelivered(&self.audit, backend, &role.backend, issuance_id, &credential);
+        if let (true, true, Some(handle)) = (credential.outlives_grant, backend.can_revoke(), &credential.handle) {
+            let due_at = expires_at.min(token.job_deadline);
+            let scheduled = self
+                .audit
+                .store()
+                .schedule_revocation(issuance_id, role.backend.as_str(), handle, due_at, RevocationReason::Deadline, None)
+                .await;
+            if let Err(error) = scheduled {
+                return Err(self.fail(slot, event, ExchangeError::AuditUnavailable(error)).await);
+            }
+        }
+
         // Record the issuance; only a durable row lets the credential leave.
         event.decision = Decision::Issued;
         event.credential_sha256 = Some(credential.fingerprint.clone());
@@ -268,12 +306,17 @@ impl Broker {
                 granted.ttl
             ));
         }
+        if let Some(first) = request.renews {
+            let renewal = format!("renews issuance {first}");
+            event.detail = Some(event.detail.take().map(|detail| format!("{detail}; {renewal}")).unwrap_or(renewal));
+        }
         let target = event.target.clone().unwrap_or_default();
         if let Err(error) = self.audit.record_in(slot, event).await {
             tracing::error!(%issuance_id, error = %error, "issued row not recorded; credential withheld");
             return Err(ExchangeFailure { issuance_id, error: ExchangeError::AuditUnavailable(error) });
         }
         tracing::info!(%issuance_id, role = %role.name, ttl = ttl.seconds(), "credential issued");
+        undelivered.delivered();
         Ok(Issued {
             issuance_id,
             role: role.name.to_string(),
@@ -286,14 +329,14 @@ impl Broker {
         })
     }
 
-    async fn verify(&self, input: &ExchangeInput<'_>, now: OffsetDateTime) -> Result<VerifiedToken, ExchangeError> {
+    pub(crate) async fn verify(&self, input: &ExchangeInput<'_>, now: OffsetDateTime) -> Result<VerifiedToken, ExchangeError> {
         let token = input
             .bearer_token
             .ok_or_else(|| ExchangeError::InvalidToken(VerifyError::Malformed("no bearer token in Authorization".into())))?;
         self.verifier.verify(token, now).await.map_err(ExchangeError::InvalidToken)
     }
 
-    async fn refuse_unattributed(&self, slot: AuditSlot, mut event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
+    pub(crate) async fn refuse_unattributed(&self, slot: AuditSlot, mut event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
         event.code = Some(error.code().as_str().to_owned());
         event.detail.get_or_insert_with(|| error.to_string());
         let issuance_id = event.id;
@@ -303,7 +346,7 @@ impl Broker {
         ExchangeFailure { issuance_id, error }
     }
 
-    async fn refuse(&self, slot: AuditSlot, event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
+    pub(crate) async fn refuse(&self, slot: AuditSlot, event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
         self.finish(slot, event, Decision::Denied, error).await
     }
 
@@ -331,6 +374,10 @@ impl Broker {
     }
 }
 
+pub(crate) fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
 fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
     tracing::error!(
         issuance_id = %event.id,
@@ -349,12 +396,13 @@ fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
 struct ParsedRequest {
     role: String,
     ttl: TtlRequest,
+    renews: Option<Uuid>,
 }
 
 fn parse_request(body: &[u8]) -> Result<ParsedRequest, ExchangeError> {
     let invalid = |message: String| ExchangeError::InvalidRequest(message);
     let request: CredentialRequest = serde_json::from_slice(body)
-        .map_err(|e| invalid(format!("body must be a JSON object {{\"role\", \"ttl_seconds\"?, \"min_ttl_seconds\"?}}: {e}")))?;
+        .map_err(|e| invalid(format!("body must be a JSON object {{\"role\", \"ttl_seconds\"?, \"min_ttl_seconds\"?, \"renews\"?}}: {e}")))?;
     if request.role.is_empty() || request.role.len() > 128 {
         return Err(invalid("`role` must be a non-empty string of at most 128 characters".into()));
     }
@@ -367,7 +415,7 @@ fn parse_request(body: &[u8]) -> Result<ParsedRequest, ExchangeError> {
             return Err(invalid(format!("`min_ttl_seconds` ({min_ttl}) exceeds `ttl_seconds` ({ttl})")));
         }
     }
-    Ok(ParsedRequest { role: request.role, ttl: ttl_request })
+    Ok(ParsedRequest { role: request.role, ttl: ttl_request, renews: request.renews })
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ pub struct Config {
     pub max_uses_per_token: u32,
     pub log_format: LogFormat,
     pub audit_writer: AuditWriterConfig,
+    pub revocation_poll_seconds: u64,
     pub issuers: Vec<IssuerConfig>,
     /// Each backend's table is parsed by the backend itself (`backend::build`).
     pub backends: Vec<(BackendName, toml::Table)>,
@@ -120,6 +121,7 @@ const SCALAR_KEYS: &[(&str, ScalarType)] = &[
     ("audit_batch_max", ScalarType::Integer),
     ("audit_batch_wait_micros", ScalarType::Integer),
     ("audit_queue_capacity", ScalarType::Integer),
+    ("revocation_poll_seconds", ScalarType::Integer),
 ];
 
 /// The name a dev-mode issuer is registered under; reserved so no real config can claim it.
@@ -162,6 +164,8 @@ struct RawConfig {
     audit_batch_wait_micros: u64,
     #[serde(default = "defaults::audit_queue_capacity")]
     audit_queue_capacity: u32,
+    #[serde(default = "defaults::revocation_poll_seconds")]
+    revocation_poll_seconds: u64,
     #[serde(default)]
     issuers: Vec<RawIssuer>,
     #[serde(default)]
@@ -223,6 +227,11 @@ mod defaults {
     }
     pub fn audit_batch_max() -> u32 {
         256
+    }
+    /// How often each replica looks for due revocations (it is also woken at once by
+    /// on-demand and undelivered revocations).
+    pub fn revocation_poll_seconds() -> u64 {
+        5
     }
     pub fn audit_queue_capacity() -> u32 {
         4096
@@ -296,6 +305,7 @@ impl Config {
             ("audit_writers", u64::from(raw.audit_writers)),
             ("audit_batch_max", u64::from(raw.audit_batch_max)),
             ("audit_queue_capacity", u64::from(raw.audit_queue_capacity)),
+            ("revocation_poll_seconds", raw.revocation_poll_seconds),
         ] {
             if value == 0 {
                 return Err(err(key, "must be greater than zero".into()));
@@ -376,6 +386,7 @@ impl Config {
             max_uses_per_token: raw.max_uses_per_token,
             log_format: raw.log_format,
             audit_writer,
+            revocation_poll_seconds: raw.revocation_poll_seconds,
             issuers,
             backends,
             vault,

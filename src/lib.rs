@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod http;
+pub mod lifecycle;
 pub mod oidc;
 pub mod policy;
 pub mod startup;

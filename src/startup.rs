@@ -16,6 +16,7 @@ use crate::broker::Broker;
 use crate::config::{Config, DEV_ISSUER_NAME};
 use crate::dev::DevIssuer;
 use crate::http::{self, AppState, DevIssuerDocuments};
+use crate::lifecycle::Lifecycle;
 use crate::oidc::Verifier;
 use crate::policy::{CompileContext, PolicySet};
 use crate::types::IssuerName;
@@ -103,6 +104,7 @@ impl Application {
             backends,
             audit,
             max_uses_per_token: config.max_uses_per_token,
+            lifecycle: Lifecycle::new(Duration::from_secs(config.revocation_poll_seconds)),
         };
         let state = AppState {
             broker: Arc::new(broker),
@@ -127,12 +129,15 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let audit = self.state.broker.audit.clone();
         let flusher = tokio::spawn(flush_unattributed_periodically(audit.clone()));
+        // Due revocations, including those that fell due while no broker was running.
+        let revoker = tokio::spawn(self.state.broker.lifecycle.clone().run_worker(self.state.broker.clone()));
         let router = http::app(self.state);
         tracing::info!(address = %self.listener.local_addr()?, "credbroker listening");
         axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown_signal())
             .await?;
         flusher.abort();
+        revoker.abort();
         if let Err(error) = audit.flush_unattributed().await {
             tracing::error!(%error, "could not write aggregated denials at shutdown");
         }

@@ -4,6 +4,7 @@
 //! group-commit writer (many per commit) or, with `audit_group_commit = false`, one INSERT each.
 
 mod group_commit;
+mod lifecycle;
 mod postgres;
 mod unattributed;
 
@@ -16,6 +17,7 @@ use uuid::Uuid;
 use crate::config::AuditWriterConfig;
 
 use group_commit::{GroupCommit, QueueSlot};
+pub use lifecycle::{ClaimedRevocation, Freeze, IssuanceSelector, IssuedCredential, RevocationReason, SELECTOR_LIMIT};
 pub use postgres::{connect, migrate, AuditRow, PgAudit};
 pub use unattributed::UnattributedLimiter;
 
@@ -40,6 +42,10 @@ pub enum Decision {
     Denied,
     Failed,
     Revoked,
+    /// An attempt to revoke failed (it is retried until it succeeds or gives up).
+    RevokeFailed,
+    /// An authorised request to revoke, freeze or unfreeze: who asked, and for what.
+    AdminRequest,
 }
 
 impl Decision {
@@ -49,6 +55,8 @@ impl Decision {
             Decision::Denied => "denied",
             Decision::Failed => "failed",
             Decision::Revoked => "revoked",
+            Decision::RevokeFailed => "revoke_failed",
+            Decision::AdminRequest => "admin_request",
         }
     }
 }

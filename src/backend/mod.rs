@@ -55,6 +55,9 @@ pub struct Credential {
     /// When the target itself ends the credential, if earlier than the granted expiry (Vault
     /// capped the lease): the broker reports and records this instead of what it asked for.
     pub expires_at: Option<OffsetDateTime>,
+    /// The target keeps this credential alive past the granted expiry unless the broker
+    /// revokes it (Vault would not shorten the lease): the broker schedules its revocation.
+    pub outlives_grant: bool,
 }
 
 pub enum EnvValue {
@@ -66,7 +69,7 @@ pub enum EnvValue {
 impl Credential {
     pub fn new(primary_field: &'static str, primary: SecretString) -> Self {
         let fingerprint = sha256_hex(primary.expose_secret().as_bytes());
-        Self { public: Map::new(), secrets: vec![(primary_field, primary)], env: Vec::new(), fingerprint, handle: None, expires_at: None }
+        Self { public: Map::new(), secrets: vec![(primary_field, primary)], env: Vec::new(), fingerprint, handle: None, expires_at: None, outlives_grant: false }
     }
 
     /// A further secret field (e.g. a session token next to a secret key).
@@ -92,6 +95,12 @@ impl Credential {
 
     pub fn with_expires_at(mut self, expires_at: OffsetDateTime) -> Self {
         self.expires_at = Some(expires_at);
+        self
+    }
+
+    /// See [`Credential::outlives_grant`]; only for backends that can [`Backend::revoke`].
+    pub fn outliving_grant(mut self) -> Self {
+        self.outlives_grant = true;
         self
     }
 
@@ -149,6 +158,18 @@ pub trait Backend: Send + Sync {
     /// template where only a literal is safe). The error names the role's file, role and key.
     fn check_role(&self, _role: &Role) -> Result<(), PolicyError> {
         Ok(())
+    }
+    /// Whether [`Backend::revoke`] can end this backend's credentials early. Those that cannot
+    /// (STS sessions, broker-signed JWTs) stay valid until they expire, and on-demand
+    /// revocation says so.
+    fn can_revoke(&self) -> bool {
+        false
+    }
+    /// Ends a credential before its expiry, by the handle its mint put in the audit row
+    /// (lease id, session id; never a secret). Ending one that is already gone is success, so
+    /// a retry after a lost answer is harmless.
+    async fn revoke(&self, _handle: &str) -> Result<(), BackendError> {
+        Err(BackendError::Failed { backend: self.kind().to_owned(), detail: "this backend cannot revoke credentials".into() })
     }
     /// Background work started once the application is built (e.g. keeping a remote key
     /// list fresh).

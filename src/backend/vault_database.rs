@@ -24,8 +24,8 @@ pub const PARAMS: ParamSchema = ParamSchema {
     required: &["vault_role"],
     optional: &["mount", "vault_role_template", "account", "warehouse", "database", "schema", "role"],
     ttl_note: "Vault database lease: shortened to the granted TTL at once (sys/leases/renew); where Vault \
-               refuses, the broker revokes it at the deadline (in-process until the lifecycle schedule \
-               lands); the response reports the TTL Vault actually set",
+               refuses, the broker's durable schedule revokes it at the deadline (sys/leases/revoke); the \
+               response reports the TTL Vault actually set",
     ..ParamSchema::PLAIN
 };
 
@@ -57,9 +57,12 @@ impl VaultDatabase {
     }
 
     /// Revokes a lease the broker will not hand over (the response was unusable), so no
-    /// database user is left behind.
-    fn discard(&self, lease_id: &str) {
-        self.vault.revoke_lease_at(lease_id.to_owned(), OffsetDateTime::now_utc());
+    /// database user is left behind. No issuance exists for it, so nothing is scheduled: a
+    /// failure is logged with the lease id for an operator.
+    async fn discard(&self, lease_id: &str) {
+        if let Err(error) = self.vault.revoke_lease(lease_id).await {
+            tracing::error!(lease_id, %error, "could not revoke an unusable lease; revoke it by hand");
+        }
     }
 }
 
@@ -163,28 +166,29 @@ impl Backend for VaultDatabase {
         let text = |field: &str| data.get(field).and_then(Value::as_str).filter(|v| !v.is_empty()).map(str::to_owned);
         let (Some(username), secret) = (text("username"), text("rsa_private_key").map(|key| ("private_key", key)).or_else(|| text("password").map(|p| ("password", p))))
         else {
-            self.discard(&lease_id);
+            self.discard(&lease_id).await;
             return Err(self.failed(format!("Vault's answer for {path} has no username")));
         };
         let Some((secret_field, secret)) = secret else {
-            self.discard(&lease_id);
+            self.discard(&lease_id).await;
             return Err(self.failed(format!("Vault's answer for {path} has neither a password nor an rsa_private_key")));
         };
 
         // Bound the lease by the granted TTL. Vault counts the increment from now.
         let mut lease = Duration::from_secs(envelope.lease_duration);
         let remaining = (request.expires_at - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
+        let mut outlives_grant = false;
         if lease.as_secs() > remaining {
             match self.vault.renew_lease(&lease_id, Duration::from_secs(remaining)).await {
                 Ok(renewed) if renewed.duration.as_secs() <= remaining => lease = renewed.duration,
                 Ok(renewed) => {
                     tracing::warn!(lease_id, vault_ttl = renewed.duration.as_secs(), remaining, "Vault kept a longer lease; revoking at the deadline");
                     lease = renewed.duration;
-                    self.vault.revoke_lease_at(lease_id.clone(), request.expires_at);
+                    outlives_grant = true;
                 }
                 Err(error) => {
                     tracing::warn!(lease_id, %error, "Vault refused to shorten the lease; revoking at the deadline");
-                    self.vault.revoke_lease_at(lease_id.clone(), request.expires_at);
+                    outlives_grant = true;
                 }
             }
         }
@@ -216,7 +220,21 @@ impl Backend for VaultDatabase {
         if vault_expires_at + TTL_GRANULARITY < request.expires_at {
             credential = credential.with_expires_at(vault_expires_at);
         }
+        if outlives_grant {
+            credential = credential.outliving_grant();
+        }
         Ok(credential)
+    }
+
+    fn can_revoke(&self) -> bool {
+        true
+    }
+
+    /// `sys/leases/revoke`: Vault drops the database user. Vault answers 204 for a lease that
+    /// has already expired or been revoked, so a repeated attempt is harmless.
+    #[tracing::instrument(skip(self), fields(backend = %self.name))]
+    async fn revoke(&self, handle: &str) -> Result<(), BackendError> {
+        self.vault.revoke_lease(handle).await.map_err(|e| self.vault_failed(e))
     }
 }
 

@@ -67,7 +67,12 @@ pub fn exit_code_for(code: &str) -> u8 {
 }
 
 pub async fn run(args: ExchangeArgs) -> ExitCode {
-    match exchange(&args).await {
+    finish(exchange(&args).await)
+}
+
+/// Prints a client command's output, or its message with the exit status it chose.
+pub(super) fn finish(outcome: Result<String, (u8, String)>) -> ExitCode {
+    match outcome {
         Ok(output) => {
             print!("{output}");
             ExitCode::SUCCESS
@@ -80,16 +85,7 @@ pub async fn run(args: ExchangeArgs) -> ExitCode {
 }
 
 async fn exchange(args: &ExchangeArgs) -> Result<String, (u8, String)> {
-    let token = match &args.token_file {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| (4, format!("cannot read {}: {e}", path.display())))?,
-        None => std::env::var(&args.token_env).map_err(|_| {
-            (4, format!("no job token in ${} (declare it under id_tokens: in .gitlab-ci.yml)", args.token_env))
-        })?,
-    };
-    let token = token.trim();
-    if token.is_empty() {
-        return Err((4, "the job token is empty".into()));
-    }
+    let token = read_token(&args.token_env, args.token_file.as_deref())?;
     let seconds = |flag: &str, raw: &Option<String>| {
         raw.as_deref().map(|raw| Ttl::parse(raw).map(Ttl::seconds).map_err(|m| (2, format!("--{flag}: {m}")))).transpose()
     };
@@ -101,16 +97,36 @@ async fn exchange(args: &ExchangeArgs) -> Result<String, (u8, String)> {
         body["min_ttl_seconds"] = json!(min_ttl);
     }
 
+    let reply = call(reqwest::Method::POST, &args.url, "/v1/credentials", &token, &body).await?;
+    render(&reply, args.format)
+}
+
+/// The job (or admin) token from a file or an environment variable.
+pub(super) fn read_token(token_env: &str, token_file: Option<&std::path::Path>) -> Result<String, (u8, String)> {
+    let token = match token_file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| (4, format!("cannot read {}: {e}", path.display())))?,
+        None => std::env::var(token_env)
+            .map_err(|_| (4, format!("no job token in ${token_env} (declare it under id_tokens: in .gitlab-ci.yml)")))?,
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        return Err((4, "the job token is empty".into()));
+    }
+    Ok(token.to_owned())
+}
+
+/// One JSON request to the broker; a problem answer becomes its exit status and message.
+pub(super) async fn call(method: reqwest::Method, base: &str, path: &str, token: &str, body: &Value) -> Result<Value, (u8, String)> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .user_agent(concat!("credbroker-exchange/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| (3, e.to_string()))?;
-    let url = format!("{}/v1/credentials", args.url.trim_end_matches('/'));
+    let url = format!("{}{path}", base.trim_end_matches('/'));
     let response = client
-        .post(&url)
+        .request(method, &url)
         .bearer_auth(token)
-        .json(&body)
+        .json(body)
         .send()
         .await
         .map_err(|e| (3, format!("cannot reach {url}: {e}")))?;
@@ -123,7 +139,7 @@ async fn exchange(args: &ExchangeArgs) -> Result<String, (u8, String)> {
         let id = reply["issuance_id"].as_str().map(|id| format!(" (issuance {id})")).unwrap_or_default();
         return Err((exit_code_for(code), format!("{code}: {detail}{id}")));
     }
-    render(&reply, args.format)
+    Ok(reply)
 }
 
 fn render(reply: &Value, format: Format) -> Result<String, (u8, String)> {

@@ -1,7 +1,9 @@
 //! Command-line edge. Each subcommand parses its flags, calls the library, and maps the result
 //! to output and an exit code; `anyhow` stops here.
 
+mod admin;
 mod exchange;
+mod exec;
 mod policy;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +38,14 @@ enum Command {
     },
     /// Exchange this job's OIDC token for a credential and print it.
     Exchange(exchange::ExchangeArgs),
+    /// Run a command with credentials for its whole life: renewed before expiry, revoked when it exits.
+    Exec(exec::ExecArgs),
+    /// Revoke issued credentials (security team; needs `[admins]` rights).
+    Revoke(admin::RevokeArgs),
+    /// Stop new issuance for a project, a role or everything (needs `[admins]` rights).
+    Freeze(admin::FreezeArgs),
+    /// End a freeze (needs `[admins]` rights).
+    Unfreeze(admin::UnfreezeArgs),
     /// Check or explain trust policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -93,10 +103,16 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Command::Exchange(args) = cli.command {
-        // The client has its own exit codes, one per problem code.
-        return runtime.block_on(exchange::run(args));
-    }
+    // The clients have their own exit codes, one per problem code.
+    let command = match cli.command {
+        Command::Exchange(args) => return runtime.block_on(exchange::run(args)),
+        Command::Exec(args) => return runtime.block_on(exec::run(args)),
+        Command::Revoke(args) => return runtime.block_on(admin::revoke(args)),
+        Command::Freeze(args) => return runtime.block_on(admin::freeze(args)),
+        Command::Unfreeze(args) => return runtime.block_on(admin::unfreeze(args)),
+        command => command,
+    };
+    let cli = Cli { config: cli.config, command };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -133,7 +149,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::Exchange(_) => unreachable!("handled before the runtime"),
+        Command::Exchange(_) | Command::Exec(_) | Command::Revoke(_) | Command::Freeze(_) | Command::Unfreeze(_) => {
+            unreachable!("clients are handled before")
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 pub use problem::{status as status_for, Problem};
 
 use crate::broker::{Broker, ErrorCode, ExchangeInput};
+use crate::lifecycle;
 
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -42,6 +43,13 @@ pub struct DevIssuerDocuments {
 pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/v1/credentials", post(create_credential))
+        .route("/v1/credentials/{issuance_id}", axum::routing::delete(release_credential))
+        .route("/v1/revocations", post(|state, request| admin(state, request, AdminAction::Revoke)))
+        .route(
+            "/v1/freezes",
+            post(|state, request| admin(state, request, AdminAction::Freeze))
+                .delete(|state, request| admin(state, request, AdminAction::Unfreeze)),
+        )
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(openid_configuration))
         .route("/healthz", get(healthz))
@@ -90,28 +98,81 @@ async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Respon
 #[derive(Clone)]
 struct RequestId(String);
 
-async fn create_credential(State(state): State<AppState>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default();
-    let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
-    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(body) => body,
-        Err(_) => {
-            return (
+/// A request taken apart: what [`ExchangeInput`] borrows from.
+struct RequestParts {
+    request_id: String,
+    client_addr: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl RequestParts {
+    async fn read(request: Request) -> Result<Self, Response> {
+        let (parts, body) = request.into_parts();
+        let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default();
+        let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
+        let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
+            (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Problem::new(ErrorCode::InvalidRequest, format!("request body exceeds {MAX_BODY_BYTES} bytes")),
             )
                 .into_response()
+        })?;
+        Ok(Self { request_id, client_addr, headers: parts.headers, body })
+    }
+
+    fn input(&self) -> ExchangeInput<'_> {
+        ExchangeInput {
+            request_id: &self.request_id,
+            bearer_token: bearer_token(&self.headers),
+            body: &self.body,
+            client_addr: self.client_addr.clone(),
+            user_agent: self.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|ua| ua.chars().take(256).collect()),
         }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum AdminAction {
+    Revoke,
+    Freeze,
+    Unfreeze,
+}
+
+async fn admin(State(state): State<AppState>, request: Request, action: AdminAction) -> Response {
+    let parts = match RequestParts::read(request).await {
+        Ok(parts) => parts,
+        Err(response) => return response,
     };
-    let input = ExchangeInput {
-        request_id: &request_id,
-        bearer_token: bearer_token(&parts.headers),
-        body: &body,
-        client_addr,
-        user_agent: parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|ua| ua.chars().take(256).collect()),
+    let outcome = match action {
+        AdminAction::Revoke => lifecycle::admin::revoke(&state.broker, parts.input()).await,
+        AdminAction::Freeze => lifecycle::admin::freeze(&state.broker, parts.input(), false).await,
+        AdminAction::Unfreeze => lifecycle::admin::freeze(&state.broker, parts.input(), true).await,
     };
-    match state.broker.exchange(input).await {
+    match outcome {
+        Ok(body) => Json(body).into_response(),
+        Err(failure) => Problem::from(failure).into_response(),
+    }
+}
+
+/// A job ending its own credential early (`credbroker exec` when its command exits).
+async fn release_credential(State(state): State<AppState>, Path(issuance_id): Path<String>, request: Request) -> Response {
+    let parts = match RequestParts::read(request).await {
+        Ok(parts) => parts,
+        Err(response) => return response,
+    };
+    match lifecycle::release::release(&state.broker, parts.input(), &issuance_id).await {
+        Ok(body) => Json(body).into_response(),
+        Err(failure) => Problem::from(failure).into_response(),
+    }
+}
+
+async fn create_credential(State(state): State<AppState>, request: Request) -> Response {
+    let parts = match RequestParts::read(request).await {
+        Ok(parts) => parts,
+        Err(response) => return response,
+    };
+    match state.broker.exchange(parts.input()).await {
         Ok(issued) => {
             let body = json!({
                 "issuance_id": issued.issuance_id,

@@ -1,6 +1,7 @@
 //! Trust policies: plain TOML data compiled once at load (patterns anchored, templates parsed,
 //! every error naming file, role and key), then consulted without I/O. Default deny.
 
+pub mod admins;
 mod glob;
 mod template;
 pub mod ttl;
@@ -149,7 +150,7 @@ pub enum Matcher {
 }
 
 impl Matcher {
-    fn parse(value: &toml::Value) -> Result<Self, String> {
+    pub(crate) fn parse(value: &toml::Value) -> Result<Self, String> {
         match value {
             toml::Value::String(pattern) => Glob::parse(pattern).map(Matcher::Pattern),
             toml::Value::Integer(number) => Ok(Matcher::Integer(*number)),
@@ -178,7 +179,7 @@ impl Matcher {
         }
     }
 
-    fn pins_scope(&self) -> bool {
+    pub(crate) fn pins_scope(&self) -> bool {
         match self {
             Matcher::Pattern(glob) => glob.has_literal(),
             Matcher::Integer(_) => true,
@@ -230,23 +231,7 @@ impl Role {
     }
 
     pub fn conditions(&self, claims: &Map<String, Value>) -> Vec<Condition> {
-        self.bindings
-            .iter()
-            .map(|(claim, matcher)| {
-                let condition = format!("claim {claim} = {matcher}");
-                match claims.get(claim) {
-                    None => Condition { condition, passed: false, reason: "claim is missing from the token".into() },
-                    Some(value) if matcher.matches(value) => {
-                        Condition { condition, passed: true, reason: format!("token has {value}") }
-                    }
-                    Some(value) => Condition {
-                        condition,
-                        passed: false,
-                        reason: format!("token has {value} ({}), which does not match", json_type(value)),
-                    },
-                }
-            })
-            .collect()
+        binding_conditions(&self.bindings, claims)
     }
 
     pub fn render_params(&self, claims: &Map<String, Value>) -> Result<RenderedParams, String> {
@@ -292,6 +277,27 @@ impl Role {
     }
 }
 
+/// Each claim binding checked against the claims, with a reason either way.
+pub(crate) fn binding_conditions(bindings: &[(String, Matcher)], claims: &Map<String, Value>) -> Vec<Condition> {
+    bindings
+        .iter()
+        .map(|(claim, matcher)| {
+            let condition = format!("claim {claim} = {matcher}");
+            match claims.get(claim) {
+                None => Condition { condition, passed: false, reason: "claim is missing from the token".into() },
+                Some(value) if matcher.matches(value) => {
+                    Condition { condition, passed: true, reason: format!("token has {value}") }
+                }
+                Some(value) => Condition {
+                    condition,
+                    passed: false,
+                    reason: format!("token has {value} ({}), which does not match", json_type(value)),
+                },
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct Condition {
     pub condition: String,
@@ -308,6 +314,7 @@ pub struct Denial(pub String);
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     roles: BTreeMap<RoleName, Role>,
+    admins: Vec<admins::AdminBinding>,
 }
 
 impl PolicySet {
@@ -330,6 +337,7 @@ impl PolicySet {
 
     pub fn compile(sources: &[(PathBuf, String)], context: &CompileContext<'_>) -> Result<Self, PolicyError> {
         let mut roles: BTreeMap<RoleName, Role> = BTreeMap::new();
+        let mut admin_bindings = Vec::new();
         for (file, text) in sources {
             let raw: RawFile = toml::from_str(text)
                 .map_err(|e| PolicyError { file: file.clone(), role: None, key: None, message: e.to_string() })?;
@@ -345,8 +353,11 @@ impl PolicySet {
                 }
                 roles.insert(role.name.clone(), role);
             }
+            if let Some(raw_admins) = &raw.admins {
+                admin_bindings.extend(admins::compile(file, raw_admins, context)?);
+            }
         }
-        Ok(Self { roles })
+        Ok(Self { roles, admins: admin_bindings })
     }
 
     pub fn len(&self) -> usize {
@@ -363,6 +374,11 @@ impl PolicySet {
 
     pub fn role(&self, name: &str) -> Option<&Role> {
         RoleName::parse(name).ok().and_then(|name| self.roles.get(&name))
+    }
+
+    /// Whether this verified identity may revoke, freeze and unfreeze (`[admins]`).
+    pub fn authorize_admin(&self, issuer: &IssuerName, claims: &Map<String, Value>) -> Result<&admins::AdminBinding, Denial> {
+        admins::authorize(&self.admins, issuer, claims)
     }
 
     /// Default deny: the role must exist, trust this issuer, and every binding must match.
@@ -399,6 +415,7 @@ const ROLE_KEYS: &[&str] = &[
 struct RawFile {
     #[serde(default)]
     role: Vec<toml::Table>,
+    admins: Option<toml::Value>,
 }
 
 fn compile_role(file: &Path, raw: toml::Table, context: &CompileContext<'_>) -> Result<Role, PolicyError> {

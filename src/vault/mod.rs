@@ -16,7 +16,6 @@ use rustify::enums::{RequestMethod, RequestType, ResponseType};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::Value;
-use time::OffsetDateTime;
 use vaultrs::api::EndpointMiddleware;
 use vaultrs::client::{Client, VaultClient, VaultClientSettings, VaultClientSettingsBuilder};
 
@@ -330,33 +329,6 @@ impl Vault {
     pub async fn revoke_lease(&self, lease_id: &str) -> Result<(), VaultError> {
         let body = serde_json::json!({ "lease_id": lease_id });
         self.request(RequestMethod::PUT, "sys/leases/revoke", Some(&body)).await.map(|_| ())
-    }
-
-    /// Revokes the lease at `deadline`, in this process.
-    ///
-    /// GAP (until the lifecycle issue lands a durable schedule): the schedule lives only in
-    /// this process. If the broker restarts before the deadline the lease survives until the
-    /// TTL Vault gave it. Failed attempts are retried a few times, then logged as an error
-    /// naming the lease so an operator can revoke it by hand.
-    pub fn revoke_lease_at(&self, lease_id: String, deadline: OffsetDateTime) {
-        let vault = self.clone();
-        tokio::spawn(async move {
-            let wait = (deadline - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
-            tokio::time::sleep(wait.unsigned_abs()).await;
-            for attempt in 1..=5u32 {
-                match vault.revoke_lease(&lease_id).await {
-                    Ok(()) => {
-                        tracing::info!(lease_id, "lease revoked at the credential's deadline");
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::warn!(lease_id, attempt, %error, "revoking the lease failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(u64::from(attempt) * 2)).await;
-                    }
-                }
-            }
-            tracing::error!(lease_id, "lease could not be revoked at its deadline; revoke it by hand");
-        });
     }
 
     /// Reachable (`sys/health`, unauthenticated) and holding a live token.

@@ -58,6 +58,8 @@ pub struct StandinState {
     pub leases: HashMap<String, LeaseEntry>,
     /// (lease_id, increment) of every sys/leases/renew call.
     pub lease_renewals: Vec<(String, u64)>,
+    /// lease_id of every sys/leases/revoke call, repeats included.
+    pub lease_revocations: Vec<String>,
     pub transit_keys: HashMap<String, Vec<TransitVersion>>,
     /// (key, key_version asked for) of every transit/sign call.
     pub sign_requests: Vec<(String, Option<u64>)>,
@@ -110,6 +112,7 @@ impl VaultStandin {
             db_roles: HashMap::new(),
             leases: HashMap::new(),
             lease_renewals: Vec::new(),
+            lease_revocations: Vec::new(),
             transit_keys: HashMap::new(),
             sign_requests: Vec::new(),
             kv: HashMap::new(),
@@ -315,6 +318,7 @@ async fn dispatch(
         }
         ("PUT" | "POST", ["sys", "leases", "revoke"]) => {
             let lease_id = body["lease_id"].as_str().unwrap_or_default();
+            s.lease_revocations.push(lease_id.to_owned());
             if let Some(lease) = s.leases.get_mut(lease_id) {
                 lease.revoked_at.get_or_insert_with(OffsetDateTime::now_utc);
             }

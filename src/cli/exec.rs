@@ -1,0 +1,307 @@
+//! `credbroker exec --role R [--role R2 ...] -- CMD ARGS...`: runs CMD with credentials for
+//! its whole life and no longer. Exchanges the job token for each role, runs CMD with the
+//! credentials in its environment and in files (`$CREDBROKER_CREDENTIALS_DIR/ROLE.json` and
+//! `ROLE.env`, mode 0600, in a private temp dir), re-exchanges before a credential expires
+//! while the job's deadline allows (the new one replaces the files; each renewal names the
+//! first issuance), forwards signals to CMD, revokes what it obtained when CMD exits, and
+//! exits with CMD's status (128 + N when CMD died of signal N).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::exchange::{call, read_token};
+use crate::types::Ttl;
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// The broker's URL.
+    #[arg(long, env = "CREDBROKER_URL")]
+    url: String,
+    /// A role to obtain a credential for; repeat for several.
+    #[arg(long = "role", required = true)]
+    roles: Vec<String>,
+    /// Requested lifetime of each credential (renewed before it ends).
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Environment variable holding the job token.
+    #[arg(long, default_value = "CREDBROKER_ID_TOKEN", conflicts_with = "token_file")]
+    token_env: String,
+    /// File holding the job token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// Status when exec itself fails before CMD runs (exchange failures use the exchange codes).
+const EXEC_FAILED: u8 = 5;
+
+struct Held {
+    role: String,
+    first_issuance: String,
+    /// Every issuance obtained for the role, to revoke at the end.
+    issuances: Vec<String>,
+    obtained_at: OffsetDateTime,
+    expires_at: OffsetDateTime,
+    job_deadline: OffsetDateTime,
+    /// None once renewal is impossible (the role's uses are spent, or the deadline is reached).
+    renew_at: Option<OffsetDateTime>,
+}
+
+fn timestamp(reply: &Value, field: &str) -> Result<OffsetDateTime, (u8, String)> {
+    reply[field]
+        .as_str()
+        .and_then(|text| OffsetDateTime::parse(text, &Rfc3339).ok())
+        .ok_or_else(|| (3, format!("the broker's answer has no valid {field}")))
+}
+
+/// Renew once two thirds of the lifetime have passed, unless it already lasts to the deadline.
+fn next_renewal(obtained_at: OffsetDateTime, expires_at: OffsetDateTime, job_deadline: OffsetDateTime) -> Option<OffsetDateTime> {
+    if expires_at + time::Duration::seconds(2) >= job_deadline {
+        return None;
+    }
+    Some(obtained_at + (expires_at - obtained_at) * 2 / 3)
+}
+
+pub async fn run(args: ExecArgs) -> ExitCode {
+    match exec(&args).await {
+        Ok(status) => ExitCode::from(status),
+        Err((status, message)) => {
+            eprintln!("credbroker exec: {message}");
+            ExitCode::from(status)
+        }
+    }
+}
+
+async fn exec(args: &ExecArgs) -> Result<u8, (u8, String)> {
+    let token = read_token(&args.token_env, args.token_file.as_deref())?;
+    let ttl = args.ttl.as_deref().map(|raw| Ttl::parse(raw).map_err(|m| (2, format!("--ttl: {m}")))).transpose()?;
+    let dir = private_dir().map_err(|e| (EXEC_FAILED, format!("cannot create a private temp dir: {e}")))?;
+    let outcome = supervise(args, &token, ttl, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
+}
+
+async fn supervise(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path) -> Result<u8, (u8, String)> {
+    let mut held: Vec<Held> = Vec::new();
+    let mut env = BTreeMap::new();
+    for role in &args.roles {
+        match obtain(args, token, role, ttl, None).await {
+            Ok(reply) => {
+                write_files(dir, role, &reply).map_err(|e| (EXEC_FAILED, format!("cannot write the credential files: {e}")))?;
+                for (name, value) in reply["env"].as_object().into_iter().flatten() {
+                    if let Some(value) = value.as_str() {
+                        env.insert(name.clone(), value.to_owned());
+                    }
+                }
+                held.push(holding(role, &reply)?);
+            }
+            Err(error) => {
+                revoke_all(args, token, &held).await;
+                return Err(error);
+            }
+        }
+    }
+    env.insert("CREDBROKER_CREDENTIALS_DIR".into(), dir.display().to_string());
+
+    let mut child = std::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .envs(&env)
+        .spawn()
+        .map_err(|e| (EXEC_FAILED, format!("cannot run {:?}: {e}", args.command[0])))?;
+    let pid = child.id() as i32;
+    let (exited_tx, mut exited) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = exited_tx.send(child.wait());
+    });
+    let mut signals = Signals::new().map_err(|e| (EXEC_FAILED, format!("cannot listen for signals: {e}")))?;
+
+    let status = loop {
+        let next = held.iter().filter_map(|h| h.renew_at).min();
+        let wait = next.map(|at| (at - OffsetDateTime::now_utc()).max(time::Duration::ZERO).unsigned_abs()).unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            status = &mut exited => break status.map_err(|_| (EXEC_FAILED, "lost the command".to_owned()))?,
+            signal = signals.recv() => {
+                // SAFETY: kill(2) with the pid of our own child and a valid signal number.
+                unsafe { libc::kill(pid, signal) };
+            }
+            () = tokio::time::sleep(wait), if next.is_some() => {
+                let now = OffsetDateTime::now_utc();
+                for entry in held.iter_mut().filter(|h| h.renew_at.is_some_and(|at| at <= now)) {
+                    renew(args, token, ttl, dir, entry).await;
+                }
+            }
+        }
+    };
+    revoke_all(args, token, &held).await;
+    let status = status.map_err(|e| (EXEC_FAILED, format!("cannot wait for the command: {e}")))?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => 128u8.saturating_add(signal as u8),
+        (None, None) => EXEC_FAILED,
+    })
+}
+
+fn holding(role: &str, reply: &Value) -> Result<Held, (u8, String)> {
+    let issuance = reply["issuance_id"].as_str().unwrap_or_default().to_owned();
+    let obtained_at = OffsetDateTime::now_utc();
+    let expires_at = timestamp(reply, "expires_at")?;
+    let job_deadline = timestamp(reply, "job_deadline")?;
+    Ok(Held {
+        role: role.to_owned(),
+        first_issuance: issuance.clone(),
+        issuances: vec![issuance],
+        obtained_at,
+        expires_at,
+        job_deadline,
+        renew_at: next_renewal(obtained_at, expires_at, job_deadline),
+    })
+}
+
+async fn obtain(args: &ExecArgs, token: &str, role: &str, ttl: Option<Ttl>, renews: Option<&str>) -> Result<Value, (u8, String)> {
+    let mut body = json!({ "role": role });
+    if let Some(ttl) = ttl {
+        body["ttl_seconds"] = json!(ttl.seconds());
+    }
+    if let Some(first) = renews {
+        body["renews"] = json!(first);
+    }
+    call(reqwest::Method::POST, &args.url, "/v1/credentials", token, &body).await
+}
+
+/// One renewal attempt. Failing for want of uses is final and said plainly; anything else is
+/// tried again shortly, while the current credential still lives.
+async fn renew(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path, entry: &mut Held) {
+    match obtain(args, token, &entry.role, ttl, Some(&entry.first_issuance)).await {
+        Ok(reply) => {
+            if let Err(error) = write_files(dir, &entry.role, &reply) {
+                eprintln!("credbroker exec: cannot write the renewed credential for {}: {error}", entry.role);
+            }
+            let issuance = reply["issuance_id"].as_str().unwrap_or_default().to_owned();
+            match (timestamp(&reply, "expires_at"), timestamp(&reply, "job_deadline")) {
+                (Ok(expires_at), Ok(job_deadline)) => {
+                    entry.obtained_at = OffsetDateTime::now_utc();
+                    entry.expires_at = expires_at;
+                    entry.job_deadline = job_deadline;
+                    entry.renew_at = next_renewal(entry.obtained_at, expires_at, job_deadline);
+                }
+                _ => entry.renew_at = None,
+            }
+            entry.issuances.push(issuance);
+        }
+        Err((_, message)) if message.starts_with("token_replayed") => {
+            eprintln!(
+                "credbroker exec: cannot renew {}: the role's max_uses_per_token does not allow another exchange of this job token \
+                 ({message}); the credential ends at {}",
+                entry.role,
+                entry.expires_at.format(&Rfc3339).unwrap_or_default()
+            );
+            entry.renew_at = None;
+        }
+        Err((_, message)) => {
+            let retry = OffsetDateTime::now_utc() + time::Duration::seconds(5);
+            entry.renew_at = (retry < entry.expires_at).then_some(retry);
+            eprintln!("credbroker exec: renewing {} failed: {message}; {}", entry.role, if entry.renew_at.is_some() { "retrying" } else { "giving up" });
+        }
+    }
+}
+
+async fn revoke_all(args: &ExecArgs, token: &str, held: &[Held]) {
+    for entry in held {
+        for issuance in &entry.issuances {
+            let path = format!("/v1/credentials/{issuance}");
+            match call(reqwest::Method::DELETE, &args.url, &path, token, &json!({})).await {
+                Ok(reply) if reply["outcome"] == "not_revocable" => {}
+                Ok(reply) if reply["outcome"] == "revoked" || reply["outcome"] == "already_revoked" => {}
+                Ok(reply) => eprintln!("credbroker exec: {} ({issuance}): {}", entry.role, reply["outcome"]),
+                Err((_, message)) => eprintln!("credbroker exec: could not revoke {} ({issuance}): {message}", entry.role),
+            }
+        }
+    }
+}
+
+fn private_dir() -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("credbroker-exec-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
+/// `ROLE.json` (the broker's answer) and `ROLE.env` (NAME=value lines), each written to a
+/// temporary name and renamed, so a reader never sees half a credential.
+fn write_files(dir: &Path, role: &str, reply: &Value) -> std::io::Result<()> {
+    let dotenv: String = reply["env"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, value)| Some(format!("{name}={}\n", value.as_str()?)))
+        .collect();
+    for (extension, content) in [("json", format!("{reply:#}\n")), ("env", dotenv)] {
+        let path = dir.join(format!("{role}.{extension}"));
+        let partial = dir.join(format!(".{role}.{extension}.partial"));
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
+        file.write_all(content.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&partial, &path)?;
+    }
+    Ok(())
+}
+
+/// The signals a supervisor passes on to its child.
+struct Signals(Vec<(i32, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let kinds = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
+        Ok(Self(kinds.into_iter().map(|number| Ok((number, signal(SignalKind::from_raw(number))?))).collect::<std::io::Result<_>>()?))
+    }
+
+    async fn recv(&mut self) -> i32 {
+        let waits = self.0.iter_mut().map(|(number, signal)| {
+            let number = *number;
+            Box::pin(async move {
+                signal.recv().await;
+                number
+            })
+        });
+        futures_select_all(waits).await
+    }
+}
+
+/// The first of several futures to finish.
+async fn futures_select_all<F: std::future::Future<Output = i32> + Unpin>(futures: impl Iterator<Item = F>) -> i32 {
+    let mut futures: Vec<F> = futures.collect();
+    std::future::poll_fn(move |context| {
+        for future in futures.iter_mut() {
+            if let std::task::Poll::Ready(value) = std::pin::Pin::new(future).poll(context) {
+                return std::task::Poll::Ready(value);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_after_two_thirds_unless_it_already_reaches_the_deadline() {
+        let now = OffsetDateTime::now_utc();
+        let minute = time::Duration::minutes(1);
+        assert_eq!(next_renewal(now, now + 3 * minute, now + 60 * minute), Some(now + 2 * minute));
+        assert_eq!(next_renewal(now, now + 60 * minute, now + 60 * minute), None);
+    }
+}

@@ -1,0 +1,222 @@
+//! The life of a credential after it is minted: the durable revocation schedule and its
+//! worker, the guard that revokes what was minted but never handed over, and (in [`admin`])
+//! on-demand revocation and freezes.
+//!
+//! The schedule is the `revocations` table, so it survives restarts and is shared by every
+//! replica: each one's worker claims due rows with `for update skip locked` (see
+//! `PgAudit::claim_due_revocations`), so a row is attempted by one replica at a time, and
+//! every attempt writes a `revoked` or `revoke_failed` audit row.
+
+pub mod admin;
+pub mod release;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::audit::{Audit, AuditError, AuditEvent, ClaimedRevocation, Decision, RevocationReason};
+use crate::backend::{Backend, Backends, Credential};
+use crate::broker::Broker;
+use crate::types::BackendName;
+
+/// After this many failed attempts a revocation is given up (a final `revoke_failed` row
+/// says so): with the backoff below that is about 8 minutes of trying.
+pub const MAX_ATTEMPTS: u32 = 8;
+/// How long a claimed row is hidden from other replicas while one attempts it; longer than
+/// any backend call may take (Vault requests time out well before).
+const CLAIM_FOR: Duration = Duration::from_secs(60);
+const BATCH: i64 = 32;
+
+/// The worker's settings and its doorbell, shared by everything that schedules.
+#[derive(Clone)]
+pub struct Lifecycle {
+    wake: Arc<Notify>,
+    pub poll_interval: Duration,
+}
+
+/// The outcome of one attempt, for an on-demand request's report.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub issuance_id: Uuid,
+    pub result: Result<(), String>,
+    pub will_retry: bool,
+}
+
+impl Lifecycle {
+    pub fn new(poll_interval: Duration) -> Self {
+        Self { wake: Arc::new(Notify::new()), poll_interval }
+    }
+
+    /// Makes the worker look for due rows now rather than at its next poll.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Runs until the process ends: wakes every `poll_interval` (or when woken) and works
+    /// through every due row.
+    pub async fn run_worker(self, broker: Arc<Broker>) {
+        loop {
+            loop {
+                match revoke_due(&broker.audit, &broker.backends, None).await {
+                    Ok(attempts) if attempts.len() as i64 == BATCH => continue,
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot read the revocation schedule; will retry");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.poll_interval) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Guards a freshly minted credential until [`Undelivered::delivered`]: dropped before
+    /// that (the issued row could not be written, or the request was cancelled), it has the
+    /// credential revoked. Inert for credentials the backend cannot revoke.
+    pub fn guard_undelivered(&self, audit: &Audit, backend: &Arc<dyn Backend>, backend_name: &BackendName, issuance_id: Uuid, credential: &Credential) -> Undelivered {
+        let pending = match &credential.handle {
+            Some(handle) if backend.can_revoke() => Some(UndeliveredCredential {
+                audit: audit.clone(),
+                backend: backend.clone(),
+                backend_name: backend_name.to_string(),
+                handle: handle.clone(),
+                issuance_id,
+                lifecycle: self.clone(),
+            }),
+            _ => None,
+        };
+        Undelivered(pending)
+    }
+}
+
+/// Claims due revocations (all, or only those in `only`) and attempts each once.
+pub async fn revoke_due(audit: &Audit, backends: &Backends, only: Option<&[Uuid]>) -> Result<Vec<Attempt>, AuditError> {
+    let claimed = audit.store().claim_due_revocations(BATCH, CLAIM_FOR, only).await?;
+    let mut attempts = Vec::with_capacity(claimed.len());
+    for revocation in claimed {
+        attempts.push(attempt(audit, backends, revocation).await);
+    }
+    Ok(attempts)
+}
+
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(2u64.saturating_pow(attempts).min(300))
+}
+
+async fn attempt(audit: &Audit, backends: &Backends, revocation: ClaimedRevocation) -> Attempt {
+    let backend = BackendName::parse(&revocation.backend).ok().and_then(|name| backends.get(&name).cloned());
+    let result = match backend {
+        Some(backend) => backend.revoke(&revocation.handle).await.map_err(|e| e.to_string()),
+        None => Err(format!("backend {} is not configured on this broker", revocation.backend)),
+    };
+    let retry_in = (revocation.attempts < MAX_ATTEMPTS).then(|| backoff(revocation.attempts));
+    let stored = match &result {
+        Ok(()) => audit.store().revocation_succeeded(revocation.issuance_id).await,
+        Err(error) => audit.store().revocation_failed(revocation.issuance_id, error, retry_in).await,
+    };
+    if let Err(error) = stored {
+        // The claim lapses and the attempt is repeated; revoking twice is harmless.
+        tracing::error!(issuance_id = %revocation.issuance_id, %error, "revocation outcome not stored; it will be attempted again");
+    }
+    record_attempt(audit, &revocation, &result, retry_in).await;
+    let will_retry = result.is_err() && retry_in.is_some();
+    Attempt { issuance_id: revocation.issuance_id, result, will_retry }
+}
+
+/// One `revoked` / `revoke_failed` row, carrying the identity of the issued row so the
+/// security team finds it with the same filters (project, job, subject).
+async fn record_attempt(audit: &Audit, revocation: &ClaimedRevocation, result: &Result<(), String>, retry_in: Option<Duration>) {
+    let decision = if result.is_ok() { Decision::Revoked } else { Decision::RevokeFailed };
+    let mut event = AuditEvent::new(Uuid::new_v4(), decision, OffsetDateTime::now_utc(), &format!("revocation:{}", revocation.issuance_id));
+    match audit.store().issued_credential(revocation.issuance_id).await {
+        Ok(Some(issued)) => {
+            event.issuer = issued.issuer;
+            event.subject = issued.subject;
+            event.claims = issued.claims;
+            event.role = issued.role;
+            event.target = issued.target;
+            event.expires_at = Some(issued.expires_at);
+            event.job_deadline = issued.job_deadline;
+            event.credential_sha256 = issued.credential_sha256;
+        }
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, "issued row not readable; the revocation row carries no identity"),
+    }
+    event.backend = Some(revocation.backend.clone());
+    event.credential_handle = Some(revocation.handle.clone());
+    let by = revocation.requested_by.as_deref().map(|by| format!(", requested by {by}")).unwrap_or_default();
+    let head = format!("issuance {} ({}{by}), attempt {}", revocation.issuance_id, revocation.reason, revocation.attempts);
+    event.detail = Some(match (result, retry_in) {
+        (Ok(()), _) => format!("revoked {head}"),
+        (Err(error), Some(wait)) => format!("revoking {head} failed: {error}; retrying in {} s", wait.as_secs()),
+        (Err(error), None) => {
+            format!("revoking {head} failed: {error}; gave up after {MAX_ATTEMPTS} attempts: revoke handle {} by hand", revocation.handle)
+        }
+    });
+    if let Err(error) = audit.record(event.clone()).await {
+        tracing::error!(issuance_id = %revocation.issuance_id, decision = decision.as_str(), detail = event.detail.as_deref().unwrap_or_default(), %error, "revocation audit row not written");
+    }
+}
+
+/// See [`Lifecycle::guard_undelivered`].
+#[must_use = "a dropped guard revokes the credential"]
+pub struct Undelivered(Option<UndeliveredCredential>);
+
+struct UndeliveredCredential {
+    audit: Audit,
+    backend: Arc<dyn Backend>,
+    backend_name: String,
+    handle: String,
+    issuance_id: Uuid,
+    lifecycle: Lifecycle,
+}
+
+impl Undelivered {
+    /// The credential reached the client's response: nothing to undo.
+    pub fn delivered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Undelivered {
+    fn drop(&mut self) {
+        let Some(pending) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(pending.revoke());
+            }
+            Err(_) => tracing::error!(issuance_id = %pending.issuance_id, handle = pending.handle, "undelivered credential not revoked: no runtime; revoke it by hand"),
+        }
+    }
+}
+
+impl UndeliveredCredential {
+    /// Through the durable schedule when Postgres takes it (retries, audit rows, restarts);
+    /// when it does not (the likely reason the issued row failed), straight at the backend.
+    async fn revoke(self) {
+        let now = OffsetDateTime::now_utc();
+        let store = self.audit.store();
+        match store.schedule_revocation(self.issuance_id, &self.backend_name, &self.handle, now, RevocationReason::NotDelivered, None).await {
+            Ok(()) => {
+                tracing::warn!(issuance_id = %self.issuance_id, "credential minted but not delivered; revoking it");
+                self.lifecycle.wake();
+            }
+            Err(error) => match self.backend.revoke(&self.handle).await {
+                Ok(()) => tracing::warn!(issuance_id = %self.issuance_id, handle = self.handle, %error, "credential minted but not delivered; revoked it directly (the schedule is unavailable)"),
+                Err(revoke_error) => tracing::error!(
+                    issuance_id = %self.issuance_id,
+                    handle = self.handle,
+                    %error,
+                    %revoke_error,
+                    "credential minted but not delivered, and neither scheduled nor revoked: revoke it by hand"
+                ),
+            },
+        }
+    }
+}

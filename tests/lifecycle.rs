@@ -1,0 +1,659 @@
+//! Credential lifecycle end to end: real Postgres, real brokers (in-process, and the binary
+//! for the SIGKILL case), and the Vault stand-in (tests/common/vault_standin.rs, following
+//! Vault's documented API) as the backend that can revoke: `sys/leases/revoke` calls are
+//! observed there.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::vault_standin::{DbRole, VaultStandin, ROLE_ID, SECRET_ID};
+use common::{TempDir, TestApp};
+use serde_json::{json, Value};
+
+const POLICIES: &str = r#"
+[admins]
+issuer = "gitlab"
+[admins.claims]
+project_path = "security/credbroker-admin"
+ref_protected = "true"
+
+[[role]]
+name = "snowflake-ci"
+backend = "snowflake"
+issuer = "gitlab"
+default_ttl = "15m"
+max_ttl = "1h"
+vault_role = "ci-reader"
+[role.claims]
+job_project_path = "platform/*"
+
+[[role]]
+name = "snowflake-fixed"
+backend = "snowflake"
+issuer = "gitlab"
+default_ttl = "15m"
+max_ttl = "1h"
+vault_role = "ci-fixed"
+[role.claims]
+job_project_path = "platform/orders"
+
+[[role]]
+name = "snowflake-long"
+backend = "snowflake"
+issuer = "gitlab"
+default_ttl = "15m"
+max_ttl = "1h"
+max_uses_per_token = 10
+vault_role = "ci-reader"
+[role.claims]
+job_project_path = "platform/orders"
+
+[[role]]
+name = "orders-producer"
+backend = "kafka"
+issuer = "gitlab"
+default_ttl = "15m"
+max_ttl = "1h"
+principal = "ci:{job_project_path}"
+[role.claims]
+job_project_path = "platform/orders"
+"#;
+
+struct LifecycleApp {
+    app: TestApp,
+    vault: VaultStandin,
+    _secrets: TempDir,
+}
+
+fn vault_tables(address: &str, secret_id_file: &std::path::Path) -> String {
+    format!(
+        r#"
+[vault]
+address = "{address}"
+request_timeout_seconds = 5
+
+[vault.approle]
+role_id = "{ROLE_ID}"
+secret_id_file = "{}"
+
+[backends.snowflake]
+type = "vault_database"
+"#,
+        secret_id_file.display()
+    )
+}
+
+fn secret_id_file() -> (TempDir, std::path::PathBuf) {
+    let secrets = common::temp_dir();
+    let file = secrets.0.join("vault-secret-id");
+    std::fs::write(&file, format!("{SECRET_ID}\n")).unwrap();
+    (secrets, file)
+}
+
+fn standin_roles(vault: &VaultStandin) {
+    // ci-reader: Vault shortens leases to the grant. ci-fixed: not renewable, so Vault keeps
+    // its hour and the broker must revoke at the deadline.
+    vault.add_db_role("ci-reader", DbRole { default_ttl: 3600, max_ttl: 86400, renewable: true, key_pair: false });
+    vault.add_db_role("ci-fixed", DbRole { default_ttl: 3600, max_ttl: 3600, renewable: false, key_pair: false });
+}
+
+/// A broker polling its revocation schedule every second, on `database_url` when given.
+async fn spawn(vault: Option<VaultStandin>, database_url: Option<String>) -> LifecycleApp {
+    let vault = match vault {
+        Some(vault) => vault,
+        None => {
+            let vault = VaultStandin::start().await;
+            standin_roles(&vault);
+            vault
+        }
+    };
+    let (secrets, file) = secret_id_file();
+    let app = TestApp::spawn_full("revocation_poll_seconds = 1", &vault_tables(&vault.url, &file), POLICIES, database_url).await;
+    LifecycleApp { app, vault, _secrets: secrets }
+}
+
+async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn revocations_of(vault: &VaultStandin, lease_id: &str) -> usize {
+    vault.with(|s| s.lease_revocations.iter().filter(|id| *id == lease_id).count())
+}
+
+fn revoked_at_standin(vault: &VaultStandin, lease_id: &str) -> bool {
+    vault.with(|s| s.leases.get(lease_id).is_some_and(|lease| lease.revoked_at.is_some()))
+}
+
+async fn rows_for_handle(pool: &sqlx::PgPool, decision: &str, handle: &str) -> Vec<Value> {
+    sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = $1 and credential_handle = $2")
+        .bind(decision)
+        .bind(handle)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Exchanges a token with `changes` for `role`; returns the body.
+async fn issue(app: &TestApp, role: &str, changes: Value) -> Value {
+    let (status, _, body) = app.exchange(&app.issuer.token_with(changes), json!({ "role": role })).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn admin_token(app: &TestApp) -> String {
+    app.issuer.token_with(json!({"project_path": "security/credbroker-admin", "user_login": "sec-oncall"}))
+}
+
+async fn post(app: &TestApp, path: &str, token: &str, body: Value) -> (u16, Value) {
+    let response = app.client.post(format!("{}{path}", app.url)).bearer_auth(token).json(&body).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn deadline_revocation_fires_once_across_two_brokers_sharing_the_database() {
+    let first = spawn(None, None).await;
+    let second = spawn(Some(first.vault.clone()), Some(first.app.database_url.clone())).await;
+    let vault = &first.vault;
+    let deadline = time::OffsetDateTime::now_utc().unix_timestamp() + 4;
+    let body = issue(&first.app, "snowflake-fixed", json!({"exp": deadline})).await;
+    let lease_id = body["credential"]["lease_id"].as_str().unwrap().to_owned();
+    let issuance_id = body["issuance_id"].as_str().unwrap().to_owned();
+    assert!(!revoked_at_standin(vault, &lease_id), "not before the deadline");
+    let state: String = sqlx::query_scalar("select state from revocations where issuance_id = $1::uuid")
+        .bind(&issuance_id)
+        .fetch_one(&first.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "pending", "scheduled durably when issued");
+
+    eventually("the lease revoked at the deadline", Duration::from_secs(15), || revoked_at_standin(vault, &lease_id)).await;
+    // Due at the granted expiry, which the grant may put a little before the deadline.
+    let revoked_at = vault.with(|s| s.leases[&lease_id].revoked_at.unwrap());
+    let expires_at = time::OffsetDateTime::parse(body["expires_at"].as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap();
+    assert!(expires_at.unix_timestamp() <= deadline);
+    assert!(revoked_at >= expires_at, "revoked at {revoked_at}, granted until {expires_at}");
+    // Both brokers keep polling; neither revokes it again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(revocations_of(vault, &lease_id), 1, "exactly one sys/leases/revoke across both brokers");
+    let rows = rows_for_handle(&second.app.pool, "revoked", &lease_id).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["project_path"], "platform/orders", "the revoked row carries the issued row's identity");
+    assert_eq!(rows[0]["role"], "snowflake-fixed");
+    assert!(rows[0]["detail"].as_str().unwrap().contains(&issuance_id));
+    assert!(rows_for_handle(&first.app.pool, "revoke_failed", &lease_id).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_lease_vault_shortens_itself_is_not_scheduled() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let body = issue(&app, "snowflake-ci", json!({})).await;
+    let scheduled: i64 = sqlx::query_scalar("select count(*) from revocations").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(scheduled, 0, "{body}");
+    assert_eq!(vault.with(|s| s.lease_revocations.len()), 0);
+}
+
+#[tokio::test]
+async fn failed_revocations_are_audited_and_retried_with_backoff() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    vault.with(|s| s.denied_prefixes.push("sys/leases/revoke".into()));
+    let deadline = time::OffsetDateTime::now_utc().unix_timestamp() + 2;
+    let body = issue(&app, "snowflake-fixed", json!({"exp": deadline})).await;
+    let lease_id = body["credential"]["lease_id"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    while rows_for_handle(&app.pool, "revoke_failed", &lease_id).await.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no revoke_failed row");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let failed = rows_for_handle(&app.pool, "revoke_failed", &lease_id).await;
+    let detail = failed[0]["detail"].as_str().unwrap();
+    assert!(detail.contains("permission denied") && detail.contains("retrying in 2 s"), "{detail}");
+    vault.with(|s| s.denied_prefixes.clear());
+    eventually("the retried revocation", Duration::from_secs(10), || revoked_at_standin(&vault, &lease_id)).await;
+    let started = Instant::now();
+    while rows_for_handle(&app.pool, "revoked", &lease_id).await.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "no revoked row");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn revoke_selects_by_issuance_job_pipeline_project_subject_and_time() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let admin = admin_token(&app);
+    let lease = |body: &Value| body["credential"]["lease_id"].as_str().unwrap().to_owned();
+    let revoke = |body: Value| {
+        let (app, admin) = (&app, admin.clone());
+        async move { post(app, "/v1/revocations", &admin, body).await }
+    };
+
+    // --issuance
+    let a = issue(&app, "snowflake-ci", json!({"job_id": "1001"})).await;
+    let (status, report) = revoke(json!({"issuance": a["issuance_id"]})).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["matched"], 1);
+    assert_eq!(report["credentials"][0]["outcome"], "revoked", "{report}");
+    assert!(revoked_at_standin(&vault, &lease(&a)));
+    let rows = rows_for_handle(&app.pool, "revoked", &lease(&a)).await;
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0]["detail"].as_str().unwrap().contains("requested by gitlab:"), "{}", rows[0]["detail"]);
+    // Asking again finds it already revoked and does not call Vault again.
+    let (_, report) = revoke(json!({"issuance": a["issuance_id"]})).await;
+    assert_eq!(report["credentials"][0]["outcome"], "already_revoked", "{report}");
+    assert_eq!(revocations_of(&vault, &lease(&a)), 1);
+
+    // --job (numbers accepted as well as strings); another job's credential is untouched.
+    let b = issue(&app, "snowflake-ci", json!({"job_id": "2002"})).await;
+    let other = issue(&app, "snowflake-ci", json!({"job_id": "2003"})).await;
+    let (_, report) = revoke(json!({"job": 2002})).await;
+    assert_eq!(report["matched"], 1, "{report}");
+    assert!(revoked_at_standin(&vault, &lease(&b)));
+    assert!(!revoked_at_standin(&vault, &lease(&other)));
+
+    // --pipeline
+    let c = issue(&app, "snowflake-ci", json!({"pipeline_id": "7007"})).await;
+    let (_, report) = revoke(json!({"pipeline": "7007"})).await;
+    assert_eq!(report["summary"]["revoked"], 1, "{report}");
+    assert!(revoked_at_standin(&vault, &lease(&c)));
+
+    // --subject
+    let d = issue(&app, "snowflake-ci", json!({"sub": "project_path:platform/orders:ref_type:branch:ref:release"})).await;
+    let (_, report) = revoke(json!({"subject": "project_path:platform/orders:ref_type:branch:ref:release"})).await;
+    assert_eq!(report["summary"]["revoked"], 1, "{report}");
+    assert!(revoked_at_standin(&vault, &lease(&d)));
+
+    // --project with --role: only that role's credentials of the project; the Kafka token
+    // (broker-signed JWT) is reported as staying valid, with until when.
+    let e = issue(&app, "snowflake-ci", json!({"project_path": "platform/billing", "job_project_path": "platform/billing"})).await;
+    let kafka = issue(&app, "orders-producer", json!({"project_path": "platform/billing"})).await;
+    let (_, report) = revoke(json!({"project": "platform/billing", "role": "orders-producer"})).await;
+    assert_eq!(report["matched"], 1, "{report}");
+    assert_eq!(report["credentials"][0]["outcome"], "not_revocable");
+    assert!(report["credentials"][0]["detail"].as_str().unwrap().contains("kafka_oauthbearer"), "{report}");
+    // Postgres keeps microseconds, the exchange answered with nanoseconds.
+    let at = |value: &Value| time::OffsetDateTime::parse(value.as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap();
+    assert!((at(&report["credentials"][0]["valid_until"]) - at(&kafka["expires_at"])).abs() < time::Duration::milliseconds(1), "{report}");
+    assert_eq!(report["remains_valid_until"], report["credentials"][0]["valid_until"]);
+    assert!(!revoked_at_standin(&vault, &lease(&e)), "the role filter kept the Snowflake user");
+    let (_, report) = revoke(json!({"project": "platform/billing"})).await;
+    assert_eq!(report["summary"], json!({"revoked": 1, "not_revocable": 1}), "{report}");
+    assert!(revoked_at_standin(&vault, &lease(&e)));
+
+    // --issued-since (a duration back from now, or RFC 3339)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let since = time::OffsetDateTime::now_utc();
+    let f = issue(&app, "snowflake-ci", json!({})).await;
+    let since = since.format(&time::format_description::well_known::Rfc3339).unwrap();
+    let (_, report) = revoke(json!({"issued_since": since, "role": "snowflake-ci"})).await;
+    assert_eq!(report["matched"], 1, "only the credential issued after {since}: {report}");
+    assert!(revoked_at_standin(&vault, &lease(&f)));
+    assert!(!revoked_at_standin(&vault, &lease(&other)));
+
+    // Bad selectors are refused with a clear reason and audited.
+    for bad in [json!({}), json!({"role": "snowflake-ci"}), json!({"job": "1", "pipeline": "2"}), json!({"issued_since": "yesterday"})] {
+        let (status, problem) = revoke(bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {problem}");
+        assert_eq!(problem["code"], "invalid_request");
+    }
+}
+
+#[tokio::test]
+async fn dry_run_lists_without_revoking() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let snowflake = issue(&app, "snowflake-ci", json!({})).await;
+    issue(&app, "orders-producer", json!({})).await;
+    let (status, report) = post(&app, "/v1/revocations", &admin_token(&app), json!({"project": "platform/orders", "dry_run": true})).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(report["summary"], json!({"would_revoke": 1, "not_revocable": 1}), "{report}");
+    assert_eq!(vault.with(|s| s.lease_revocations.len()), 0);
+    let lease_id = snowflake["credential"]["lease_id"].as_str().unwrap();
+    assert!(rows_for_handle(&app.pool, "revoked", lease_id).await.is_empty());
+    let requests: i64 = sqlx::query_scalar("select count(*) from audit_events where decision = 'admin_request' and detail like 'revoke (dry run) by gitlab:%(user sec-oncall)%'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(requests, 1, "the dry run is audited with who asked");
+}
+
+#[tokio::test]
+async fn revoking_without_admin_rights_is_403_and_audited() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let body = issue(&app, "snowflake-ci", json!({})).await;
+    let outsider = app.issuer.token_with(json!({"user_login": "mallory"}));
+    let (status, problem) = post(&app, "/v1/revocations", &outsider, json!({"issuance": body["issuance_id"]})).await;
+    assert_eq!(status, 403, "{problem}");
+    assert_eq!(problem["code"], "access_denied");
+    assert!(problem["detail"].as_str().unwrap().contains("[admins]"), "{problem}");
+    let row = app.audit_row(problem["issuance_id"].as_str().unwrap()).await;
+    assert_eq!(row["decision"], "denied");
+    assert_eq!(row["code"], "access_denied");
+    assert_eq!(row["user_login"], "mallory");
+    assert_eq!(row["target"], "revoke");
+    assert!(row["detail"].as_str().unwrap().contains("claim project_path"), "{row}");
+    assert_eq!(vault.with(|s| s.lease_revocations.len()), 0);
+
+    // The same for freeze; an unverifiable token is a 401.
+    let (status, _) = post(&app, "/v1/freezes", &outsider, json!({"all": true})).await;
+    assert_eq!(status, 403);
+    let (status, _) = post(&app, "/v1/revocations", "not-a-jwt", json!({"job": "1"})).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn a_freeze_on_one_broker_stops_issuance_on_another_until_lifted() {
+    let first = spawn(None, None).await;
+    let second = spawn(Some(first.vault.clone()), Some(first.app.database_url.clone())).await;
+    let admin = admin_token(&second.app);
+    let (status, body) = post(&second.app, "/v1/freezes", &admin, json!({"role": "snowflake-ci"})).await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, _, problem) = first.app.exchange(&first.app.issuer.token(), json!({"role": "snowflake-ci"})).await;
+    assert_eq!(status, 403, "{problem}");
+    assert_eq!(problem["code"], "access_denied");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("frozen") && detail.contains("role snowflake-ci") && detail.contains("sec-oncall"), "{detail}");
+    // Other roles still work.
+    issue(&first.app, "orders-producer", json!({})).await;
+
+    // A project freeze, with an end.
+    let (status, body) = post(&second.app, "/v1/freezes", &admin, json!({"project": "platform/orders", "until": "2s"})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = first.app.exchange(&first.app.issuer.token(), json!({"role": "orders-producer"})).await;
+    assert_eq!(status, 403);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    issue(&first.app, "orders-producer", json!({})).await;
+
+    let response = second
+        .app
+        .client
+        .delete(format!("{}/v1/freezes", second.app.url))
+        .bearer_auth(&admin)
+        .json(&json!({"role": "snowflake-ci"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["lifted"], 1);
+    issue(&first.app, "snowflake-ci", json!({})).await;
+    let audited: Vec<String> = sqlx::query_scalar("select detail from audit_events where decision = 'admin_request' order by occurred_at")
+        .fetch_all(&first.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(audited.len(), 3, "{audited:?}");
+    assert!(audited[0].starts_with("freeze role snowflake-ci by gitlab:"), "{audited:?}");
+    assert!(audited[2].starts_with("unfreeze role snowflake-ci by gitlab:"), "{audited:?}");
+}
+
+// ---------------------------------------------------------------- the binary
+
+const BIN: &str = env!("CARGO_BIN_EXE_credbroker");
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start_binary(config: &std::path::Path, port: u16, log: &std::path::Path) -> Child {
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("CREDBROKER_LISTEN", format!("127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
+        .spawn()
+        .unwrap();
+    let child = Child(child);
+    for _ in 0..150 {
+        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+            if response.status() == 200 {
+                return child;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("broker did not become ready: {}", std::fs::read_to_string(log).unwrap_or_default());
+}
+
+#[tokio::test]
+async fn a_broker_killed_with_sigkill_revokes_what_fell_due_on_its_next_start() {
+    let vault = VaultStandin::start().await;
+    standin_roles(&vault);
+    let issuer = common::TestIssuer::start().await;
+    let database_url = common::fresh_database().await;
+    let dir = common::temp_dir();
+    let (_secrets, secret_file) = secret_id_file();
+    std::fs::write(dir.0.join("kafka.pem"), common::rsa_pem(2)).unwrap();
+    std::fs::write(dir.0.join("policies/test.toml"), POLICIES).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let text = common::config_text_with_tables(&issuer.url, &database_url, &url, "revocation_poll_seconds = 1", &vault_tables(&vault.url, &secret_file));
+    let config = dir.0.join("credbroker.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = dir.0.join("broker.log");
+
+    let mut broker = start_binary(&config, port, &log).await;
+    let deadline = time::OffsetDateTime::now_utc().unix_timestamp() + 3;
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/credentials"))
+        .bearer_auth(issuer.token_with(json!({"exp": deadline})))
+        .json(&json!({"role": "snowflake-fixed"}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    let lease_id = body["credential"]["lease_id"].as_str().unwrap_or_else(|| panic!("{body}")).to_owned();
+    broker.0.kill().unwrap(); // SIGKILL: no shutdown code runs
+    broker.0.wait().unwrap();
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!revoked_at_standin(&vault, &lease_id), "nobody was running at the deadline");
+    let _broker = start_binary(&config, port, &log).await;
+    eventually("the overdue revocation after restart", Duration::from_secs(10), || revoked_at_standin(&vault, &lease_id)).await;
+    drop(broker);
+    assert_eq!(revocations_of(&vault, &lease_id), 1);
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let started = Instant::now();
+    while rows_for_handle(&pool, "revoked", &lease_id).await.len() != 1 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no revoked row");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn cli(args: &[&str], token: &str) -> std::process::Output {
+    Command::new(BIN).args(args).env("CREDBROKER_ID_TOKEN", token).env_remove("CREDBROKER_CONFIG").stdin(Stdio::null()).output().unwrap()
+}
+
+#[tokio::test]
+async fn the_cli_revokes_freezes_and_unfreezes() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let admin = admin_token(&app);
+    let body = issue(&app, "snowflake-ci", json!({"job_id": "4242"})).await;
+    let lease_id = body["credential"]["lease_id"].as_str().unwrap().to_owned();
+    let url = app.url.clone();
+    let run = move |args: Vec<String>, token: String| {
+        tokio::task::spawn_blocking(move || cli(&args.iter().map(String::as_str).collect::<Vec<_>>(), &token))
+    };
+    let args = |list: &[&str]| list.iter().map(|a| a.to_string()).chain(["--url".to_owned(), url.clone()]).collect::<Vec<_>>();
+
+    let dry = run(args(&["revoke", "--job", "4242", "--dry-run"]), admin.clone()).await.unwrap();
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    let out = String::from_utf8_lossy(&dry.stdout);
+    assert!(out.contains("would affect 1 live credential") && out.contains("would_revoke"), "{out}");
+    assert!(!revoked_at_standin(&vault, &lease_id));
+
+    let done = run(args(&["revoke", "--job", "4242"]), admin.clone()).await.unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(String::from_utf8_lossy(&done.stdout).contains("revoked"), "{}", String::from_utf8_lossy(&done.stdout));
+    assert!(revoked_at_standin(&vault, &lease_id));
+
+    // Two selectors, or none, are a usage error before anything is sent.
+    let usage = run(args(&["revoke", "--job", "1", "--pipeline", "2"]), admin.clone()).await.unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    let usage = run(args(&["revoke", "--role", "snowflake-ci"]), admin.clone()).await.unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+
+    // Not an admin: access_denied's exit status.
+    let outsider = app.issuer.token();
+    let refused = run(args(&["revoke", "--job", "4242"]), outsider).await.unwrap();
+    assert_eq!(refused.status.code(), Some(13), "{}", String::from_utf8_lossy(&refused.stderr));
+
+    let frozen = run(args(&["freeze", "--all", "--until", "1h"]), admin.clone()).await.unwrap();
+    assert!(frozen.status.success(), "{}", String::from_utf8_lossy(&frozen.stderr));
+    let (status, _, problem) = app.exchange(&app.issuer.token(), json!({"role": "orders-producer"})).await;
+    assert_eq!(status, 403, "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("frozen: new credentials for all"), "{problem}");
+    let lifted = run(args(&["unfreeze", "--all"]), admin).await.unwrap();
+    assert!(lifted.status.success(), "{}", String::from_utf8_lossy(&lifted.stderr));
+    issue(&app, "orders-producer", json!({})).await;
+}
+
+/// A test-only trigger on the audit table: `body` runs for each issued row before it is written.
+async fn on_issued_row(pool: &sqlx::PgPool, body: &str) {
+    sqlx::query(&format!(
+        "create function test_on_issued() returns trigger language plpgsql as $$
+         begin
+             if new.decision = 'issued' then {body}; end if;
+             return new;
+         end $$"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("create trigger test_on_issued before insert on audit_events for each row execute function test_on_issued()")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+async fn eventually_revoked_row(pool: &sqlx::PgPool, lease_id: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        if let Some(row) = rows_for_handle(pool, "revoked", lease_id).await.pop() {
+            return row;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no revoked row for {lease_id}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_credential_whose_issued_row_cannot_be_written_is_revoked_not_leaked() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    on_issued_row(&app.pool, "raise exception 'disk full (staged by the test)'").await;
+    let (status, _, problem) = app.exchange(&app.issuer.token(), json!({"role": "snowflake-ci"})).await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(problem["code"], "audit_unavailable");
+    let lease_id = vault.with(|s| s.leases.keys().next().cloned()).expect("a lease was minted");
+    eventually("the undelivered lease revoked", Duration::from_secs(10), || revoked_at_standin(&vault, &lease_id)).await;
+    let row = eventually_revoked_row(&app.pool, &lease_id).await;
+    assert!(row["detail"].as_str().unwrap().contains("not_delivered"), "{row}");
+}
+
+#[tokio::test]
+async fn a_request_cancelled_after_minting_has_its_credential_revoked() {
+    let (secrets, file) = secret_id_file();
+    let vault = VaultStandin::start().await;
+    standin_roles(&vault);
+    let extra = "revocation_poll_seconds = 1\nrequest_timeout_seconds = 1";
+    let app = TestApp::spawn_full(extra, &vault_tables(&vault.url, &file), POLICIES, None).await;
+    // The issued row takes longer to write than the request may take: the request is dropped
+    // while it waits, after the credential was minted.
+    on_issued_row(&app.pool, "perform pg_sleep(2)").await;
+    let (status, _, problem) = app.exchange(&app.issuer.token(), json!({"role": "snowflake-ci"})).await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(problem["code"], "request_timeout");
+    let lease_id = vault.with(|s| s.leases.keys().next().cloned()).expect("a lease was minted");
+    eventually("the cancelled request's lease revoked", Duration::from_secs(10), || revoked_at_standin(&vault, &lease_id)).await;
+    let row = eventually_revoked_row(&app.pool, &lease_id).await;
+    assert!(row["detail"].as_str().unwrap().contains("not_delivered"), "{row}");
+    drop(secrets);
+}
+
+// ---------------------------------------------------------------- credbroker exec
+
+fn exec_command(app: &TestApp, token: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.arg("exec").args(["--url", &app.url]).args(args).env("CREDBROKER_ID_TOKEN", token).env_remove("CREDBROKER_CONFIG");
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+}
+
+async fn wait_output(command: Command) -> std::process::Output {
+    let mut command = command;
+    tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
+}
+
+#[tokio::test]
+async fn exec_renews_before_expiry_revokes_on_exit_and_propagates_the_exit_code() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let out = common::temp_dir();
+    let script = format!(
+        "echo \"$SNOWFLAKE_USER\" > {dir}/env-user; stat -c %a \"$CREDBROKER_CREDENTIALS_DIR/snowflake-long.json\" > {dir}/mode; \
+         sleep 4.5; cp \"$CREDBROKER_CREDENTIALS_DIR/snowflake-long.json\" {dir}/latest.json; \
+         echo \"$CREDBROKER_CREDENTIALS_DIR\" > {dir}/credentials-dir; exit 7",
+        dir = out.0.display()
+    );
+    let output = wait_output(exec_command(&app, &app.issuer.token(), &["--role", "snowflake-long", "--role", "orders-producer", "--ttl", "3s", "--", "sh", "-c", &script])).await;
+    assert_eq!(output.status.code(), Some(7), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let leases: Vec<(String, bool)> = vault.with(|s| s.leases.iter().map(|(id, lease)| (id.clone(), lease.revoked_at.is_some())).collect());
+    assert!(leases.len() >= 2, "renewed at least once: {leases:?}");
+    assert!(leases.iter().all(|(_, revoked)| *revoked), "every lease revoked when the command exited: {leases:?}");
+
+    let issued: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'issued' and role = 'snowflake-long' order by occurred_at")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(issued.len(), leases.len());
+    let first = issued[0]["id"].as_str().unwrap();
+    for renewal in &issued[1..] {
+        assert_eq!(renewal["detail"], format!("renews issuance {first}"), "each renewal links to the first");
+    }
+    let latest: Value = serde_json::from_str(&std::fs::read_to_string(out.0.join("latest.json")).unwrap()).unwrap();
+    assert_ne!(latest["issuance_id"], issued[0]["id"], "the file holds the renewed credential");
+    assert_eq!(std::fs::read_to_string(out.0.join("mode")).unwrap().trim(), "600");
+    assert!(!std::fs::read_to_string(out.0.join("env-user")).unwrap().trim().is_empty(), "credentials in the environment");
+    let credentials_dir = std::fs::read_to_string(out.0.join("credentials-dir")).unwrap();
+    assert!(!std::path::Path::new(credentials_dir.trim()).exists(), "the credential files are removed");
+    let revoked: i64 = sqlx::query_scalar("select count(*) from audit_events where decision = 'revoked' and detail like '%exec_exit%'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(revoked >= 1);
+}
+
+#[tokio::test]
+async fn exec_says_plainly_when_the_role_does_not_allow_renewal() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let output = wait_output(exec_command(&app, &app.issuer.token(), &["--role", "snowflake-ci", "--ttl", "2s", "--", "sh", "-c", "sleep 2.5"])).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("cannot renew snowflake-ci") && stderr.contains("max_uses_per_token"), "{stderr}");
+    assert_eq!(vault.with(|s| s.leases.len()), 1);
+}
+
+#[tokio::test]
+async fn exec_forwards_signals_and_exits_with_the_commands_status() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let mut command = exec_command(&app, &app.issuer.token(), &["--role", "snowflake-ci", "--", "sh", "-c", "trap 'exit 42' TERM; sleep 30 & wait"]);
+    let mut child = command.spawn().unwrap();
+    eventually("the credential", Duration::from_secs(10), || vault.with(|s| !s.leases.is_empty())).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SAFETY: a signal to the child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(42));
+    assert!(vault.with(|s| s.leases.values().all(|lease| lease.revoked_at.is_some())), "revoked after the command ended");
+}
