@@ -3,6 +3,7 @@
 //! in-process on port 0.
 #![allow(dead_code)]
 
+pub mod looker_standin;
 pub mod moto;
 pub mod vault_standin;
 
