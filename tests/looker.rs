@@ -217,17 +217,7 @@ async fn a_wrong_admin_key_or_unknown_user_fails_with_a_clear_reason() {
 fn load(policy: &str) -> anyhow::Result<()> {
     let dir = common::temp_dir();
     std::fs::write(dir.0.join("policies/test.toml"), policy).unwrap();
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:1\"\naudience = \"credbroker\"\n\
-         database_url = \"postgres://127.0.0.1:1/none\"\npolicy_dir = \"policies\"\n\
-         [[issuers]]\nname = \"gitlab\"\nissuer = \"https://gitlab.example.com\"\n{}",
-        looker_tables("https://looker.example.com", &dir.0, CLIENT_SECRET)
-    );
-    let path = dir.0.join("credbroker.toml");
-    let config = credbroker::config::Config::parse(&text, &path, std::iter::empty())?;
-    let backends = credbroker::backend::Backends::build(&config, None)?;
-    credbroker::startup::load_policies(&config, &backends, false)?;
-    Ok(())
+    common::load_offline(&dir.0, &looker_tables("https://looker.example.com", &dir.0, CLIENT_SECRET))
 }
 
 #[test]

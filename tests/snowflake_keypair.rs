@@ -306,16 +306,7 @@ fn load(tables: &str, policy: &str) -> anyhow::Result<()> {
     let dir = common::temp_dir();
     std::fs::write(dir.0.join("policies/test.toml"), policy).unwrap();
     std::fs::write(dir.0.join("key.p8"), common::rsa_pem(1)).unwrap();
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:1\"\naudience = \"credbroker\"\n\
-         database_url = \"postgres://127.0.0.1:1/none\"\npolicy_dir = \"policies\"\n\
-         [[issuers]]\nname = \"gitlab\"\nissuer = \"https://gitlab.example.com\"\n{tables}"
-    );
-    let path = dir.0.join("credbroker.toml");
-    let config = credbroker::config::Config::parse(&text, &path, std::iter::empty())?;
-    let backends = credbroker::backend::Backends::build(&config, None)?;
-    credbroker::startup::load_policies(&config, &backends, false)?;
-    Ok(())
+    common::load_offline(&dir.0, tables)
 }
 
 #[test]

@@ -30,8 +30,8 @@ pub const PARAMS: ParamSchema = ParamSchema {
     required: &["user"],
     optional: &["warehouse", "database", "schema", "role"],
     ttl_note: "broker-signed Snowflake key-pair JWT: Snowflake rejects an exp more than 1 h after iat, so the \
-               TTL is capped at 1h (and never past the job deadline); it cannot be revoked early; a longer job \
-               asks again (credbroker exec renews)",
+               TTL is capped at 1h (and never past the job deadline); it cannot be revoked early; a job running \
+               longer asks again before exp",
     shapes: &[("user", ParamShape::Literal)],
     ..ParamSchema::PLAIN
 };
