@@ -36,6 +36,18 @@ python3 -c 'import jwt, cryptography' 2>/dev/null \
 python3 -c 'import moto.server, flask, flask_cors' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5' </dev/null
 
+# The Snowflake peer (tests/snowflake_keypair.rs starts `python3 -m fakesnow -s` itself). fakesnow
+# breaks with snowflake-connector-python 5.x (PEERS.md), hence the pin.
+python3 -c 'import fakesnow.server, snowflake.connector' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check 'fakesnow[server]' 'snowflake-connector-python<5' </dev/null
+
+# The Looker peer: Prism serving Looker's official API 4.0 spec (tests/looker.rs starts it).
+# Installed once into .cache/prism (gitignored), never globally.
+[ -x .cache/prism/node_modules/.bin/prism ] || {
+    mkdir -p .cache/prism
+    npm install --prefix .cache/prism --no-audit --no-fund --silent '@stoplight/prism-cli@5' </dev/null
+}
+
 # Tests create (and drop) one database per test, so they are handed the maintenance
 # database rather than one they would all share.
 CREDBROKER_TEST_DATABASE_URL=$(bash scripts/postgres.sh url "$PG_DIR" postgres)

@@ -3,7 +3,9 @@
 
 mod aws_sts;
 mod kafka;
+mod looker;
 pub mod signing;
+mod snowflake_keypair;
 mod vault_database;
 mod vault_kv;
 
@@ -199,6 +201,8 @@ const KINDS: &[Kind] = &[
     Kind { name: "aws_sts", params: aws_sts::PARAMS, build: aws_sts::build },
     Kind { name: "vault_database", params: vault_database::PARAMS, build: vault_database::build },
     Kind { name: "vault_kv", params: vault_kv::PARAMS, build: vault_kv::build },
+    Kind { name: "looker", params: looker::PARAMS, build: looker::build },
+    Kind { name: "snowflake_keypair", params: snowflake_keypair::PARAMS, build: snowflake_keypair::build },
 ];
 
 pub fn all_param_schemas() -> Vec<ParamSchema> {

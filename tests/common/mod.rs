@@ -3,6 +3,7 @@
 //! in-process on port 0.
 #![allow(dead_code)]
 
+pub mod looker_standin;
 pub mod moto;
 pub mod vault_standin;
 
@@ -391,4 +392,19 @@ pub fn kip768_validate(jwks_url: &str, audience: &str, issuer: &str, token: &str
 
 pub fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Builds the backends in `tables` and loads `dir/policies` against them, offline (nothing is
+/// contacted): for tests of load-time refusals.
+pub fn load_offline(dir: &Path, tables: &str) -> anyhow::Result<()> {
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:1\"\naudience = \"credbroker\"\n\
+         database_url = \"postgres://127.0.0.1:1/none\"\npolicy_dir = \"policies\"\n\
+         [[issuers]]\nname = \"gitlab\"\nissuer = \"https://gitlab.example.com\"\n{tables}"
+    );
+    let path = dir.join("credbroker.toml");
+    let config = Config::parse(&text, &path, std::iter::empty())?;
+    let backends = credbroker::backend::Backends::build(&config, None)?;
+    credbroker::startup::load_policies(&config, &backends, false)?;
+    Ok(())
 }

@@ -1,0 +1,339 @@
+//! Looker end to end: the real broker (real Postgres, a real OIDC issuer over HTTP) against
+//! (1) a stateful Looker API 4.0 stand-in (tests/common/looker_standin.rs) where real token
+//! values matter: login, login-as-user, logout invalidating the token; and (2) Prism serving
+//! Looker's official API 4.0 spec, so every request the broker sends is checked against the
+//! published schema (PEERS.md; installed by scripts/test.sh under .cache/prism).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use std::time::{Duration, Instant};
+
+use common::looker_standin::{LookerStandin, CLIENT_ID, CLIENT_SECRET};
+use common::TestApp;
+use serde_json::{json, Value};
+
+const POLICIES: &str = r#"
+[[role]]
+name = "looker-by-id"
+backend = "looker"
+issuer = "gitlab"
+default_ttl = "30m"
+max_ttl = "2h"
+user_id = "42"
+[role.claims]
+job_project_path = "platform/orders"
+
+[[role]]
+name = "looker-by-email"
+backend = "looker"
+issuer = "gitlab"
+default_ttl = "30m"
+max_ttl = "1h"
+user_email = "reports-bot@example.com"
+[role.claims]
+job_project_path = "platform/orders"
+
+[[role]]
+name = "looker-associative"
+backend = "looker"
+issuer = "gitlab"
+default_ttl = "30m"
+max_ttl = "1h"
+user_id = "42"
+associative = "true"
+[role.claims]
+job_project_path = "platform/orders"
+"#;
+
+fn looker_tables(base_url: &str, secrets: &std::path::Path, client_secret: &str) -> String {
+    std::fs::write(secrets.join("looker-client-id"), format!("{CLIENT_ID}\n")).unwrap();
+    std::fs::write(secrets.join("looker-client-secret"), format!("{client_secret}\n")).unwrap();
+    format!(
+        r#"
+[backends.looker]
+type = "looker"
+base_url = "{base_url}"
+admin_client_id = {{ file = "{id}" }}
+admin_client_secret = {{ file = "{secret}" }}
+timeout_seconds = 5
+"#,
+        id = secrets.join("looker-client-id").display(),
+        secret = secrets.join("looker-client-secret").display(),
+    )
+}
+
+struct LookerApp {
+    app: TestApp,
+    looker: LookerStandin,
+    _secrets: common::TempDir,
+}
+
+async fn spawn_with_secret(client_secret: &str) -> LookerApp {
+    let looker = LookerStandin::start().await;
+    looker.add_user("42", "reports-bot@example.com");
+    let secrets = common::temp_dir();
+    let tables = looker_tables(&looker.url, &secrets.0, client_secret);
+    let app = TestApp::spawn_full("", &tables, POLICIES, None).await;
+    LookerApp { app, looker, _secrets: secrets }
+}
+
+async fn spawn() -> LookerApp {
+    spawn_with_secret(CLIENT_SECRET).await
+}
+
+/// Calls `GET /api/4.0/user` with a minted token: who Looker thinks we are, or the status.
+async fn whoami(looker: &LookerStandin, token: &str) -> Result<Value, u16> {
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/4.0/user", looker.url))
+        .header("authorization", format!("token {token}"))
+        .send()
+        .await
+        .unwrap();
+    match response.status().as_u16() {
+        200 => Ok(response.json().await.unwrap()),
+        status => Err(status),
+    }
+}
+
+fn token_of(body: &Value) -> &str {
+    body["credential"]["access_token"].as_str().unwrap_or_else(|| panic!("no access_token in {body}"))
+}
+
+#[tokio::test]
+async fn a_job_gets_a_session_acting_as_the_roles_user_attributed_to_that_user() {
+    let lk = spawn().await;
+    let (status, headers, body) = lk.app.exchange(&lk.app.issuer.token(), json!({"role": "looker-by-id"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["cache-control"], "no-store");
+    let token = token_of(&body);
+    assert_eq!(whoami(&lk.looker, token).await.unwrap()["id"], "42");
+    let session = lk.looker.session(token).unwrap();
+    assert_eq!(session.associative.as_deref(), Some("false"));
+
+    let credential = &body["credential"];
+    assert_eq!(credential["token_type"], "Bearer");
+    assert_eq!(credential["base_url"], lk.looker.url);
+    assert_eq!(credential["user_id"], "42");
+    assert_eq!(credential["expires_at"], body["expires_at"]);
+    // Looker's hour is the ceiling even though the role allows 2h.
+    assert!(body["ttl_seconds"].as_u64().unwrap() <= 3600);
+    assert!(credential["ttl_rule"].as_str().unwrap().contains("Looker"), "{credential}");
+    assert_eq!(body["env"]["LOOKERSDK_BASE_URL"], lk.looker.url);
+    assert_eq!(body["env"]["LOOKERSDK_ACCESS_TOKEN"], token);
+
+    let row = lk.app.audit_row(body["issuance_id"].as_str().unwrap()).await;
+    assert_eq!(row["decision"], "issued");
+    assert_eq!(row["credential_sha256"], credbroker::types::sha256_hex(token.as_bytes()));
+    assert_eq!(row["credential_handle"], "42");
+    assert!(!row.to_string().contains(token));
+
+    // The admin session is reused; associative = "true" is passed through when a role asks.
+    let (status, _, body) = lk.app.exchange(&lk.app.issuer.token(), json!({"role": "looker-associative"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(lk.looker.session(token_of(&body)).unwrap().associative.as_deref(), Some("true"));
+    assert_eq!(lk.looker.logins(), 1);
+    assert_eq!(lk.looker.user_logins(), 2);
+}
+
+#[tokio::test]
+async fn user_email_is_resolved_once() {
+    let lk = spawn().await;
+    for _ in 0..2 {
+        let (status, _, body) = lk.app.exchange(&lk.app.issuer.token(), json!({"role": "looker-by-email"})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(whoami(&lk.looker, token_of(&body)).await.unwrap()["email"], "reports-bot@example.com");
+        assert_eq!(body["credential"]["user_id"], "42");
+    }
+    assert_eq!(lk.looker.email_lookups(), 1);
+}
+
+#[tokio::test]
+async fn the_session_ends_at_the_job_deadline_when_that_is_sooner_than_lookers_hour() {
+    let lk = spawn().await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let job_token = lk.app.issuer.token_with(json!({"exp": now + 3}));
+    let (status, _, body) = lk.app.exchange(&job_token, json!({"role": "looker-by-id"})).await;
+    assert_eq!(status, 200, "{body}");
+    let token = token_of(&body).to_owned();
+    assert!(body["credential"]["ttl_rule"].as_str().unwrap().contains("logout"), "{body}");
+    assert_eq!(whoami(&lk.looker, &token).await.unwrap()["id"], "42");
+    let started = Instant::now();
+    while whoami(&lk.looker, &token).await.is_ok() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the session outlived the job");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(time::OffsetDateTime::now_utc().unix_timestamp() >= now + 2, "ended before the deadline");
+    assert_eq!(whoami(&lk.looker, &token).await, Err(401));
+    let logouts = lk.looker.logouts();
+    assert_eq!(logouts.len(), 1);
+    assert_eq!(logouts[0].user_id, "42");
+}
+
+#[tokio::test]
+async fn the_admin_session_is_renewed_when_looker_ends_or_expires_it() {
+    let lk = spawn().await;
+    let (status, _, body) = lk.app.exchange(&lk.app.issuer.token(), json!({"role": "looker-by-id"})).await;
+    assert_eq!(status, 200, "{body}");
+    lk.looker.drop_admin_sessions();
+    let (status, _, body) = lk.app.exchange(&lk.app.issuer.token(), json!({"role": "looker-by-id"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(lk.looker.logins(), 2);
+    // A token about to expire (inside the renewal margin) is replaced before use.
+    lk.looker.set_admin_expires_in(30);
+    lk.looker.drop_admin_sessions();
+    for _ in 0..2 {
+        let (status, _, body) = lk.app.exchange(&lk.app.issuer.token(), json!({"role": "looker-by-id"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // One re-login after the 401, one because the 30 s token is inside the renewal margin.
+    assert_eq!(lk.looker.logins(), 4);
+}
+
+#[tokio::test]
+async fn a_wrong_admin_key_or_unknown_user_fails_with_a_clear_reason() {
+    let lk = spawn_with_secret("wrong-secret").await;
+    let (status, _, body) = lk.app.exchange(&lk.app.issuer.token(), json!({"role": "looker-by-id"})).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "backend_failed");
+    let row = lk.app.audit_row(body["issuance_id"].as_str().unwrap()).await;
+    assert_eq!(row["decision"], "failed");
+    let detail = row["detail"].as_str().unwrap();
+    assert!(detail.contains("admin login") && detail.contains("404"), "{detail}");
+    assert!(!row.to_string().contains("wrong-secret"));
+
+    let lk = spawn().await;
+    lk.looker.add_user("7", "someone@example.com");
+    let policies = POLICIES.replace("user_id = \"42\"\n[role.claims]", "user_id = \"999\"\n[role.claims]");
+    let secrets = common::temp_dir();
+    let app = TestApp::spawn_full("", &looker_tables(&lk.looker.url, &secrets.0, CLIENT_SECRET), &policies, None).await;
+    let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "looker-by-id"})).await;
+    assert_eq!(status, 502, "{body}");
+    let row = app.audit_row(body["issuance_id"].as_str().unwrap()).await;
+    assert!(row["detail"].as_str().unwrap().contains("login as Looker user 999 refused"), "{row}");
+}
+
+fn load(policy: &str) -> anyhow::Result<()> {
+    let dir = common::temp_dir();
+    std::fs::write(dir.0.join("policies/test.toml"), policy).unwrap();
+    common::load_offline(&dir.0, &looker_tables("https://looker.example.com", &dir.0, CLIENT_SECRET))
+}
+
+#[test]
+fn roles_must_name_exactly_one_looker_user() {
+    let role = |extra: &str| {
+        format!("[[role]]\nname = \"r1\"\nbackend = \"looker\"\nissuer = \"gitlab\"\ndefault_ttl = \"5m\"\nmax_ttl = \"1h\"\n{extra}\n[role.claims]\njob_project_path = \"platform/orders\"\n")
+    };
+    for (extra, message) in [
+        ("", "is required (or user_email"),
+        ("user_id = \"1\"\nuser_email = \"a@example.com\"", "not both"),
+        ("user_id = \"1\"\nassociative = \"yes\"", "must be \"true\" or \"false\""),
+        ("user_id = \"{user_id}\"", "allow_claims_in"),
+    ] {
+        let error = format!("{:#}", load(&role(extra)).unwrap_err());
+        assert!(error.contains("role r1") && error.contains(message), "{extra}: {error}");
+    }
+    load(&role("user_email = \"a@example.com\"")).unwrap();
+}
+
+#[test]
+fn bad_looker_configuration_is_refused_naming_the_key() {
+    for (bad, good, key) in [
+        ("base_url = \"https://looker.example.com\"", "base_url = \"https://looker.example.com/api/4.0\"", "base_url"),
+        ("base_url = \"https://looker.example.com\"", "base_url = \"http://looker.example.com\"", "base_url"),
+        ("timeout_seconds = 5", "timeout_seconds = 0", "timeout_seconds"),
+        ("timeout_seconds = 5", "timeout_seconds = 5\nca_file = \"missing.pem\"", "ca_file"),
+    ] {
+        let dir = common::temp_dir();
+        let tables = looker_tables("https://looker.example.com", &dir.0, CLIENT_SECRET).replace(bad, good);
+        let text = format!("listen = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:1\"\naudience = \"a\"\ndatabase_url = \"postgres://x/y\"\npolicy_dir = \"policies\"\n[[issuers]]\nname = \"gitlab\"\nissuer = \"https://gitlab.example.com\"\n{tables}");
+        let config = credbroker::config::Config::parse(&text, &dir.0.join("c.toml"), std::iter::empty()).unwrap();
+        let error = credbroker::backend::Backends::build(&config, None).err().unwrap().to_string();
+        assert!(error.contains(&format!("backends.looker.{key}")), "{good}: {error}");
+    }
+}
+
+// ---------------------------------------------------------------- Prism
+
+/// Prism serving the official spec with every path under /api/4.0 (Prism ignores the server
+/// URL's path, PEERS.md), on a free port; its log records each request's validation.
+struct Prism {
+    child: Child,
+    url: String,
+    log: std::path::PathBuf,
+    _dir: common::TempDir,
+}
+
+impl Prism {
+    fn start() -> Self {
+        let binary = common::repo_path(".cache/prism/node_modules/.bin/prism");
+        assert!(binary.exists(), "{} missing: scripts/test.sh installs @stoplight/prism-cli", binary.display());
+        let dir = common::temp_dir();
+        let spec: Value = serde_json::from_slice(&std::fs::read(common::repo_path("../shared/specs/looker-api-4.0.oas.json")).unwrap())
+            .expect("the Looker spec at ../shared/specs/looker-api-4.0.oas.json");
+        let mut spec = spec;
+        let paths = spec["paths"].as_object().unwrap().iter().map(|(path, item)| (format!("/api/4.0{path}"), item.clone())).collect();
+        spec["paths"] = Value::Object(paths);
+        let spec_file = dir.0.join("looker-api-4.0.prefixed.json");
+        std::fs::write(&spec_file, spec.to_string()).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = dir.0.join("prism.log");
+        let child = Command::new(&binary)
+            .args(["mock", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .arg(&spec_file)
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(90), "Prism did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Self { child, url: format!("http://127.0.0.1:{port}"), log, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+impl Drop for Prism {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn every_request_the_broker_sends_passes_lookers_published_schema() {
+    let prism = tokio::task::spawn_blocking(Prism::start).await.unwrap();
+
+    // Prism really checks: the same login with a JSON body instead of a form is rejected.
+    let malformed = reqwest::Client::new().post(format!("{}/api/4.0/login", prism.url)).json(&json!({"client_id": "x"})).send().await.unwrap();
+    assert_eq!(malformed.status(), 400);
+    let violations = malformed.headers()["sl-violations"].to_str().unwrap().to_owned();
+    assert!(violations.contains("application/x-www-form-urlencoded"), "{violations}");
+
+    let secrets = common::temp_dir();
+    let app = TestApp::spawn_full("", &looker_tables(&prism.url, &secrets.0, CLIENT_SECRET), POLICIES, None).await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for role in ["looker-by-id", "looker-by-email", "looker-associative"] {
+        // A short job, so the broker also sends its logout at the deadline.
+        let (status, _, body) = app.exchange(&app.issuer.token_with(json!({"exp": now + 3})), json!({"role": role})).await;
+        assert_eq!(status, 200, "{role}: {body}");
+    }
+    let started = Instant::now();
+    while prism.log().matches("delete /api/4.0/logout").count() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(15), "no logouts reached Prism:\n{}", prism.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = prism.log();
+    for request in ["post /api/4.0/login ", "post /api/4.0/login/42", "get /api/4.0/users/credential/email/reports-bot", "delete /api/4.0/logout"] {
+        assert!(log.contains(request), "Prism never saw {request}:\n{log}");
+    }
+    // The malformed request above is the only violation in the log.
+    assert_eq!(log.matches("Violation:").count(), 1, "{log}");
+    assert_eq!(log.matches("The request passed the validation rules").count(), log.matches("Request received").count() - 1, "{log}");
+}
