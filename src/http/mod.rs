@@ -1,6 +1,7 @@
 //! The HTTP edge: routing, request ids, timeouts, body limits. Handlers only translate
 //! between HTTP and the broker.
 
+mod gogs;
 mod problem;
 
 use std::net::SocketAddr;
@@ -42,6 +43,7 @@ pub struct DevIssuerDocuments {
 pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/v1/credentials", post(create_credential))
+        .route("/v1/hooks/gogs/{hook}", post(gogs::receive))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(openid_configuration))
         .route("/healthz", get(healthz))
@@ -107,6 +109,7 @@ async fn create_credential(State(state): State<AppState>, request: Request) -> R
     let input = ExchangeInput {
         request_id: &request_id,
         bearer_token: bearer_token(&parts.headers),
+        delivery_token: parts.headers.get(crate::gogs::DELIVERY_TOKEN_HEADER).and_then(|v| v.to_str().ok()).map(str::trim),
         body: &body,
         client_addr,
         user_agent: parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|ua| ua.chars().take(256).collect()),
@@ -152,7 +155,9 @@ fn json_document(body: &Bytes) -> Response {
 }
 
 async fn jwks(State(state): State<AppState>) -> Response {
-    let keys = json!({ "keys": state.broker.backends.published_keys() });
+    let mut keys = state.broker.backends.published_keys();
+    keys.extend(state.broker.gogs.iter().flat_map(|gogs| gogs.published_keys()));
+    let keys = json!({ "keys": keys });
     json_document(&Bytes::from(keys.to_string()))
 }
 
