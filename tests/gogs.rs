@@ -48,14 +48,17 @@ repository = "data/warehouse"
 ref = "refs/heads/main"
 "#;
 
+/// What the automation received: the X-Credbroker-Delivery header and the JSON body.
+type Received = Arc<Mutex<Vec<(Option<String>, Value)>>>;
+
 /// The automation the broker forwards deliveries to: keeps what it received.
 struct Automation {
     url: String,
-    received: Arc<Mutex<Vec<(Option<String>, Value)>>>,
+    received: Received,
 }
 
 async fn automation() -> Automation {
-    let received: Arc<Mutex<Vec<(Option<String>, Value)>>> = Arc::default();
+    let received: Received = Arc::default();
     let sink = received.clone();
     let router = Router::new().route(
         "/run",
