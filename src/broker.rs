@@ -29,6 +29,10 @@ pub enum ErrorCode {
     IssuerUnavailable,
     RequestTimeout,
     NotFound,
+    /// A Gogs delivery whose X-Gogs-Signature is missing or wrong.
+    InvalidSignature,
+    /// A Gogs delivery id seen before.
+    DeliveryReplayed,
 }
 
 impl ErrorCode {
@@ -46,6 +50,8 @@ impl ErrorCode {
             ErrorCode::IssuerUnavailable => "issuer_unavailable",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::InvalidSignature => "invalid_signature",
+            ErrorCode::DeliveryReplayed => "delivery_replayed",
         }
     }
 }
@@ -111,6 +117,8 @@ pub struct ExchangeFailure {
 pub struct ExchangeInput<'a> {
     pub request_id: &'a str,
     pub bearer_token: Option<&'a str>,
+    /// `X-Credbroker-Delivery`: a Gogs delivery token, for roles with `[role.delivery]`.
+    pub delivery_token: Option<&'a str>,
     pub body: &'a [u8],
     pub client_addr: Option<String>,
     pub user_agent: Option<String>,
@@ -144,6 +152,8 @@ pub struct Broker {
     pub audit: Audit,
     pub max_uses_per_token: u32,
     pub lifecycle: Lifecycle,
+    /// Gogs webhooks and delivery tokens, when `[gogs]` is configured.
+    pub gogs: Option<Arc<crate::gogs::Gogs>>,
 }
 
 impl Broker {
@@ -170,7 +180,7 @@ impl Broker {
         };
 
         // Verify. Until this succeeds nobody can be held to the request.
-        let token = match self.verify(&input, now).await {
+        let mut token = match self.verify(&input, now).await {
             Ok(token) => token,
             Err(error) => {
                 if let Some(iss) = input.bearer_token.and_then(Verifier::claimed_issuer) {
@@ -200,6 +210,24 @@ impl Broker {
                 let error = ExchangeError::AccessDenied { role: request.role.clone(), reason: denial.0, client_may_see: false };
                 return Err(self.refuse(slot, event, error).await);
             }
+        };
+        // A role that also wants a Gogs delivery: its claims join the identity's under
+        // `delivery_*` names (overwriting any the identity token carried), so templates and the
+        // audit row see which repository and commit the credential is for.
+        let delivery = match &role.delivery {
+            Some(requirement) => match self.verify_delivery(&input, &request.role, requirement, now).await {
+                Ok(delivery) => {
+                    for name in crate::gogs::DELIVERY_CLAIMS {
+                        if let Some(value) = delivery.claims.get(*name) {
+                            token.claims.insert(format!("delivery_{name}"), value.clone());
+                        }
+                    }
+                    event.claims = Some(token.claims.clone());
+                    Some((delivery, requirement.max_uses))
+                }
+                Err(error) => return Err(self.refuse(slot, event, error).await),
+            },
+            None => None,
         };
         let Some(backend) = self.backends.get(&role.backend) else {
             let error = BackendError::Failed { backend: role.backend.to_string(), detail: "backend is not configured".into() };
@@ -252,6 +280,21 @@ impl Broker {
             Ok(TokenUse::Claimed(_)) => {}
             Ok(TokenUse::Exhausted) => return Err(self.refuse(slot, event, ExchangeError::TokenReplayed(max_uses)).await),
             Err(error) => return Err(self.fail(slot, event, ExchangeError::AuditUnavailable(error)).await),
+        }
+        if let Some((delivery, max_uses)) = &delivery {
+            match self
+                .audit
+                .claim_token_use(delivery.issuer.as_str(), &delivery.jti, role.name.as_str(), *max_uses, delivery.job_deadline)
+                .await
+            {
+                Ok(TokenUse::Claimed(_)) => {}
+                Ok(TokenUse::Exhausted) => {
+                    let reason = format!("the delivery token was already used {max_uses} time(s) for role {}", role.name);
+                    let error = ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true };
+                    return Err(self.refuse(slot, event, error).await);
+                }
+                Err(error) => return Err(self.fail(slot, event, ExchangeError::AuditUnavailable(error)).await),
+            }
         }
 
         // Mint.
@@ -333,7 +376,32 @@ impl Broker {
         let token = input
             .bearer_token
             .ok_or_else(|| ExchangeError::InvalidToken(VerifyError::Malformed("no bearer token in Authorization".into())))?;
+        if let Some(gogs) = self.gogs.as_ref().filter(|gogs| gogs.issued(token)) {
+            return gogs.verify_token(token, now).map_err(ExchangeError::InvalidToken);
+        }
         self.verifier.verify(token, now).await.map_err(ExchangeError::InvalidToken)
+    }
+
+    /// The delivery token a `[role.delivery]` role needs, verified and held to its bindings.
+    async fn verify_delivery(
+        &self,
+        input: &ExchangeInput<'_>,
+        role: &str,
+        requirement: &policy::DeliveryRequirement,
+        now: OffsetDateTime,
+    ) -> Result<VerifiedToken, ExchangeError> {
+        let denied = |reason: String, client_may_see: bool| ExchangeError::AccessDenied { role: role.to_owned(), reason, client_may_see };
+        let Some(raw) = input.delivery_token else {
+            return Err(denied("this role needs a Gogs delivery token in the X-Credbroker-Delivery header".into(), true));
+        };
+        let Some(gogs) = self.gogs.as_ref().filter(|gogs| gogs.issued(raw)) else {
+            return Err(denied("X-Credbroker-Delivery does not hold a delivery token of this broker".into(), true));
+        };
+        let delivery = gogs.verify_token(raw, now).map_err(|e| denied(format!("delivery token: {e}"), true))?;
+        match requirement.first_mismatch(&delivery.claims) {
+            Some(reason) => Err(denied(reason, false)),
+            None => Ok(delivery),
+        }
     }
 
     pub(crate) async fn refuse_unattributed(&self, slot: AuditSlot, mut event: AuditEvent, error: ExchangeError) -> ExchangeFailure {

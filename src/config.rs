@@ -60,6 +60,8 @@ pub struct Config {
     pub backends: Vec<(BackendName, toml::Table)>,
     /// The broker's own Vault connection, for Vault-backed backends and signing.
     pub vault: Option<crate::vault::VaultConfig>,
+    /// `[gogs]`, parsed at startup by `gogs::GogsConfig::parse` (it needs the Vault connection).
+    pub gogs: Option<toml::Table>,
     pub dev: Option<DevConfig>,
 }
 
@@ -171,6 +173,7 @@ struct RawConfig {
     #[serde(default)]
     backends: toml::Table,
     vault: Option<toml::Table>,
+    gogs: Option<toml::Table>,
     dev: Option<RawDev>,
 }
 
@@ -390,6 +393,7 @@ impl Config {
             issuers,
             backends,
             vault,
+            gogs: raw.gogs,
             dev,
             base_dir,
         })

@@ -10,6 +10,8 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod events;
+pub mod gogs;
 pub mod http;
 pub mod lifecycle;
 pub mod oidc;

@@ -15,6 +15,7 @@ use crate::backend::{self, Backends};
 use crate::broker::Broker;
 use crate::config::{Config, DEV_ISSUER_NAME};
 use crate::dev::DevIssuer;
+use crate::gogs::{Gogs, GogsConfig};
 use crate::http::{self, AppState, DevIssuerDocuments};
 use crate::lifecycle::Lifecycle;
 use crate::oidc::Verifier;
@@ -37,6 +38,9 @@ pub fn load_policies(config: &Config, backends: &Backends, dev: bool) -> anyhow:
     let mut issuers: Vec<IssuerName> = config.issuers.iter().map(|issuer| issuer.name.clone()).collect();
     if dev {
         issuers.push(IssuerName::parse(DEV_ISSUER_NAME).expect("reserved name is valid"));
+    }
+    if config.gogs.is_some() {
+        issuers.push(IssuerName::parse(crate::gogs::GOGS_ISSUER_NAME).expect("reserved name is valid"));
     }
     let schemas = backends.schemas();
     let all_schemas = backend::all_param_schemas();
@@ -90,6 +94,13 @@ impl Application {
             Duration::from_secs(config.jwks_max_age_seconds),
             Duration::from_secs(config.jwks_min_refetch_seconds),
         )?;
+        let gogs = match &config.gogs {
+            Some(table) => {
+                let gogs_config = GogsConfig::parse(table, &config, backends.vault(), dev_state_dir.as_deref())?;
+                Some(Arc::new(Gogs::new(gogs_config, &config.public_url, &config.audience, config.clock_skew_seconds)?))
+            }
+            None => None,
+        };
         backends.start().await;
         let openid_configuration = json!({
             "issuer": config.public_url,
@@ -105,6 +116,7 @@ impl Application {
             audit,
             max_uses_per_token: config.max_uses_per_token,
             lifecycle: Lifecycle::new(Duration::from_secs(config.revocation_poll_seconds)),
+            gogs,
         };
         let state = AppState {
             broker: Arc::new(broker),

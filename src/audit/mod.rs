@@ -3,8 +3,10 @@
 //! which returns once the row is durably committed. Rows reach Postgres through the
 //! group-commit writer (many per commit) or, with `audit_group_commit = false`, one INSERT each.
 
+pub mod deliveries;
 mod group_commit;
 mod lifecycle;
+pub mod outbox;
 mod postgres;
 mod unattributed;
 

@@ -1,6 +1,7 @@
 //! The HTTP edge: routing, request ids, timeouts, body limits. Handlers only translate
 //! between HTTP and the broker.
 
+mod gogs;
 mod problem;
 
 use std::net::SocketAddr;
@@ -50,6 +51,7 @@ pub fn app(state: AppState) -> Router {
             post(|state, request| admin(state, request, AdminAction::Freeze))
                 .delete(|state, request| admin(state, request, AdminAction::Unfreeze)),
         )
+        .route("/v1/hooks/gogs/{hook}", post(gogs::receive))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(openid_configuration))
         .route("/healthz", get(healthz))
@@ -125,6 +127,11 @@ impl RequestParts {
         ExchangeInput {
             request_id: &self.request_id,
             bearer_token: bearer_token(&self.headers),
+            delivery_token: self
+                .headers
+                .get(crate::gogs::DELIVERY_TOKEN_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim),
             body: &self.body,
             client_addr: self.client_addr.clone(),
             user_agent: self.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|ua| ua.chars().take(256).collect()),
@@ -213,7 +220,9 @@ fn json_document(body: &Bytes) -> Response {
 }
 
 async fn jwks(State(state): State<AppState>) -> Response {
-    let keys = json!({ "keys": state.broker.backends.published_keys() });
+    let mut keys = state.broker.backends.published_keys();
+    keys.extend(state.broker.gogs.iter().flat_map(|gogs| gogs.published_keys()));
+    let keys = json!({ "keys": keys });
     json_document(&Bytes::from(keys.to_string()))
 }
 

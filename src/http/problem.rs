@@ -11,7 +11,8 @@ use crate::broker::{ErrorCode, ExchangeFailure};
 pub fn status(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
-        ErrorCode::InvalidToken | ErrorCode::UntrustedIssuer => StatusCode::UNAUTHORIZED,
+        ErrorCode::InvalidToken | ErrorCode::UntrustedIssuer | ErrorCode::InvalidSignature => StatusCode::UNAUTHORIZED,
+        ErrorCode::DeliveryReplayed => StatusCode::CONFLICT,
         ErrorCode::AccessDenied => StatusCode::FORBIDDEN,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::TokenReplayed => StatusCode::CONFLICT,

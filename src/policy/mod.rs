@@ -222,6 +222,29 @@ pub struct Role {
     /// The backend kind's parameter rules: the configured backend's, or offline the one kind
     /// whose keys the role uses.
     pub schema: Option<ParamSchema>,
+    /// `[role.delivery]`: the role also needs a Gogs delivery token (header
+    /// `X-Credbroker-Delivery`) next to the caller's own identity token.
+    pub delivery: Option<DeliveryRequirement>,
+}
+
+/// A role's demands on the Gogs delivery token that must accompany the identity token.
+#[derive(Debug, Clone)]
+pub struct DeliveryRequirement {
+    /// Delivery-token claims (`repository`, `ref`, ...) and what they must match.
+    pub bindings: Vec<(String, Matcher)>,
+    /// Exchanges one delivery token may take part in for this role (default 1).
+    pub max_uses: u32,
+}
+
+impl DeliveryRequirement {
+    /// The first delivery binding that fails, for the audit log.
+    pub fn first_mismatch(&self, claims: &Map<String, Value>) -> Option<String> {
+        binding_conditions(&self.bindings, claims).into_iter().find(|c| !c.passed).map(|c| format!("delivery {}: {}", c.condition, c.reason))
+    }
+
+    pub fn conditions(&self, claims: &Map<String, Value>) -> Vec<Condition> {
+        binding_conditions(&self.bindings, claims)
+    }
 }
 
 impl Role {
@@ -408,6 +431,7 @@ const ROLE_KEYS: &[&str] = &[
     "max_uses_per_token",
     "on_short_deadline",
     "allow_claims_in",
+    "delivery",
 ];
 
 #[derive(Deserialize)]
@@ -485,7 +509,18 @@ fn compile_role(file: &Path, raw: toml::Table, context: &CompileContext<'_>) -> 
         let matcher = Matcher::parse(value).map_err(|m| error(&format!("claims.{claim}"), m))?;
         bindings.push((claim.clone(), matcher));
     }
-    let scoped = bindings.iter().any(|(claim, matcher)| SCOPING_CLAIMS.contains(&claim.as_str()) && matcher.pins_scope());
+    let delivery = match raw.get("delivery") {
+        None => None,
+        Some(toml::Value::Table(table)) => Some(compile_delivery(table, &issuer).map_err(|(key, m)| error(&key, m))?),
+        Some(_) => return Err(error("delivery", "must be a table of delivery-token claim bindings".into())),
+    };
+    let binds = |claim: &str| bindings.iter().any(|(name, matcher)| name == claim && matcher.pins_scope());
+    // An identity token from a general IdP (a Kubernetes service account, Okta) has no project
+    // claim; the delivery's repository scopes the role instead, and `sub` must name the caller.
+    let scoped = SCOPING_CLAIMS.iter().any(|claim| binds(claim)) || (delivery.is_some() && binds("sub"));
+    if delivery.is_some() && !scoped {
+        return Err(error("claims", "a role with [role.delivery] must bind `sub` (the automation's identity) to a value that is not only wildcards".into()));
+    }
     if !scoped {
         return Err(error(
             "claims",
@@ -602,7 +637,39 @@ fn compile_role(file: &Path, raw: toml::Table, context: &CompileContext<'_>) -> 
         on_short_deadline,
         params,
         schema,
+        delivery,
     })
+}
+
+/// Compiles `[role.delivery]`: bindings on delivery-token claims plus `max_uses`. The
+/// repository must be pinned, or any push to any repository could unlock the role.
+fn compile_delivery(table: &toml::Table, issuer: &IssuerName) -> Result<DeliveryRequirement, (String, String)> {
+    if issuer.as_str() == crate::gogs::GOGS_ISSUER_NAME {
+        return Err((
+            "delivery".into(),
+            "a role whose issuer is gogs binds the delivery token's claims in [role.claims]; [role.delivery] is for roles whose caller presents its own identity token".into(),
+        ));
+    }
+    let mut bindings = Vec::new();
+    let mut max_uses = 1;
+    for (key, value) in table {
+        let key_name = format!("delivery.{key}");
+        if key == "max_uses" {
+            max_uses = match value {
+                toml::Value::Integer(uses) if (1..=1000).contains(uses) => *uses as u32,
+                _ => return Err((key_name, "must be an integer from 1 to 1000".into())),
+            };
+            continue;
+        }
+        if !crate::gogs::DELIVERY_CLAIMS.contains(&key.as_str()) {
+            return Err((key_name, format!("not a delivery-token claim; expected one of {:?} or max_uses", crate::gogs::DELIVERY_CLAIMS)));
+        }
+        bindings.push((key.clone(), Matcher::parse(value).map_err(|m| (key_name, m))?));
+    }
+    if !bindings.iter().any(|(claim, matcher)| claim == "repository" && matcher.pins_scope()) {
+        return Err(("delivery.repository".into(), "is required: the repository (\"owner/name\") whose deliveries this role accepts".into()));
+    }
+    Ok(DeliveryRequirement { bindings, max_uses })
 }
 
 fn json_type(value: &Value) -> &'static str {

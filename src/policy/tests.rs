@@ -184,3 +184,27 @@ fn params_render_from_claims() {
     let params = role.render_params(&gitlab_claims()).unwrap();
     assert_eq!(params.text["principal"], "ci:platform/orders");
 }
+
+#[test]
+fn delivery_requirements_are_checked_at_load() {
+    let role = |claims: &str, delivery: &str| format!("{}\n[role.delivery]\n{delivery}\n", role_with_claims(claims));
+    let ok = compile(&role(r#"sub = "system:serviceaccount:data:loader""#, "repository = \"data/warehouse\"\nref = \"refs/heads/main\"\nmax_uses = 2")).unwrap();
+    let delivery = ok.role("deploy").unwrap().delivery.as_ref().unwrap();
+    assert_eq!(delivery.max_uses, 2);
+    assert!(delivery.first_mismatch(&json!({"repository": "data/warehouse", "ref": "refs/heads/main"}).as_object().unwrap().clone()).is_none());
+    let other_branch = json!({"repository": "data/warehouse", "ref": "refs/heads/dev"}).as_object().unwrap().clone();
+    assert!(delivery.first_mismatch(&other_branch).unwrap().contains("ref"));
+
+    let cases = [
+        (role(r#"sub = "system:serviceaccount:data:loader""#, "ref = \"refs/heads/main\""), "delivery.repository"),
+        (role(r#"sub = "system:serviceaccount:data:loader""#, "repository = \"*\""), "delivery.repository"),
+        (role(r#"sub = "system:serviceaccount:data:loader""#, "repository = \"data/warehouse\"\nbranch = \"main\""), "delivery.branch"),
+        (role(r#"sub = "system:serviceaccount:data:loader""#, "repository = \"data/warehouse\"\nmax_uses = 0"), "delivery.max_uses"),
+        (role(r#"sub = "*""#, "repository = \"data/warehouse\""), "claims"),
+        (role(r#"sub = "x""#, "repository = \"data/warehouse\"").replace("issuer = \"gitlab\"", "issuer = \"gogs\""), "delivery"),
+    ];
+    for (text, key) in cases {
+        let error = compile(&text).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some(key), "{error}");
+    }
+}

@@ -1,0 +1,533 @@
+//! Gogs webhooks end to end: deliveries signed the way Gogs signs them (HMAC-SHA256 computed
+//! here by Python's hmac module, independent of the broker's code) over payloads shaped like
+//! real Gogs 0.13 deliveries (REFERENCE.md), through verification, recording, delivery tokens
+//! and exchanges; plus the event outbox against real Postgres. No Gogs runs here (PEERS.md).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::routing::post;
+use axum::{Json, Router};
+use common::{rsa_pem, temp_dir, TempDir, TestApp};
+use credbroker::audit::outbox::OutboxEvent;
+use credbroker::events::{EventSink, Pass, Publisher, PublisherSettings};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{DecodingKey, Validation};
+use serde_json::{json, Value};
+
+const SECRET: &str = "gogs-hook-secret-0123";
+const MAIN_SHA: &str = "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeed";
+
+const POLICIES: &str = r#"
+[[role]]
+name = "warehouse-deploy"
+backend = "kafka"
+issuer = "gogs"
+default_ttl = "5m"
+max_ttl = "10m"
+principal = "gogs:{repository}@{sha}"
+[role.claims]
+repository = "data/warehouse"
+ref = "refs/heads/main"
+event = "push"
+pusher = ["alice", "bob"]
+
+[[role]]
+name = "warehouse-loader"
+backend = "kafka"
+issuer = "gitlab"
+default_ttl = "5m"
+max_ttl = "10m"
+principal = "loader:{delivery_repository}@{delivery_sha}"
+[role.claims]
+sub = "system:serviceaccount:data:loader"
+[role.delivery]
+repository = "data/warehouse"
+ref = "refs/heads/main"
+"#;
+
+/// What the automation received: the X-Credbroker-Delivery header and the JSON body.
+type Received = Arc<Mutex<Vec<(Option<String>, Value)>>>;
+
+/// The automation the broker forwards deliveries to: keeps what it received.
+struct Automation {
+    url: String,
+    received: Received,
+}
+
+async fn automation() -> Automation {
+    let received: Received = Arc::default();
+    let sink = received.clone();
+    let router = Router::new().route(
+        "/run",
+        post(move |headers: axum::http::HeaderMap, Json(body): Json<Value>| {
+            let sink = sink.clone();
+            async move {
+                let token = headers.get("x-credbroker-delivery").map(|v| v.to_str().unwrap().to_owned());
+                sink.lock().unwrap().push((token, body));
+                "queued"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/run", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    Automation { url, received }
+}
+
+struct Gogs {
+    app: TestApp,
+    automation: Automation,
+    _keys: TempDir,
+}
+
+async fn spawn() -> Gogs {
+    let automation = automation().await;
+    let keys = temp_dir();
+    let key_file = keys.0.join("gogs.pem");
+    std::fs::write(&key_file, rsa_pem(1)).unwrap();
+    let secret_file = keys.0.join("hook-secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let tables = format!(
+        r#"
+[gogs]
+signing_key_file = "{key}"
+token_lifetime = "15m"
+max_payload_bytes = 65536
+
+[gogs.hooks.warehouse]
+secret = {{ file = "{secret}" }}
+repositories = ["data/warehouse"]
+forward_url = "{forward}"
+
+[gogs.hooks.relay]
+secret = {{ file = "{secret}" }}
+repositories = ["data/*"]
+respond_with_token = true
+"#,
+        key = key_file.display(),
+        secret = secret_file.display(),
+        forward = automation.url,
+    );
+    let app = TestApp::spawn_full("", &tables, POLICIES, None).await;
+    Gogs { app, automation, _keys: keys }
+}
+
+/// A push as Gogs 0.13 sends it (fields per REFERENCE.md), indented the way Gogs marshals it.
+fn push_payload(git_ref: &str, after: &str, pusher: &str) -> String {
+    let payload = json!({
+        "ref": git_ref,
+        "before": "1111111111111111111111111111111111111111",
+        "after": after,
+        "compare_url": "https://gogs.example.com/data/warehouse/compare/1111111...f00dfee",
+        "commits": [{
+            "id": after,
+            "message": "Load orders nightly\n",
+            "url": format!("https://gogs.example.com/data/warehouse/commit/{after}"),
+            "author": { "name": "Alice", "email": "alice@example.com", "username": pusher },
+            "committer": { "name": "Alice", "email": "alice@example.com", "username": pusher },
+            "added": ["loader.sql"], "removed": [], "modified": [],
+            "timestamp": "2026-11-22T06:00:00Z"
+        }],
+        "repository": {
+            "id": 17, "name": "warehouse", "full_name": "data/warehouse",
+            "owner": { "id": 3, "username": "data", "login": "data", "full_name": "", "email": "", "avatar_url": "" },
+            "description": "", "private": true, "fork": false, "default_branch": "main",
+            "html_url": "https://gogs.example.com/data/warehouse",
+            "clone_url": "https://gogs.example.com/data/warehouse.git"
+        },
+        "pusher": { "id": 5, "name": pusher, "email": format!("{pusher}@example.com"), "username": pusher, "login": pusher },
+        "sender": { "id": 5, "login": pusher, "username": pusher, "full_name": "", "email": format!("{pusher}@example.com") }
+    });
+    serde_json::to_string_pretty(&payload).unwrap()
+}
+
+/// Independent HMAC-SHA256 (Python's hmac), lowercase hex, as Gogs puts it in X-Gogs-Signature.
+fn gogs_signature(secret: &str, payload: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", "import hmac,hashlib,sys; print(hmac.new(sys.argv[1].encode(), sys.stdin.buffer.read(), hashlib.sha256).hexdigest())", secret])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(payload).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+struct Sent {
+    status: u16,
+    body: Value,
+}
+
+impl Gogs {
+    async fn deliver(&self, hook: &str, event: &str, delivery_id: &str, content_type: &str, body: Vec<u8>, signature: Option<String>) -> Sent {
+        let mut request = self
+            .app
+            .client
+            .post(format!("{}/v1/hooks/gogs/{hook}", self.app.url))
+            .header("content-type", content_type)
+            .header("x-gogs-event", event)
+            .header("x-gogs-delivery", delivery_id)
+            .header("x-github-event", event)
+            .body(body);
+        if let Some(signature) = signature {
+            request = request.header("x-gogs-signature", signature);
+        }
+        let response = request.send().await.unwrap();
+        Sent { status: response.status().as_u16(), body: response.json().await.unwrap_or(Value::Null) }
+    }
+
+    /// A JSON delivery signed with the hook's secret.
+    async fn push(&self, hook: &str, delivery_id: &str, payload: &str) -> Sent {
+        let signature = gogs_signature(SECRET, payload.as_bytes());
+        self.deliver(hook, "push", delivery_id, "application/json", payload.as_bytes().to_vec(), Some(signature)).await
+    }
+
+    async fn delivery_count(&self) -> i64 {
+        sqlx::query_scalar("select count(*) from gogs_deliveries").fetch_one(&self.app.pool).await.unwrap()
+    }
+
+    async fn delivery_row(&self, delivery_id: &str) -> Value {
+        sqlx::query_scalar("select to_jsonb(d) from gogs_deliveries d where delivery_id = $1")
+            .bind(delivery_id)
+            .fetch_one(&self.app.pool)
+            .await
+            .unwrap()
+    }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[tokio::test]
+async fn signed_push_is_recorded_forwarded_and_exchanged_for_a_credential_bound_to_its_commit() {
+    let gogs = spawn().await;
+    let id = new_id();
+    let payload = push_payload("refs/heads/main", MAIN_SHA, "alice");
+    let sent = gogs.push("warehouse", &id, &payload).await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    assert_eq!(sent.body["status"], "accepted");
+    assert_eq!(sent.body["forward_status"], "200");
+    assert!(sent.body.get("delivery_token").is_none(), "this hook forwards; Gogs' delivery history must not see the token");
+
+    let row = gogs.delivery_row(&id).await;
+    assert_eq!(row["hook"], "warehouse");
+    assert_eq!(row["event"], "push");
+    assert_eq!(row["outcome"], "accepted");
+    assert_eq!(row["repository"], "data/warehouse");
+    assert_eq!(row["ref"], "refs/heads/main");
+    assert_eq!(row["ref_type"], "branch");
+    assert_eq!(row["before_sha"], "1111111111111111111111111111111111111111");
+    assert_eq!(row["after_sha"], MAIN_SHA);
+    assert_eq!(row["pusher"], "alice");
+    assert_eq!(row["forward_status"], "200");
+    assert_eq!(row["payload_sha256"], credbroker::types::sha256_hex(payload.as_bytes()));
+
+    let (header_token, forwarded) = gogs.automation.received.lock().unwrap()[0].clone();
+    let token = forwarded["delivery_token"].as_str().unwrap().to_owned();
+    assert_eq!(header_token.as_deref(), Some(token.as_str()));
+    assert_eq!(forwarded["after"], MAIN_SHA);
+    assert_eq!(forwarded["payload"]["repository"]["full_name"], "data/warehouse");
+    assert_eq!(row["token_sha256"], credbroker::types::sha256_hex(token.as_bytes()));
+    assert!(!row.to_string().contains(&token), "no token in the delivery row");
+
+    // The token verifies against the broker's published JWKS under issuer <public_url>/gogs.
+    let jwks: JwkSet = reqwest::get(format!("{}/.well-known/jwks.json", gogs.app.url)).await.unwrap().json().await.unwrap();
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    let jwk = jwks.find(header.kid.as_deref().unwrap()).expect("delivery token key published");
+    let mut validation = Validation::new(header.alg);
+    validation.set_audience(&[common::AUDIENCE]);
+    validation.set_issuer(&[format!("{}/gogs", gogs.app.public_url)]);
+    let claims = jsonwebtoken::decode::<Value>(&token, &DecodingKey::from_jwk(jwk).unwrap(), &validation).unwrap().claims;
+    for (claim, expected) in [
+        ("repository", "data/warehouse"),
+        ("ref", "refs/heads/main"),
+        ("ref_type", "branch"),
+        ("sha", MAIN_SHA),
+        ("pusher", "alice"),
+        ("event", "push"),
+        ("delivery_id", id.as_str()),
+    ] {
+        assert_eq!(claims[claim], expected, "claim {claim}");
+    }
+    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 900, "default lifetime 15 min");
+
+    let (status, _, body) = gogs.app.exchange(&token, json!({"role": "warehouse-deploy"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["credential"]["principal"], format!("gogs:data/warehouse@{MAIN_SHA}"));
+    let audit = gogs.app.audit_row(body["issuance_id"].as_str().unwrap()).await;
+    assert_eq!(audit["decision"], "issued");
+    assert_eq!(audit["issuer"], "gogs");
+    assert_eq!(audit["sha"], MAIN_SHA);
+    assert_eq!(audit["claims"]["delivery_id"], id);
+
+    // Single use per role by default.
+    let (status, _, body) = gogs.app.exchange(&token, json!({"role": "warehouse-deploy"})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "token_replayed");
+}
+
+#[tokio::test]
+async fn a_push_to_another_branch_or_by_another_pusher_is_denied() {
+    let gogs = spawn().await;
+    for (git_ref, pusher) in [("refs/heads/feature", "alice"), ("refs/heads/main", "mallory")] {
+        let sent = gogs.push("relay", &new_id(), &push_payload(git_ref, MAIN_SHA, pusher)).await;
+        assert_eq!(sent.status, 200, "{}", sent.body);
+        let token = sent.body["delivery_token"].as_str().expect("relay hook returns the token");
+        let (status, _, body) = gogs.app.exchange(token, json!({"role": "warehouse-deploy"})).await;
+        assert_eq!(status, 403, "{git_ref} by {pusher}: {body}");
+        assert_eq!(body["code"], "access_denied");
+        let audit = gogs.app.audit_row(body["issuance_id"].as_str().unwrap()).await;
+        assert_eq!(audit["decision"], "denied");
+        assert_eq!(audit["issuer"], "gogs");
+    }
+}
+
+#[tokio::test]
+async fn form_deliveries_are_verified_over_the_payload_field() {
+    let gogs = spawn().await;
+    let payload = push_payload("refs/heads/main", MAIN_SHA, "bob");
+    let form: String = url::form_urlencoded::Serializer::new(String::new()).append_pair("payload", &payload).finish();
+    let content_type = "application/x-www-form-urlencoded";
+
+    // Gogs signs the payload JSON, not the form body: a signature over the raw body is wrong.
+    let over_body = gogs_signature(SECRET, form.as_bytes());
+    let sent = gogs.deliver("relay", "push", &new_id(), content_type, form.clone().into_bytes(), Some(over_body)).await;
+    assert_eq!(sent.status, 401, "{}", sent.body);
+
+    let id = new_id();
+    let signature = gogs_signature(SECRET, payload.as_bytes());
+    let sent = gogs.deliver("relay", "push", &id, content_type, form.into_bytes(), Some(signature)).await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    assert_eq!(gogs.delivery_row(&id).await["pusher"], "bob");
+    let token = sent.body["delivery_token"].as_str().unwrap();
+    let (status, _, body) = gogs.app.exchange(token, json!({"role": "warehouse-deploy"})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn bad_missing_and_replayed_signatures_unknown_hooks_and_oversized_bodies_are_refused() {
+    let gogs = spawn().await;
+    let payload = push_payload("refs/heads/main", MAIN_SHA, "alice");
+    let bytes = payload.as_bytes().to_vec();
+    let good = gogs_signature(SECRET, &bytes);
+    let cases = [
+        ("wrong secret", "relay", Some(gogs_signature("not-the-secret", &bytes)), 401, "invalid_signature"),
+        ("missing", "relay", None, 401, "invalid_signature"),
+        ("uppercase hex", "relay", Some(good.to_uppercase()), 401, "invalid_signature"),
+        ("github-style prefix", "relay", Some(format!("sha256={good}")), 401, "invalid_signature"),
+        ("unknown hook", "nope", Some(good.clone()), 404, "not_found"),
+    ];
+    for (what, hook, signature, status, code) in cases {
+        let sent = gogs.deliver(hook, "push", &new_id(), "application/json", bytes.clone(), signature).await;
+        assert_eq!(sent.status, status, "{what}: {}", sent.body);
+        assert_eq!(sent.body["code"], code, "{what}");
+    }
+    // A tampered payload under the original signature.
+    let tampered = payload.replace("alice", "mallory").into_bytes();
+    let sent = gogs.deliver("relay", "push", &new_id(), "application/json", tampered, Some(good.clone())).await;
+    assert_eq!(sent.status, 401);
+
+    let oversized = format!("{{\"padding\":\"{}\"}}", "x".repeat(70_000)).into_bytes();
+    let signature = gogs_signature(SECRET, &oversized);
+    let sent = gogs.deliver("relay", "push", &new_id(), "application/json", oversized, Some(signature)).await;
+    assert_eq!(sent.status, 413, "{}", sent.body);
+    assert_eq!(gogs.delivery_count().await, 0, "nothing refused is recorded");
+
+    // Replay: the same delivery id again, correctly signed, is refused and not recorded twice.
+    let id = new_id();
+    assert_eq!(gogs.push("relay", &id, &payload).await.status, 200);
+    let replay = gogs.push("relay", &id, &payload).await;
+    assert_eq!(replay.status, 409, "{}", replay.body);
+    assert_eq!(replay.body["code"], "delivery_replayed");
+    assert!(replay.body.get("delivery_token").is_none());
+    assert_eq!(gogs.delivery_count().await, 1);
+
+    // Signed, but from a repository the hook does not accept.
+    let other = payload.replace("data/warehouse", "ops/secrets");
+    let sent = gogs.push("warehouse", &new_id(), &other).await;
+    assert_eq!(sent.status, 403, "{}", sent.body);
+    assert_eq!(gogs.delivery_count().await, 1);
+}
+
+#[tokio::test]
+async fn other_events_are_recorded_and_ignored() {
+    let gogs = spawn().await;
+    let id = new_id();
+    let payload = serde_json::to_string_pretty(&json!({
+        "action": "opened",
+        "number": 4,
+        "issue": { "id": 9, "number": 4, "title": "Loader is slow" },
+        "repository": { "id": 17, "name": "warehouse", "full_name": "data/warehouse" },
+        "sender": { "id": 5, "login": "alice", "username": "alice" }
+    }))
+    .unwrap();
+    let signature = gogs_signature(SECRET, payload.as_bytes());
+    let sent = gogs.deliver("warehouse", "issues", &id, "application/json", payload.into_bytes(), Some(signature)).await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    assert_eq!(sent.body["status"], "ignored");
+    let row = gogs.delivery_row(&id).await;
+    assert_eq!(row["outcome"], "ignored");
+    assert_eq!(row["event"], "issues");
+    assert!(row["token_sha256"].is_null());
+    assert!(gogs.automation.received.lock().unwrap().is_empty(), "ignored events are not forwarded");
+}
+
+#[tokio::test]
+async fn combined_mode_needs_the_automation_identity_and_a_matching_delivery_token() {
+    let gogs = spawn().await;
+    let identity = gogs.app.issuer.token_with(json!({"sub": "system:serviceaccount:data:loader"}));
+    let delivery = |git_ref: &'static str| {
+        let gogs = &gogs;
+        async move {
+            let sent = gogs.push("relay", &new_id(), &push_payload(git_ref, MAIN_SHA, "alice")).await;
+            sent.body["delivery_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let exchange = |bearer: String, delivery: Option<String>| {
+        let gogs = &gogs;
+        async move {
+            let mut request = gogs
+                .app
+                .client
+                .post(format!("{}/v1/credentials", gogs.app.url))
+                .bearer_auth(bearer)
+                .json(&json!({"role": "warehouse-loader"}));
+            if let Some(delivery) = delivery {
+                request = request.header("x-credbroker-delivery", delivery);
+            }
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+
+    let main = delivery("refs/heads/main").await;
+    let (status, body) = exchange(identity.clone(), Some(main.clone())).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["credential"]["principal"], format!("loader:data/warehouse@{MAIN_SHA}"));
+    let audit = gogs.app.audit_row(body["issuance_id"].as_str().unwrap()).await;
+    assert_eq!(audit["issuer"], "gitlab");
+    assert_eq!(audit["claims"]["delivery_sha"], MAIN_SHA);
+    assert_eq!(audit["claims"]["delivery_repository"], "data/warehouse");
+
+    // The same delivery token again for this role: single use.
+    let other_identity = gogs.app.issuer.token_with(json!({"sub": "system:serviceaccount:data:loader"}));
+    let (status, body) = exchange(other_identity, Some(main.clone())).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("already used"), "{body}");
+
+    // No delivery token; one for another branch; the delivery token alone as the identity.
+    let fresh = || gogs.app.issuer.token_with(json!({"sub": "system:serviceaccount:data:loader"}));
+    let (status, body) = exchange(fresh(), None).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("X-Credbroker-Delivery"), "{body}");
+    let (status, body) = exchange(fresh(), Some(delivery("refs/heads/feature").await)).await;
+    assert_eq!(status, 403, "{body}");
+    let stolen = delivery("refs/heads/main").await;
+    let (status, body) = exchange(stolen.clone(), Some(stolen)).await;
+    assert_eq!(status, 403, "a delivery token alone is useless: {body}");
+    // Another identity with a good delivery token.
+    let intruder = gogs.app.issuer.token_with(json!({"sub": "system:serviceaccount:data:intruder"}));
+    let (status, body) = exchange(intruder, Some(delivery("refs/heads/main").await)).await;
+    assert_eq!(status, 403, "{body}");
+}
+
+/// A sink that refuses while `down` is set, standing in for a Kafka cluster that is away
+/// (no Kafka-protocol broker that fits runs here: PEERS.md).
+#[derive(Default)]
+struct FlakySink {
+    down: AtomicBool,
+    published: Mutex<Vec<(String, String)>>,
+}
+
+#[async_trait::async_trait]
+impl EventSink for FlakySink {
+    async fn publish(&self, events: &[OutboxEvent]) -> Result<(), String> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err("connection refused".into());
+        }
+        self.published.lock().unwrap().extend(events.iter().map(|e| (e.kind.clone(), e.key.clone())));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn outbox_keeps_issued_and_delivery_events_through_a_sink_outage() {
+    let gogs = spawn().await;
+    let pool = gogs.app.pool.clone();
+    credbroker::audit::outbox::set_outbox_enabled(&pool, true).await.unwrap();
+
+    let id = new_id();
+    let sent = gogs.push("relay", &id, &push_payload("refs/heads/main", MAIN_SHA, "alice")).await;
+    let (status, _, body) = gogs.app.exchange(sent.body["delivery_token"].as_str().unwrap(), json!({"role": "warehouse-deploy"})).await;
+    assert_eq!(status, 200, "{body}");
+    let issuance_id = body["issuance_id"].as_str().unwrap().to_owned();
+    // A denial is not an event for the stream.
+    let (status, _, _) = gogs.app.exchange("garbage", json!({"role": "warehouse-deploy"})).await;
+    assert_eq!(status, 401);
+
+    let sink = Arc::new(FlakySink::default());
+    sink.down.store(true, Ordering::SeqCst);
+    let settings = PublisherSettings { backoff_base: std::time::Duration::from_millis(500), ..PublisherSettings::default() };
+    let publisher = Publisher::new(pool.clone(), sink.clone(), settings);
+    assert_eq!(publisher.run_once().await.unwrap(), Pass::Failed(2));
+    // Backed off: not due again at once.
+    assert_eq!(publisher.run_once().await.unwrap(), Pass::Idle);
+    let (attempts, error): (i32, String) =
+        sqlx::query_as("select max(attempts), max(last_error) from event_outbox where delivered_at is null").fetch_one(&pool).await.unwrap();
+    assert_eq!((attempts, error.as_str()), (1, "connection refused"));
+
+    sink.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(publisher.run_once().await.unwrap(), Pass::Delivered(2));
+    assert_eq!(
+        *sink.published.lock().unwrap(),
+        vec![("gogs.delivery".to_owned(), id), ("credential.issued".to_owned(), issuance_id)],
+        "both events, once each, in commit order"
+    );
+    assert_eq!(publisher.run_once().await.unwrap(), Pass::Idle);
+    let pending: i64 = sqlx::query_scalar("select count(*) from event_outbox where delivered_at is null").fetch_one(&pool).await.unwrap();
+    assert_eq!(pending, 0);
+}
+
+#[tokio::test]
+async fn two_publishers_never_claim_the_same_event() {
+    let gogs = spawn().await;
+    let pool = gogs.app.pool.clone();
+    credbroker::audit::outbox::set_outbox_enabled(&pool, true).await.unwrap();
+    for _ in 0..20 {
+        let sent = gogs.push("relay", &new_id(), &push_payload("refs/heads/main", MAIN_SHA, "alice")).await;
+        assert_eq!(sent.status, 200);
+    }
+    let sink = Arc::new(FlakySink::default());
+    let settings = PublisherSettings { batch_size: 3, ..PublisherSettings::default() };
+    let publishers: Vec<Publisher> = (0..4).map(|_| Publisher::new(pool.clone(), sink.clone(), settings)).collect();
+    let drains = publishers.iter().map(|publisher| async move {
+        while publisher.run_once().await.unwrap() != Pass::Idle {}
+    });
+    futures_join_all(drains).await;
+    let mut keys: Vec<String> = sink.published.lock().unwrap().iter().map(|(_, key)| key.clone()).collect();
+    assert_eq!(keys.len(), 20);
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 20, "no event published twice");
+}
+
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    let mut set = Vec::new();
+    for future in futures {
+        set.push(future);
+    }
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = set.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(move |cx| {
+        pinned.retain_mut(|future| future.as_mut().poll(cx).is_pending());
+        if pinned.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+}
