@@ -18,18 +18,22 @@ async fn block_audit_inserts(database_url: &str) -> PgConnection {
     connection
 }
 
-/// Waits until `count` audit INSERTs (batches) are stuck behind the lock; returns their pids.
-async fn blocked_batches(app: &TestApp, at_least: usize) -> Vec<i32> {
+/// The backends of audit INSERTs (batches) stuck behind the lock.
+async fn stuck_batches(app: &TestApp) -> Vec<i32> {
+    sqlx::query_scalar(
+        "select pid from pg_stat_activity
+         where datname = current_database() and wait_event_type = 'Lock' and query like 'insert into audit_events%'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until at least `at_least` batches are stuck behind the lock.
+async fn blocked_batches(app: &TestApp, at_least: usize) {
     for _ in 0..200 {
-        let pids: Vec<i32> = sqlx::query_scalar(
-            "select pid from pg_stat_activity
-             where datname = current_database() and wait_event_type = 'Lock' and query like 'insert into audit_events%'",
-        )
-        .fetch_all(&app.pool)
-        .await
-        .unwrap();
-        if pids.len() >= at_least {
-            return pids;
+        if stuck_batches(app).await.len() >= at_least {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -94,14 +98,7 @@ async fn a_batch_killed_mid_commit_fails_every_request_in_it() {
     // every request has its answer. The lock stays held, so no batch can commit meanwhile.
     let mut killed = 0;
     while !requests.iter().all(|request| request.is_finished()) {
-        let stuck: Vec<i32> = sqlx::query_scalar(
-            "select pid from pg_stat_activity
-             where datname = current_database() and wait_event_type = 'Lock' and query like 'insert into audit_events%'",
-        )
-        .fetch_all(&app.pool)
-        .await
-        .unwrap();
-        for pid in stuck {
+        for pid in stuck_batches(&app).await {
             sqlx::query("select pg_terminate_backend($1)").bind(pid).execute(&app.pool).await.unwrap();
             killed += 1;
         }

@@ -10,13 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use credbroker::config::Config;
-use credbroker::startup::{Application, ServeOptions};
-use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{config_text, fresh_database, rsa_pem, temp_dir, TestApp, TestIssuer, POLICIES};
+use super::{TestApp, POLICIES};
 
 /// The broker's own (fake) AWS identity in these tests. Never a real key.
 pub const BROKER_ACCESS_KEY_ID: &str = "AKIAIOSFODNN7EXAMPLE";
@@ -220,24 +217,6 @@ pub async fn spawn_with_aws(endpoint_url: &str, backend_extra: &str, policies: &
     for (name, value) in broker_aws_environment() {
         std::env::set_var(name, value);
     }
-    let issuer = TestIssuer::start().await;
-    let database_url = fresh_database().await;
-    let dir = temp_dir();
-    std::fs::write(dir.0.join("kafka.pem"), rsa_pem(2)).unwrap();
-    std::fs::write(dir.0.join("policies/test.toml"), POLICIES).unwrap();
-    std::fs::write(dir.0.join("policies/aws.toml"), policies).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let text = format!(
-        "{}\n[backends.aws]\ntype = \"aws_sts\"\nregion = \"eu-west-1\"\nendpoint_url = \"{endpoint_url}\"\n{backend_extra}\n",
-        config_text(&issuer.url, &database_url, &url, "")
-    );
-    let config_path = dir.0.join("credbroker.toml");
-    std::fs::write(&config_path, &text).unwrap();
-    let config = Config::parse(&text, &config_path, std::iter::empty()).unwrap();
-    let application = Application::build_on(listener, config, ServeOptions::default()).await.unwrap();
-    let state = application.state().clone();
-    tokio::spawn(application.run_until_stopped());
-    let pool = PgPool::connect(&database_url).await.unwrap();
-    TestApp { url: url.clone(), public_url: url, issuer, database_url, pool, client: reqwest::Client::new(), state, dir }
+    let tables = format!("[backends.aws]\ntype = \"aws_sts\"\nregion = \"eu-west-1\"\nendpoint_url = \"{endpoint_url}\"\n{backend_extra}\n");
+    TestApp::spawn_full("", &tables, &format!("{POLICIES}\n{policies}"), None).await
 }
