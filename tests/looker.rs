@@ -270,8 +270,8 @@ impl Prism {
         let binary = common::repo_path(".cache/prism/node_modules/.bin/prism");
         assert!(binary.exists(), "{} missing: scripts/test.sh installs @stoplight/prism-cli", binary.display());
         let dir = common::temp_dir();
-        let spec: Value = serde_json::from_slice(&std::fs::read(common::repo_path("../shared/specs/looker-api-4.0.oas.json")).unwrap())
-            .expect("the Looker spec at ../shared/specs/looker-api-4.0.oas.json");
+        let spec: Value = serde_json::from_slice(&std::fs::read(common::repo_path("tests/fixtures/looker-api-4.0.oas.json")).unwrap())
+            .expect("the Looker spec at tests/fixtures/looker-api-4.0.oas.json");
         let mut spec = spec;
         let paths = spec["paths"].as_object().unwrap().iter().map(|(path, item)| (format!("/api/4.0{path}"), item.clone())).collect();
         spec["paths"] = Value::Object(paths);

@@ -1,7 +1,7 @@
 //! A stateful Looker API 4.0 stand-in on 127.0.0.1:0, for flows that need real token values
 //! (no Looker instance can run here; Prism checks request shapes against the official spec but
 //! keeps no state, see PEERS.md). It follows the published API 4.0 spec
-//! (../shared/specs/looker-api-4.0.oas.json): paths under /api/4.0, `login` credentials in an
+//! (tests/fixtures/looker-api-4.0.oas.json): paths under /api/4.0, `login` credentials in an
 //! `application/x-www-form-urlencoded` body, `AccessToken {access_token, token_type,
 //! expires_in, refresh_token}`, `Authorization: token <access_token>`, error bodies
 //! `{message, documentation_url}`, `logout` answering 204 and invalidating the token.
