@@ -454,3 +454,64 @@ async fn the_broker_role_can_append_but_not_change_the_log() {
     }
     sqlx::query("reset role").execute(&mut *connection).await.unwrap();
 }
+
+// ---------------------------------------------------------------- CLI
+
+fn credbroker(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"));
+    command.args(args).env_remove("CREDBROKER_CONFIG").env_remove("CREDBROKER_DATABASE_URL");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().unwrap()
+}
+
+#[tokio::test]
+async fn cli_queries_the_database_or_the_api_and_verifies() {
+    let app = spawn().await;
+    let token = auditor_token(&app);
+    let seeded = insert(&app.pool, json!({"role": "cli", "project_path": "platform/orders", "user_login": "=evil", "occurred_at": "2024-01-01T00:00:00Z"})).await;
+    insert(&app.pool, json!({"role": "other"})).await;
+    wait_for_rows(&app, "role=cli", &token, 1).await;
+    let url = app.database_url.clone();
+    let broker = app.url.clone();
+    let (by_database, by_api, csv, bad) = tokio::task::spawn_blocking(move || {
+        (
+            credbroker(&["audit", "query", "--database-url", &url, "--role", "cli", "--json"], &[]),
+            credbroker(&["audit", "query", "--url", &broker, "--role", "cli", "--since", "500w", "--json"], &[("CREDBROKER_ID_TOKEN", &token)]),
+            credbroker(&["audit", "query", "--database-url", &url, "--project-path", "platform/*", "--csv"], &[]),
+            credbroker(&["audit", "query", "--database-url", &url, "--since", "soon"], &[]),
+        )
+    })
+    .await
+    .unwrap();
+    for output in [&by_database, &by_api] {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["id"], seeded.to_string());
+    }
+    let csv = String::from_utf8_lossy(&csv.stdout).to_string();
+    assert!(csv.starts_with("\"id\",") && csv.contains("\"'=evil\""), "{csv}");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--since"), "{}", String::from_utf8_lossy(&bad.stderr));
+
+    // verify: intact, then tampered (exit status 1, naming the row).
+    let store = app.state.broker.audit.store().clone();
+    let key = SigningKey::from_pem(rsa_pem(1).as_bytes()).unwrap();
+    while store.seal_next(&key, "test", 1000).await.unwrap().is_some() {}
+    let key_file = app.dir.0.join("seal.pem");
+    std::fs::write(&key_file, rsa_pem(1)).unwrap();
+    let (url, key_path) = (app.database_url.clone(), key_file.display().to_string());
+    let intact = tokio::task::spawn_blocking(move || credbroker(&["audit", "verify", "--database-url", &url, "--key", &key_path], &[])).await.unwrap();
+    assert!(intact.status.success(), "{}{}", String::from_utf8_lossy(&intact.stdout), String::from_utf8_lossy(&intact.stderr));
+    assert!(String::from_utf8_lossy(&intact.stdout).starts_with("intact:"));
+    as_superuser(&app.pool, "update audit_events set user_login = 'mallory' where id = $1", seeded).await;
+    let (url, key_path) = (app.database_url.clone(), key_file.display().to_string());
+    let tampered = tokio::task::spawn_blocking(move || credbroker(&["audit", "verify", "--database-url", &url, "--key", &key_path, "--since", "500w"], &[]))
+        .await
+        .unwrap();
+    assert!(!tampered.status.success());
+    let stdout = String::from_utf8_lossy(&tampered.stdout);
+    assert!(stdout.starts_with(&format!("TAMPERED: row {seeded}")) && stdout.contains("altered"), "{stdout}");
+}
