@@ -60,6 +60,9 @@ pub struct Config {
     pub audit_seal_key_file: Option<PathBuf>,
     /// How often a replica tries to seal new audit rows.
     pub audit_seal_interval_seconds: u64,
+    /// `serve` applies migrations at start; false when it runs as `credbroker_broker`, which
+    /// may not create tables (migrate with `credbroker migrate` as the owner instead).
+    pub migrate_on_start: bool,
     pub issuers: Vec<IssuerConfig>,
     /// Each backend's table is parsed by the backend itself (`backend::build`).
     pub backends: Vec<(BackendName, toml::Table)>,
@@ -131,6 +134,7 @@ const SCALAR_KEYS: &[(&str, ScalarType)] = &[
     ("revocation_poll_seconds", ScalarType::Integer),
     ("audit_seal_key_file", ScalarType::Text),
     ("audit_seal_interval_seconds", ScalarType::Integer),
+    ("migrate_on_start", ScalarType::Boolean),
 ];
 
 /// The name a dev-mode issuer is registered under; reserved so no real config can claim it.
@@ -178,6 +182,8 @@ struct RawConfig {
     audit_seal_key_file: Option<PathBuf>,
     #[serde(default = "defaults::audit_seal_interval_seconds")]
     audit_seal_interval_seconds: u64,
+    #[serde(default = "defaults::migrate_on_start")]
+    migrate_on_start: bool,
     #[serde(default)]
     issuers: Vec<RawIssuer>,
     #[serde(default)]
@@ -245,6 +251,9 @@ mod defaults {
     /// on-demand and undelivered revocations).
     pub fn revocation_poll_seconds() -> u64 {
         5
+    }
+    pub fn migrate_on_start() -> bool {
+        true
     }
     pub fn audit_seal_interval_seconds() -> u64 {
         30
@@ -406,6 +415,7 @@ impl Config {
             revocation_poll_seconds: raw.revocation_poll_seconds,
             audit_seal_key_file: raw.audit_seal_key_file.map(|file| base_dir.join(file)),
             audit_seal_interval_seconds: raw.audit_seal_interval_seconds,
+            migrate_on_start: raw.migrate_on_start,
             issuers,
             backends,
             vault,

@@ -92,7 +92,9 @@ impl Application {
             config.database_max_connections,
             Duration::from_secs(config.database_acquire_timeout_seconds),
         )?;
-        audit::migrate(store.pool()).await.context("cannot migrate the audit database")?;
+        if config.migrate_on_start {
+            audit::migrate(store.pool()).await.context("cannot migrate the audit database")?;
+        }
         let audit = Audit::new(store, config.audit_writer, config.unattributed_denials_per_minute);
         let sealer = match &config.audit_seal_key_file {
             Some(path) => Some(Sealer {

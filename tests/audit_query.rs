@@ -515,3 +515,27 @@ async fn cli_queries_the_database_or_the_api_and_verifies() {
     let stdout = String::from_utf8_lossy(&tampered.stdout);
     assert!(stdout.starts_with(&format!("TAMPERED: row {seeded}")) && stdout.contains("altered"), "{stdout}");
 }
+
+#[tokio::test]
+async fn a_broker_running_as_credbroker_broker_issues_and_seals() {
+    let owner_url = common::fresh_database().await;
+    let owner = PgPool::connect(&owner_url).await.unwrap();
+    credbroker::audit::migrate(&owner).await.unwrap();
+    let login = format!("credbroker_app_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!("create role {login} login in role credbroker_broker")).execute(&owner).await.unwrap();
+    let (base, database) = owner_url.rsplit_once('/').unwrap();
+    let app_url = format!("{}/{database}", base.replacen("postgres@", &format!("{login}@"), 1));
+    let app = TestApp::spawn_full("migrate_on_start = false", "", POLICIES, Some(app_url)).await;
+    let (status, _, issued) = app.exchange(&app.issuer.token(), json!({"role": "orders-producer"})).await;
+    assert_eq!(status, 200, "{issued}");
+    let key = SigningKey::from_pem(rsa_pem(1).as_bytes()).unwrap();
+    let store = app.state.broker.audit.store().clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.seal_next(&key, "restricted", 100).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "nothing sealed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(store.verify_seals(&key, None).await.unwrap().intact());
+    let error = sqlx::query("update audit_events set detail = 'x'").execute(store.pool()).await.unwrap_err();
+    assert!(error.to_string().contains("permission denied"), "{error}");
+}

@@ -65,7 +65,7 @@ enum AuditCommand {
     /// Print the latest decisions, newest first.
     Tail(TailArgs),
     /// Search the log: who got which credential, what was denied (filters as in GET /v1/issuances).
-    Query(audit_log::QueryArgs),
+    Query(Box<audit_log::QueryArgs>),
     /// Check the signed checkpoints: report the first row altered, deleted or out of order.
     Verify(audit_log::VerifyArgs),
 }
@@ -145,7 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Policy(command) => policy::run(command, config_path),
         Command::Audit(AuditCommand::Tail(args)) => tail(args, config_path).await,
-        Command::Audit(AuditCommand::Query(args)) => audit_log::query(args, config_path).await,
+        Command::Audit(AuditCommand::Query(args)) => audit_log::query(*args, config_path).await,
         Command::Audit(AuditCommand::Verify(args)) => {
             if audit_log::verify(args, config_path).await? {
                 Ok(())
