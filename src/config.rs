@@ -55,6 +55,14 @@ pub struct Config {
     pub log_format: LogFormat,
     pub audit_writer: AuditWriterConfig,
     pub revocation_poll_seconds: u64,
+    /// The key checkpoints of the audit log are signed with (PEM, RSA or EC P-256); without
+    /// it nothing is sealed and `audit verify` has nothing to check.
+    pub audit_seal_key_file: Option<PathBuf>,
+    /// How often a replica tries to seal new audit rows.
+    pub audit_seal_interval_seconds: u64,
+    /// `serve` applies migrations at start; false when it runs as `credbroker_broker`, which
+    /// may not create tables (migrate with `credbroker migrate` as the owner instead).
+    pub migrate_on_start: bool,
     pub issuers: Vec<IssuerConfig>,
     /// Each backend's table is parsed by the backend itself (`backend::build`).
     pub backends: Vec<(BackendName, toml::Table)>,
@@ -124,6 +132,9 @@ const SCALAR_KEYS: &[(&str, ScalarType)] = &[
     ("audit_batch_wait_micros", ScalarType::Integer),
     ("audit_queue_capacity", ScalarType::Integer),
     ("revocation_poll_seconds", ScalarType::Integer),
+    ("audit_seal_key_file", ScalarType::Text),
+    ("audit_seal_interval_seconds", ScalarType::Integer),
+    ("migrate_on_start", ScalarType::Boolean),
 ];
 
 /// The name a dev-mode issuer is registered under; reserved so no real config can claim it.
@@ -168,6 +179,11 @@ struct RawConfig {
     audit_queue_capacity: u32,
     #[serde(default = "defaults::revocation_poll_seconds")]
     revocation_poll_seconds: u64,
+    audit_seal_key_file: Option<PathBuf>,
+    #[serde(default = "defaults::audit_seal_interval_seconds")]
+    audit_seal_interval_seconds: u64,
+    #[serde(default = "defaults::migrate_on_start")]
+    migrate_on_start: bool,
     #[serde(default)]
     issuers: Vec<RawIssuer>,
     #[serde(default)]
@@ -235,6 +251,12 @@ mod defaults {
     /// on-demand and undelivered revocations).
     pub fn revocation_poll_seconds() -> u64 {
         5
+    }
+    pub fn migrate_on_start() -> bool {
+        true
+    }
+    pub fn audit_seal_interval_seconds() -> u64 {
+        30
     }
     pub fn audit_queue_capacity() -> u32 {
         4096
@@ -309,6 +331,7 @@ impl Config {
             ("audit_batch_max", u64::from(raw.audit_batch_max)),
             ("audit_queue_capacity", u64::from(raw.audit_queue_capacity)),
             ("revocation_poll_seconds", raw.revocation_poll_seconds),
+            ("audit_seal_interval_seconds", raw.audit_seal_interval_seconds),
         ] {
             if value == 0 {
                 return Err(err(key, "must be greater than zero".into()));
@@ -390,6 +413,9 @@ impl Config {
             log_format: raw.log_format,
             audit_writer,
             revocation_poll_seconds: raw.revocation_poll_seconds,
+            audit_seal_key_file: raw.audit_seal_key_file.map(|file| base_dir.join(file)),
+            audit_seal_interval_seconds: raw.audit_seal_interval_seconds,
+            migrate_on_start: raw.migrate_on_start,
             issuers,
             backends,
             vault,

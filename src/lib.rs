@@ -5,6 +5,7 @@
 //! and [`http`] / [`cli`] are thin edges. [`broker`] wires verify → decide → record → mint → record.
 
 pub mod audit;
+pub mod auditors;
 pub mod backend;
 pub mod broker;
 pub mod cli;

@@ -11,6 +11,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::audit::{self, Audit, PgAudit};
+use crate::backend::signing::SigningKey;
 use crate::backend::{self, Backends};
 use crate::broker::Broker;
 use crate::config::{Config, DEV_ISSUER_NAME};
@@ -30,6 +31,13 @@ pub struct ServeOptions {
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    sealer: Option<Sealer>,
+}
+
+/// Seals audit rows into signed checkpoints every `interval` (audit::seal).
+struct Sealer {
+    key: Arc<SigningKey>,
+    interval: Duration,
 }
 
 /// Everything checked at load: policies against the configured issuers and backends.
@@ -84,8 +92,20 @@ impl Application {
             config.database_max_connections,
             Duration::from_secs(config.database_acquire_timeout_seconds),
         )?;
-        audit::migrate(store.pool()).await.context("cannot migrate the audit database")?;
+        if config.migrate_on_start {
+            audit::migrate(store.pool()).await.context("cannot migrate the audit database")?;
+        }
         let audit = Audit::new(store, config.audit_writer, config.unattributed_denials_per_minute);
+        let sealer = match &config.audit_seal_key_file {
+            Some(path) => Some(Sealer {
+                key: Arc::new(SigningKey::from_pem_file(path).with_context(|| format!("{}: key `audit_seal_key_file`", config.source_name()))?),
+                interval: Duration::from_secs(config.audit_seal_interval_seconds),
+            }),
+            None => {
+                tracing::warn!("audit_seal_key_file is not set: audit rows are not sealed and `audit verify` cannot prove the log intact");
+                None
+            }
+        };
 
         let verifier = Verifier::new(
             &config.issuers,
@@ -127,7 +147,7 @@ impl Application {
             }),
             request_timeout: Duration::from_secs(config.request_timeout_seconds),
         };
-        Ok(Self { listener, state })
+        Ok(Self { listener, state, sealer })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -143,6 +163,7 @@ impl Application {
         let flusher = tokio::spawn(flush_unattributed_periodically(audit.clone()));
         // Due revocations, including those that fell due while no broker was running.
         let revoker = tokio::spawn(self.state.broker.lifecycle.clone().run_worker(self.state.broker.clone()));
+        let sealer = self.sealer.map(|sealer| tokio::spawn(seal_periodically(audit.store().clone(), sealer)));
         let router = http::app(self.state);
         tracing::info!(address = %self.listener.local_addr()?, "credbroker listening");
         axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
@@ -150,6 +171,9 @@ impl Application {
             .await?;
         flusher.abort();
         revoker.abort();
+        if let Some(sealer) = sealer {
+            sealer.abort();
+        }
         if let Err(error) = audit.flush_unattributed().await {
             tracing::error!(%error, "could not write aggregated denials at shutdown");
         }
@@ -164,6 +188,26 @@ async fn flush_unattributed_periodically(audit: Audit) {
         interval.tick().await;
         if let Err(error) = audit.flush_unattributed().await {
             tracing::error!(%error, "could not write aggregated denials; will retry");
+        }
+    }
+}
+
+async fn seal_periodically(store: PgAudit, sealer: Sealer) {
+    let sealed_by = format!("credbroker pid {}", std::process::id());
+    let mut interval = tokio::time::interval(sealer.interval);
+    loop {
+        interval.tick().await;
+        // Catch up in checkpoints of bounded size; stop when there is nothing (more) to seal
+        // or another replica holds the seal lock.
+        loop {
+            match store.seal_next(&sealer.key, &sealed_by, audit::seal::DEFAULT_ROWS_PER_CHECKPOINT).await {
+                Ok(Some(sealed)) if sealed.rows as i64 == audit::seal::DEFAULT_ROWS_PER_CHECKPOINT => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::error!(%error, "could not seal audit rows; will retry");
+                    break;
+                }
+            }
         }
     }
 }

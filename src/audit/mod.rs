@@ -8,6 +8,8 @@ mod group_commit;
 mod lifecycle;
 pub mod outbox;
 mod postgres;
+pub mod query;
+pub mod seal;
 mod unattributed;
 
 use std::sync::Arc;
@@ -48,6 +50,8 @@ pub enum Decision {
     RevokeFailed,
     /// An authorised request to revoke, freeze or unfreeze: who asked, and for what.
     AdminRequest,
+    /// A read of the audit log through the broker: who, and with which filters.
+    AuditRead,
 }
 
 impl Decision {
@@ -59,6 +63,7 @@ impl Decision {
             Decision::Revoked => "revoked",
             Decision::RevokeFailed => "revoke_failed",
             Decision::AdminRequest => "admin_request",
+            Decision::AuditRead => "audit_read",
         }
     }
 }

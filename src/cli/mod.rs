@@ -2,6 +2,7 @@
 //! to output and an exit code; `anyhow` stops here.
 
 mod admin;
+mod audit_log;
 mod exchange;
 mod exec;
 mod policy;
@@ -9,7 +10,7 @@ mod policy;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::audit;
@@ -63,6 +64,10 @@ enum Command {
 enum AuditCommand {
     /// Print the latest decisions, newest first.
     Tail(TailArgs),
+    /// Search the log: who got which credential, what was denied (filters as in GET /v1/issuances).
+    Query(Box<audit_log::QueryArgs>),
+    /// Check the signed checkpoints: report the first row altered, deleted or out of order.
+    Verify(audit_log::VerifyArgs),
 }
 
 #[derive(Args)]
@@ -140,6 +145,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Policy(command) => policy::run(command, config_path),
         Command::Audit(AuditCommand::Tail(args)) => tail(args, config_path).await,
+        Command::Audit(AuditCommand::Query(args)) => audit_log::query(*args, config_path).await,
+        Command::Audit(AuditCommand::Verify(args)) => {
+            if audit_log::verify(args, config_path).await? {
+                Ok(())
+            } else {
+                bail!("the audit log does not match its checkpoints")
+            }
+        }
         Command::Dev(DevCommand::Token { claims, job_timeout, audience }) => {
             let config = load_config(config_path)?;
             let overrides = claims.iter().map(|raw| parse_claim_override(raw)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;

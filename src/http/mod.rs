@@ -1,6 +1,7 @@
 //! The HTTP edge: routing, request ids, timeouts, body limits. Handlers only translate
 //! between HTTP and the broker.
 
+mod audit;
 mod gogs;
 mod problem;
 
@@ -51,6 +52,8 @@ pub fn app(state: AppState) -> Router {
             post(|state, request| admin(state, request, AdminAction::Freeze))
                 .delete(|state, request| admin(state, request, AdminAction::Unfreeze)),
         )
+        .route("/v1/issuances", get(audit::list))
+        .route("/v1/issuances/{issuance_id}", get(audit::one))
         .route("/v1/hooks/gogs/{hook}", post(gogs::receive))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(openid_configuration))
@@ -101,15 +104,15 @@ async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Respon
 struct RequestId(String);
 
 /// A request taken apart: what [`ExchangeInput`] borrows from.
-struct RequestParts {
+pub(crate) struct RequestParts {
     request_id: String,
     client_addr: Option<String>,
-    headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
     body: Bytes,
 }
 
 impl RequestParts {
-    async fn read(request: Request) -> Result<Self, Response> {
+    pub(crate) async fn read(request: Request) -> Result<Self, Response> {
         let (parts, body) = request.into_parts();
         let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default();
         let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
@@ -123,7 +126,7 @@ impl RequestParts {
         Ok(Self { request_id, client_addr, headers: parts.headers, body })
     }
 
-    fn input(&self) -> ExchangeInput<'_> {
+    pub(crate) fn input(&self) -> ExchangeInput<'_> {
         ExchangeInput {
             request_id: &self.request_id,
             bearer_token: bearer_token(&self.headers),

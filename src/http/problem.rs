@@ -29,11 +29,18 @@ pub struct Problem {
     pub code: ErrorCode,
     pub detail: String,
     pub issuance_id: Option<Uuid>,
+    /// The query parameter or field at fault, for `invalid_request`.
+    pub parameter: Option<String>,
 }
 
 impl Problem {
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        Self { code, detail: detail.into(), issuance_id: None }
+        Self { code, detail: detail.into(), issuance_id: None, parameter: None }
+    }
+
+    pub fn with_parameter(mut self, parameter: impl Into<String>) -> Self {
+        self.parameter = Some(parameter.into());
+        self
     }
 }
 
@@ -48,10 +55,10 @@ impl From<ExchangeFailure> for Problem {
                 _ => server_detail(code),
             };
             tracing::error!(issuance_id = %failure.issuance_id, code = code.as_str(), error = ?anyhow::Error::from(failure.error), "exchange failed");
-            return Self { code, detail, issuance_id: Some(failure.issuance_id) };
+            return Self { code, detail, issuance_id: Some(failure.issuance_id), parameter: None };
         }
         tracing::info!(issuance_id = %failure.issuance_id, code = code.as_str(), error = %failure.error, "exchange refused");
-        Self { code, detail: failure.error.client_detail(), issuance_id: Some(failure.issuance_id) }
+        Self { code, detail: failure.error.client_detail(), issuance_id: Some(failure.issuance_id), parameter: None }
     }
 }
 
@@ -75,6 +82,9 @@ impl IntoResponse for Problem {
         });
         if let Some(id) = self.issuance_id {
             body["issuance_id"] = json!(id);
+        }
+        if let Some(parameter) = &self.parameter {
+            body["parameter"] = json!(parameter);
         }
         let mut response = (status, body.to_string()).into_response();
         let headers = response.headers_mut();

@@ -28,9 +28,9 @@ pub struct AdminBinding {
 
 impl AdminBinding {
     /// The first binding that fails, for the audit log.
-    fn first_mismatch(&self, issuer: &IssuerName, claims: &Map<String, Value>) -> Option<String> {
+    fn first_mismatch(&self, section: Section, issuer: &IssuerName, claims: &Map<String, Value>) -> Option<String> {
         if &self.issuer != issuer {
-            return Some(format!("admins in {} trust issuer {}, token is from {issuer}", self.file.display(), self.issuer));
+            return Some(format!("{} in {} trust issuer {}, token is from {issuer}", section.name, self.file.display(), self.issuer));
         }
         binding_conditions(&self.bindings, claims).into_iter().find(|c| !c.passed).map(|c| format!("{}: {}", c.condition, c.reason))
     }
@@ -38,57 +38,88 @@ impl AdminBinding {
 
 /// Whether any `[admins]` entry accepts this identity; the denial lists why each did not.
 pub fn authorize<'a>(admins: &'a [AdminBinding], issuer: &IssuerName, claims: &Map<String, Value>) -> Result<&'a AdminBinding, Denial> {
-    if admins.is_empty() {
-        return Err(Denial("no [admins] section in any policy file: nobody may revoke, freeze or unfreeze".into()));
+    authorize_in(Section::ADMINS, admins, issuer, claims)
+}
+
+/// A policy section that binds identities to a power with role-style claim rules: `[admins]`
+/// (revoke, freeze) and `[auditors]` (read the audit log) share everything but their name.
+#[derive(Debug, Clone, Copy)]
+pub struct Section {
+    pub name: &'static str,
+    /// What the bound identities may do, for denials ("revoke, freeze or unfreeze").
+    pub power: &'static str,
+    /// What a caller not bound is not ("an admin").
+    pub member: &'static str,
+}
+
+impl Section {
+    pub const ADMINS: Section = Section { name: "admins", power: "revoke, freeze or unfreeze", member: "an admin" };
+    pub const AUDITORS: Section = Section { name: "auditors", power: "read the audit log", member: "an auditor" };
+}
+
+pub fn authorize_in<'a>(
+    section: Section,
+    bindings: &'a [AdminBinding],
+    issuer: &IssuerName,
+    claims: &Map<String, Value>,
+) -> Result<&'a AdminBinding, Denial> {
+    if bindings.is_empty() {
+        return Err(Denial(format!("no [{}] section in any policy file: nobody may {}", section.name, section.power)));
     }
     let mut reasons = Vec::new();
-    for admin in admins {
-        match admin.first_mismatch(issuer, claims) {
-            None => return Ok(admin),
+    for binding in bindings {
+        match binding.first_mismatch(section, issuer, claims) {
+            None => return Ok(binding),
             Some(reason) => reasons.push(reason),
         }
     }
-    Err(Denial(format!("not an admin: {}", reasons.join("; "))))
+    Err(Denial(format!("not {}: {}", section.member, reasons.join("; "))))
 }
 
 /// `[admins]` (a table) or `[[admins]]` (a list of tables) of one policy file.
 pub fn compile(file: &Path, raw: &toml::Value, context: &CompileContext<'_>) -> Result<Vec<AdminBinding>, PolicyError> {
+    compile_section(Section::ADMINS, file, raw, context)
+}
+
+/// `[NAME]` or `[[NAME]]` of one policy file, for the section `section`.
+pub fn compile_section(section: Section, file: &Path, raw: &toml::Value, context: &CompileContext<'_>) -> Result<Vec<AdminBinding>, PolicyError> {
+    let name = section.name;
     let error = |key: &str, message: String| PolicyError { file: file.to_path_buf(), role: None, key: Some(key.to_owned()), message };
     let tables: Vec<&toml::Table> = match raw {
         toml::Value::Table(table) => vec![table],
         toml::Value::Array(items) => items
             .iter()
-            .map(|item| item.as_table().ok_or_else(|| error("admins", "must be a table or a list of tables".into())))
+            .map(|item| item.as_table().ok_or_else(|| error(name, "must be a table or a list of tables".into())))
             .collect::<Result<_, _>>()?,
-        _ => return Err(error("admins", "must be a table or a list of tables".into())),
+        _ => return Err(error(name, "must be a table or a list of tables".into())),
     };
     let mut admins = Vec::new();
     for table in tables {
         if let Some(key) = table.keys().find(|key| !matches!(key.as_str(), "issuer" | "claims" | "description")) {
-            return Err(error(&format!("admins.{key}"), "unknown key; expected issuer, claims, description".into()));
+            return Err(error(&format!("{name}.{key}"), "unknown key; expected issuer, claims, description".into()));
         }
         let issuer = table
             .get("issuer")
             .and_then(toml::Value::as_str)
-            .ok_or_else(|| error("admins.issuer", "is required (a string)".into()))?;
-        let issuer = IssuerName::parse(issuer).map_err(|m| error("admins.issuer", m))?;
+            .ok_or_else(|| error(&format!("{name}.issuer"), "is required (a string)".into()))?;
+        let issuer = IssuerName::parse(issuer).map_err(|m| error(&format!("{name}.issuer"), m))?;
         if let Some(known) = context.issuers {
             if !known.contains(&issuer) {
-                return Err(error("admins.issuer", format!("issuer {issuer} is not configured")));
+                return Err(error(&format!("{name}.issuer"), format!("issuer {issuer} is not configured")));
             }
         }
         let Some(toml::Value::Table(claims)) = table.get("claims") else {
-            return Err(error("admins.claims", "is required: a table binding claims, as for roles".into()));
+            return Err(error(&format!("{name}.claims"), "is required: a table binding claims, as for roles".into()));
         };
         let mut bindings = Vec::new();
         for (claim, value) in claims {
-            let matcher = Matcher::parse(value).map_err(|m| error(&format!("admins.claims.{claim}"), m))?;
+            let matcher = Matcher::parse(value).map_err(|m| error(&format!("{name}.claims.{claim}"), m))?;
             bindings.push((claim.clone(), matcher));
         }
-        // Admin rights for every identity of an issuer would be an accident, never a policy.
+        // Rights for every identity of an issuer would be an accident, never a policy.
         if !bindings.iter().any(|(_, matcher)| matcher.pins_scope()) {
             return Err(error(
-                "admins.claims",
+                &format!("{name}.claims"),
                 "must bind at least one claim to a value that is not only wildcards (e.g. project_path or user_login)".into(),
             ));
         }

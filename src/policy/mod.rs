@@ -338,6 +338,7 @@ pub struct Denial(pub String);
 pub struct PolicySet {
     roles: BTreeMap<RoleName, Role>,
     admins: Vec<admins::AdminBinding>,
+    auditors: Vec<admins::AdminBinding>,
 }
 
 impl PolicySet {
@@ -361,6 +362,7 @@ impl PolicySet {
     pub fn compile(sources: &[(PathBuf, String)], context: &CompileContext<'_>) -> Result<Self, PolicyError> {
         let mut roles: BTreeMap<RoleName, Role> = BTreeMap::new();
         let mut admin_bindings = Vec::new();
+        let mut auditor_bindings = Vec::new();
         for (file, text) in sources {
             let raw: RawFile = toml::from_str(text)
                 .map_err(|e| PolicyError { file: file.clone(), role: None, key: None, message: e.to_string() })?;
@@ -379,8 +381,11 @@ impl PolicySet {
             if let Some(raw_admins) = &raw.admins {
                 admin_bindings.extend(admins::compile(file, raw_admins, context)?);
             }
+            if let Some(raw_auditors) = &raw.auditors {
+                auditor_bindings.extend(admins::compile_section(admins::Section::AUDITORS, file, raw_auditors, context)?);
+            }
         }
-        Ok(Self { roles, admins: admin_bindings })
+        Ok(Self { roles, admins: admin_bindings, auditors: auditor_bindings })
     }
 
     pub fn len(&self) -> usize {
@@ -402,6 +407,11 @@ impl PolicySet {
     /// Whether this verified identity may revoke, freeze and unfreeze (`[admins]`).
     pub fn authorize_admin(&self, issuer: &IssuerName, claims: &Map<String, Value>) -> Result<&admins::AdminBinding, Denial> {
         admins::authorize(&self.admins, issuer, claims)
+    }
+
+    /// Whether this verified identity may read the audit log (`[auditors]`).
+    pub fn authorize_auditor(&self, issuer: &IssuerName, claims: &Map<String, Value>) -> Result<&admins::AdminBinding, Denial> {
+        admins::authorize_in(admins::Section::AUDITORS, &self.auditors, issuer, claims)
     }
 
     /// Default deny: the role must exist, trust this issuer, and every binding must match.
@@ -440,6 +450,8 @@ struct RawFile {
     #[serde(default)]
     role: Vec<toml::Table>,
     admins: Option<toml::Value>,
+    /// `[auditors]`: who may read the audit log, bound like `[admins]`.
+    auditors: Option<toml::Value>,
 }
 
 fn compile_role(file: &Path, raw: toml::Table, context: &CompileContext<'_>) -> Result<Role, PolicyError> {

@@ -1,0 +1,328 @@
+//! `credbroker audit query` and `audit verify`: the security team's questions from a terminal,
+//! straight from the database (`--database-url`, or the configuration's) or through the
+//! broker's API (`--url` with the caller's OIDC token; needs `[auditors]`, and the read is audited).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::exchange::read_token;
+use super::load_config;
+use crate::audit::query::{IssuanceFilter, IssuancePage, IssuanceRecord};
+use crate::audit::PgAudit;
+use crate::auditors::csv;
+use crate::backend::signing::SigningKey;
+
+#[derive(Args)]
+pub struct QueryArgs {
+    /// Rows at or after this RFC 3339 time, or this long ago (90m, 2h, 7d, 2w).
+    #[arg(long)]
+    since: Option<String>,
+    /// Rows before this RFC 3339 time, or this long ago.
+    #[arg(long)]
+    until: Option<String>,
+    /// issued, denied, failed, revoked, revoke_failed, admin_request, audit_read (comma-separated).
+    #[arg(long)]
+    decision: Option<String>,
+    /// Problem code of a refusal (e.g. access_denied, ttl_not_satisfiable).
+    #[arg(long)]
+    code: Option<String>,
+    #[arg(long)]
+    role: Option<String>,
+    #[arg(long)]
+    target: Option<String>,
+    #[arg(long)]
+    backend: Option<String>,
+    #[arg(long)]
+    issuer: Option<String>,
+    /// The token's `sub` claim.
+    #[arg(long)]
+    subject: Option<String>,
+    /// Exact path, or a glob: `*` within one segment, `**` across (`platform/**`).
+    #[arg(long)]
+    project_path: Option<String>,
+    #[arg(long)]
+    namespace_path: Option<String>,
+    #[arg(long)]
+    pipeline_id: Option<String>,
+    #[arg(long)]
+    job_id: Option<String>,
+    /// A commit id, or a prefix of at least 7 hex digits.
+    #[arg(long)]
+    sha: Option<String>,
+    #[arg(long)]
+    user_login: Option<String>,
+    /// The SHA-256 fingerprint of an issued credential.
+    #[arg(long)]
+    credential_sha256: Option<String>,
+    /// Rows per page (1 to 1000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Continue after a previous page (its `next_cursor`).
+    #[arg(long)]
+    cursor: Option<String>,
+    /// Follow every page instead of printing one.
+    #[arg(long)]
+    all: bool,
+    /// One JSON object per line.
+    #[arg(long, conflicts_with = "csv")]
+    json: bool,
+    /// CSV with a header row (cells that a spreadsheet would run as formulas are neutralised).
+    #[arg(long)]
+    csv: bool,
+    /// Postgres URL; by default the configuration's `database_url`.
+    #[arg(long, env = "CREDBROKER_DATABASE_URL", hide_env_values = true, conflicts_with = "url")]
+    database_url: Option<String>,
+    /// Ask the broker at this URL instead of the database.
+    #[arg(long)]
+    url: Option<String>,
+    /// With --url: environment variable holding the caller's OIDC token.
+    #[arg(long, default_value = "CREDBROKER_ID_TOKEN", conflicts_with = "token_file")]
+    token_env: String,
+    /// With --url: file holding the caller's OIDC token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl QueryArgs {
+    /// The filters as the API's query parameters.
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let optional = [
+            ("since", &self.since),
+            ("until", &self.until),
+            ("decision", &self.decision),
+            ("code", &self.code),
+            ("role", &self.role),
+            ("target", &self.target),
+            ("backend", &self.backend),
+            ("issuer", &self.issuer),
+            ("subject", &self.subject),
+            ("project_path", &self.project_path),
+            ("namespace_path", &self.namespace_path),
+            ("pipeline_id", &self.pipeline_id),
+            ("job_id", &self.job_id),
+            ("sha", &self.sha),
+            ("user_login", &self.user_login),
+            ("credential_sha256", &self.credential_sha256),
+        ];
+        let mut pairs: Vec<(&'static str, String)> =
+            optional.into_iter().filter_map(|(name, value)| value.clone().map(|value| (name, value))).collect();
+        pairs.push(("limit", self.limit.to_string()));
+        pairs
+    }
+}
+
+enum Source {
+    Database(PgAudit),
+    Api { url: String, token: String, client: reqwest::Client },
+}
+
+impl Source {
+    async fn page(&self, pairs: &[(&'static str, String)], cursor: Option<&str>) -> anyhow::Result<IssuancePage> {
+        let mut pairs = pairs.to_vec();
+        if let Some(cursor) = cursor {
+            pairs.push(("cursor", cursor.to_owned()));
+        }
+        match self {
+            Source::Database(store) => {
+                let filter = IssuanceFilter::parse(pairs.iter().map(|(k, v)| (*k, v.as_str())), OffsetDateTime::now_utc())
+                    .map_err(|error| anyhow::anyhow!("--{}: {}", error.parameter.replace('_', "-"), error.message))?;
+                Ok(store.query_issuances(&filter).await?)
+            }
+            Source::Api { url, token, client } => {
+                let endpoint = format!("{}/v1/issuances", url.trim_end_matches('/'));
+                let response = client
+                    .get(&endpoint)
+                    .query(&pairs)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach {endpoint}"))?;
+                let status = response.status();
+                let body: serde_json::Value = response.json().await.with_context(|| format!("{endpoint} answered {status} without JSON"))?;
+                if !status.is_success() {
+                    bail!("{}: {}", body["code"].as_str().unwrap_or("error"), body["detail"].as_str().unwrap_or(""));
+                }
+                let items: Vec<ApiRecord> = serde_json::from_value(body["items"].clone()).context("unexpected answer")?;
+                Ok(IssuancePage {
+                    items: items.into_iter().map(ApiRecord::into_record).collect(),
+                    next_cursor: body["next_cursor"].as_str().map(str::to_owned),
+                })
+            }
+        }
+    }
+}
+
+/// A record as the API sends it (the JSON form of [`IssuanceRecord`]).
+#[derive(serde::Deserialize)]
+struct ApiRecord(serde_json::Map<String, serde_json::Value>);
+
+impl ApiRecord {
+    fn into_record(self) -> IssuanceRecord {
+        let text = |name: &str| self.0.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+        let number = |name: &str| self.0.get(name).and_then(|v| v.as_i64()).map(|n| n as i32);
+        let at = |name: &str| text(name).and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok());
+        IssuanceRecord {
+            id: text("id").and_then(|id| uuid::Uuid::parse_str(&id).ok()).unwrap_or_default(),
+            occurred_at: at("occurred_at").unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            recorded_at: at("recorded_at").unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            decision: text("decision").unwrap_or_default(),
+            code: text("code"),
+            detail: text("detail"),
+            issuer: text("issuer"),
+            subject: text("subject"),
+            project_path: text("project_path"),
+            namespace_path: text("namespace_path"),
+            pipeline_id: text("pipeline_id"),
+            job_id: text("job_id"),
+            git_ref: text("ref"),
+            sha: text("sha"),
+            user_login: text("user_login"),
+            environment: text("environment"),
+            role: text("role"),
+            target: text("target"),
+            backend: text("backend"),
+            requested_ttl_seconds: number("requested_ttl_seconds"),
+            granted_ttl_seconds: number("granted_ttl_seconds"),
+            expires_at: at("expires_at"),
+            job_deadline: at("job_deadline"),
+            overshoot_seconds: number("overshoot_seconds"),
+            credential_sha256: text("credential_sha256"),
+            credential_handle: text("credential_handle"),
+            client_addr: text("client_addr"),
+            occurrences: number("occurrences").unwrap_or(1),
+            claims: None,
+        }
+    }
+}
+
+fn database(url: Option<String>, config_path: Option<&Path>) -> anyhow::Result<PgAudit> {
+    let url = match url {
+        Some(url) => secrecy::SecretString::from(url),
+        None => load_config(config_path)?.database_url,
+    };
+    Ok(PgAudit::connect(&url, 1, Duration::from_secs(10))?)
+}
+
+fn table_line(record: &IssuanceRecord) -> String {
+    let dash = |value: &Option<String>| value.clone().unwrap_or_else(|| "-".into());
+    format!(
+        "{}  {:<13} {:<20} {:<20} {:<28} {:<10} {:<10} {:<8} ttl={:<6} {}",
+        record.occurred_at.format(&Rfc3339).unwrap_or_default(),
+        record.decision,
+        dash(&record.code),
+        dash(&record.role),
+        dash(&record.project_path),
+        dash(&record.pipeline_id),
+        dash(&record.job_id),
+        record.sha.as_deref().map(|sha| &sha[..sha.len().min(8)]).unwrap_or("-"),
+        record.granted_ttl_seconds.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+        record.id,
+    )
+}
+
+pub async fn query(args: QueryArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
+    let source = match &args.url {
+        Some(url) => {
+            let token = read_token(&args.token_env, args.token_file.as_deref()).map_err(|(_, message)| anyhow::anyhow!(message))?;
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .user_agent(concat!("credbroker-audit/", env!("CARGO_PKG_VERSION")))
+                .build()?;
+            Source::Api { url: url.clone(), token, client }
+        }
+        None => Source::Database(database(args.database_url.clone(), config_path)?),
+    };
+    let pairs = args.pairs();
+    let mut cursor = args.cursor.clone();
+    if args.csv {
+        print!("{}", csv::header());
+    } else if !args.json {
+        println!("{:<25}  {:<13} {:<20} {:<20} {:<28} {:<10} {:<10} {:<8} {:<10} id", "occurred_at", "decision", "code", "role", "project_path", "pipeline", "job", "sha", "ttl");
+    }
+    loop {
+        let page = source.page(&pairs, cursor.as_deref()).await?;
+        for record in &page.items {
+            if args.json {
+                println!("{}", serde_json::to_string(record)?);
+            } else if args.csv {
+                print!("{}", csv::record(record));
+            } else {
+                println!("{}", table_line(record));
+            }
+        }
+        match page.next_cursor {
+            Some(next) if args.all => cursor = Some(next),
+            Some(next) => {
+                if !args.json && !args.csv {
+                    eprintln!("more rows: --cursor {next} (or --all)");
+                } else {
+                    eprintln!("next cursor: {next}");
+                }
+                return Ok(());
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Check only checkpoints with rows at or after this RFC 3339 time, or this long ago (7d).
+    #[arg(long)]
+    since: Option<String>,
+    /// The seal key (PEM); by default the configuration's `audit_seal_key_file`.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Postgres URL; by default the configuration's `database_url`.
+    #[arg(long, env = "CREDBROKER_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Print the whole report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit status 0: every checked row is as sealed. 1: tampering found (or an error).
+pub async fn verify(args: VerifyArgs, config_path: Option<&Path>) -> anyhow::Result<bool> {
+    let key_path = match args.key {
+        Some(path) => path,
+        None => load_config(config_path)?
+            .audit_seal_key_file
+            .context("no seal key: pass --key FILE or set audit_seal_key_file in the configuration")?,
+    };
+    let key = SigningKey::from_pem_file(&key_path).with_context(|| format!("--key {}", key_path.display()))?;
+    let since = args
+        .since
+        .as_deref()
+        .map(|raw| crate::audit::query::parse_time(raw, OffsetDateTime::now_utc()).map_err(|m| anyhow::anyhow!("--since: {m}")))
+        .transpose()?;
+    let store = database(args.database_url, config_path)?;
+    let report = store.verify_seals(&key, since).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        match report.findings.first() {
+            None => println!(
+                "intact: {} checkpoints, {} rows verified (last checkpoint {})",
+                report.checkpoints,
+                report.rows_checked,
+                report.last_checkpoint.map(|n| n.to_string()).unwrap_or_else(|| "none".into())
+            ),
+            Some(first) => {
+                println!("TAMPERED: {}", first.message);
+                for finding in &report.findings[1..] {
+                    println!("  also: {}", finding.message);
+                }
+            }
+        }
+        if report.unsealed_rows > 0 {
+            let oldest = report.oldest_unsealed.and_then(|at| at.format(&Rfc3339).ok()).unwrap_or_default();
+            println!("{} rows are not sealed yet (oldest {oldest}); rows unsealed long after the seal interval mean the sealer is not running or checkpoints were removed", report.unsealed_rows);
+        }
+    }
+    Ok(report.intact())
+}
