@@ -55,6 +55,10 @@ pub struct Config {
     pub log_format: LogFormat,
     pub audit_writer: AuditWriterConfig,
     pub revocation_poll_seconds: u64,
+    /// `revocation_secret_key = { file = ".." }` (or `env`, `vault_kv`): the AES-256 key that
+    /// seals secrets a revocation needs (a Looker session token); parsed at startup by
+    /// `lifecycle::sealed::RevocationKey::load` (it may need the Vault connection).
+    pub revocation_secret_key: Option<toml::Value>,
     pub issuers: Vec<IssuerConfig>,
     /// Each backend's table is parsed by the backend itself (`backend::build`).
     pub backends: Vec<(BackendName, toml::Table)>,
@@ -168,6 +172,7 @@ struct RawConfig {
     audit_queue_capacity: u32,
     #[serde(default = "defaults::revocation_poll_seconds")]
     revocation_poll_seconds: u64,
+    revocation_secret_key: Option<toml::Value>,
     #[serde(default)]
     issuers: Vec<RawIssuer>,
     #[serde(default)]
@@ -390,6 +395,7 @@ impl Config {
             log_format: raw.log_format,
             audit_writer,
             revocation_poll_seconds: raw.revocation_poll_seconds,
+            revocation_secret_key: raw.revocation_secret_key,
             issuers,
             backends,
             vault,

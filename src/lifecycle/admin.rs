@@ -10,7 +10,6 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::revoke_due;
 use crate::audit::{AuditError, AuditEvent, AuditSlot, Decision, IssuanceSelector, IssuedCredential, RevocationReason, SELECTOR_LIMIT};
 use crate::broker::{rfc3339, Broker, ExchangeError, ExchangeFailure, ExchangeInput};
 use crate::types::{BackendName, Ttl};
@@ -211,7 +210,7 @@ pub async fn revoke(broker: &Broker, input: ExchangeInput<'_>) -> Result<Value, 
         for (issued, plan) in matched.iter().zip(&plans) {
             if let (Plan::Revoke, Some(backend), Some(handle)) = (plan, &issued.backend, &issued.handle) {
                 store
-                    .schedule_revocation(issued.issuance_id, backend, handle, now, RevocationReason::OnDemand, Some(&requested_by))
+                    .schedule_revocation(issued.issuance_id, backend, handle, now, RevocationReason::OnDemand, Some(&requested_by), None)
                     .await
                     .map_err(|e| unavailable(request_id, e))?;
                 ids.push(issued.issuance_id);
@@ -219,7 +218,7 @@ pub async fn revoke(broker: &Broker, input: ExchangeInput<'_>) -> Result<Value, 
         }
         // Attempted here so the answer can say what happened; what fails is retried by the worker.
         for chunk in ids.chunks(32) {
-            attempts.extend(revoke_due(&broker.audit, &broker.backends, Some(chunk)).await.map_err(|e| unavailable(request_id, e))?);
+            attempts.extend(broker.lifecycle.revoke_due(&broker.audit, &broker.backends, Some(chunk)).await.map_err(|e| unavailable(request_id, e))?);
         }
         broker.lifecycle.wake();
     }

@@ -6,7 +6,6 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::revoke_due;
 use crate::audit::RevocationReason;
 use crate::broker::{rfc3339, Broker, ExchangeError, ExchangeFailure, ExchangeInput};
 use crate::types::BackendName;
@@ -35,10 +34,10 @@ pub async fn release(broker: &Broker, input: ExchangeInput<'_>, issuance: &str) 
         return Ok(json!({ "issuance_id": issuance_id, "outcome": "already_revoked" }));
     }
     store
-        .schedule_revocation(issuance_id, backend_name, handle, now, RevocationReason::ExecExit, Some(&format!("{}:{}", token.issuer, token.subject)))
+        .schedule_revocation(issuance_id, backend_name, handle, now, RevocationReason::ExecExit, Some(&format!("{}:{}", token.issuer, token.subject)), None)
         .await
         .map_err(|e| fail(issuance_id, ExchangeError::AuditUnavailable(e)))?;
-    let attempts = revoke_due(&broker.audit, &broker.backends, Some(&[issuance_id])).await.map_err(|e| fail(issuance_id, ExchangeError::AuditUnavailable(e)))?;
+    let attempts = broker.lifecycle.revoke_due(&broker.audit, &broker.backends, Some(&[issuance_id])).await.map_err(|e| fail(issuance_id, ExchangeError::AuditUnavailable(e)))?;
     broker.lifecycle.wake();
     let outcome = match attempts.first().map(|attempt| &attempt.result) {
         Some(Ok(())) => "revoked",
