@@ -4,3 +4,6 @@
 -- id is the associated data, so a value cannot be moved to another row). Set to null as soon
 -- as the revocation succeeded or was given up.
 alter table revocations add column sealed_secret bytea;
+
+-- `revocations.reason` (free text, see 0005) also takes `superseded`: `credbroker exec` renewed
+-- the credential and released the one it replaced.

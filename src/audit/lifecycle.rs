@@ -21,6 +21,8 @@ pub enum RevocationReason {
     NotDelivered,
     /// `credbroker exec` is done with it.
     ExecExit,
+    /// `credbroker exec` renewed it: the new credential replaced it in the files.
+    Superseded,
 }
 
 impl RevocationReason {
@@ -30,6 +32,7 @@ impl RevocationReason {
             RevocationReason::OnDemand => "on_demand",
             RevocationReason::NotDelivered => "not_delivered",
             RevocationReason::ExecExit => "exec_exit",
+            RevocationReason::Superseded => "superseded",
         }
     }
 }
