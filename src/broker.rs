@@ -414,6 +414,18 @@ impl Broker {
         }
     }
 
+    /// Reserves the audit row of a request other than an exchange (admin requests, releases);
+    /// a full queue is `overloaded`.
+    pub(crate) fn reserve_row(&self, row_id: Uuid) -> Result<AuditSlot, ExchangeFailure> {
+        self.audit.reserve().map_err(|error| {
+            let error = match error {
+                AuditError::Overloaded { .. } => ExchangeError::Overloaded(error),
+                error => ExchangeError::AuditUnavailable(error),
+            };
+            ExchangeFailure { issuance_id: row_id, error }
+        })
+    }
+
     pub(crate) async fn refuse_unattributed(&self, slot: AuditSlot, mut event: AuditEvent, error: ExchangeError) -> ExchangeFailure {
         event.code = Some(error.code().as_str().to_owned());
         event.detail.get_or_insert_with(|| error.to_string());

@@ -29,13 +29,7 @@ async fn authorize(broker: &Broker, input: &ExchangeInput<'_>, action: &str) -> 
     event.client_addr = input.client_addr.clone();
     event.user_agent = input.user_agent.clone();
     event.target = Some(action.to_owned());
-    let slot = broker.audit.reserve().map_err(|error| {
-        let error = match error {
-            AuditError::Overloaded { .. } => ExchangeError::Overloaded(error),
-            error => ExchangeError::AuditUnavailable(error),
-        };
-        ExchangeFailure { issuance_id: id, error }
-    })?;
+    let slot = broker.reserve_row(id)?;
     let token = match broker.verify(input, now).await {
         Ok(token) => token,
         Err(error) => return Err(broker.refuse_unattributed(slot, event, error).await),

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::audit::{AuditError, AuditEvent, Decision, RevocationReason};
+use crate::audit::{AuditEvent, Decision, RevocationReason};
 use crate::broker::{rfc3339, Broker, ExchangeError, ExchangeFailure, ExchangeInput};
 use crate::types::BackendName;
 
@@ -37,14 +37,7 @@ pub async fn release(broker: &Broker, input: ExchangeInput<'_>, issuance: &str) 
     event.client_addr = input.client_addr.clone();
     event.user_agent = input.user_agent.clone();
     event.target = Some("release".into());
-    let row_id = event.id;
-    let slot = broker.audit.reserve().map_err(|error| {
-        let error = match error {
-            AuditError::Overloaded { .. } => ExchangeError::Overloaded(error),
-            error => ExchangeError::AuditUnavailable(error),
-        };
-        ExchangeFailure { issuance_id: row_id, error }
-    })?;
+    let slot = broker.reserve_row(event.id)?;
     let token = match broker.verify(&input, now).await {
         Ok(token) => token,
         Err(error) => {
