@@ -332,7 +332,7 @@ impl Broker {
         let schedule = credential.outlives_grant || credential.revocation_secret.is_some();
         if let (true, true, Some(handle)) = (schedule, backend.can_revoke(), &credential.handle) {
             let due_at = expires_at.min(token.job_deadline);
-            let sealed = match self.lifecycle.seal(issuance_id, &credential) {
+            let sealed = match self.lifecycle.seal(issuance_id, &credential).await {
                 Ok(sealed) => sealed,
                 Err(detail) => {
                     let error = crate::backend::BackendError::Failed { backend: role.backend.to_string(), detail };

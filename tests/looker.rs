@@ -298,6 +298,45 @@ async fn the_deadline_logout_survives_a_broker_restart() {
     assert_revoked_and_forgotten(&second.pool, &issuance_id).await;
 }
 
+/// With `revocation_secret_key = { vault_transit = ... }` the key never leaves Vault: the token
+/// is sealed by `transit/encrypt` (the issuance id as associated data) and opened by
+/// `transit/decrypt` only when the worker ends the session.
+#[tokio::test]
+async fn the_session_token_can_be_sealed_by_vault_transit_instead() {
+    use common::vault_standin::{VaultStandin, ROLE_ID, SECRET_ID};
+    let vault = VaultStandin::start().await;
+    vault.create_transit_aead_key("credbroker-revocations");
+    let looker = LookerStandin::start().await;
+    looker.add_user("42", "reports-bot@example.com");
+    let secrets = common::temp_dir();
+    std::fs::write(secrets.0.join("vault-secret-id"), SECRET_ID).unwrap();
+    let tables = format!(
+        "[vault]\naddress = \"{}\"\n[vault.approle]\nrole_id = \"{ROLE_ID}\"\nsecret_id_file = \"{}\"\n{}",
+        vault.url,
+        secrets.0.join("vault-secret-id").display(),
+        looker_tables(&looker.url, &secrets.0, CLIENT_SECRET)
+    );
+    let extra = "revocation_secret_key = { vault_transit = \"credbroker-revocations\" }\nrevocation_poll_seconds = 1";
+    let app = TestApp::spawn_full(extra, &tables, POLICIES, None).await;
+
+    let deadline = time::OffsetDateTime::now_utc().unix_timestamp() + 3;
+    let (status, _, body) = app.exchange(&app.issuer.token_with(json!({"exp": deadline})), json!({"role": "looker-by-id"})).await;
+    assert_eq!(status, 200, "{body}");
+    let token = token_of(&body).to_owned();
+    let issuance_id = body["issuance_id"].as_str().unwrap().to_owned();
+    let sealed: Vec<u8> = sqlx::query_scalar("select sealed_secret from revocations").fetch_one(&app.pool).await.unwrap();
+    assert!(sealed.starts_with(b"vault:v1:"), "Vault's ciphertext is stored");
+    assert!(!revocations_hold(&app.pool, &token).await, "the token is in the revocations table in clear");
+    let issuance_bytes = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, uuid::Uuid::parse_str(&issuance_id).unwrap().as_bytes());
+    let (operation, key, request) = vault.with(|s| s.aead_requests[0].clone());
+    assert_eq!((operation.as_str(), key.as_str()), ("encrypt", "credbroker-revocations"));
+    assert_eq!(request["associated_data"], issuance_bytes.as_str(), "bound to its row");
+
+    wait_until_logged_out(&looker, &token, deadline).await;
+    assert_revoked_and_forgotten(&app.pool, &issuance_id).await;
+    assert_eq!(vault.with(|s| s.aead_requests.iter().filter(|(op, _, _)| op == "decrypt").count()), 1);
+}
+
 #[tokio::test]
 async fn a_job_ends_its_own_session_early_and_nobody_elses() {
     let lk = spawn().await;

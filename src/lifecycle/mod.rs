@@ -57,10 +57,10 @@ impl Lifecycle {
 
     /// Seals a credential's revocation secret for the schedule. Err when no key is configured
     /// (startup refuses that for backends that need one, so this is a last line of defence).
-    pub fn seal(&self, issuance_id: Uuid, credential: &Credential) -> Result<Option<Vec<u8>>, String> {
+    pub async fn seal(&self, issuance_id: Uuid, credential: &Credential) -> Result<Option<Vec<u8>>, String> {
         match (&credential.revocation_secret, &self.key) {
             (None, _) => Ok(None),
-            (Some(secret), Some(key)) => Ok(Some(key.seal(issuance_id, secret))),
+            (Some(secret), Some(key)) => key.seal(issuance_id, secret).await.map(Some).map_err(|e| format!("cannot seal the credential for its revocation: {e}")),
             (Some(_), None) => Err("the credential needs revocation_secret_key to be revocable, and none is configured".into()),
         }
     }
@@ -79,7 +79,7 @@ impl Lifecycle {
         let backend = BackendName::parse(&revocation.backend).ok().and_then(|name| backends.get(&name).cloned());
         let secret = match (&revocation.sealed_secret, &self.key) {
             (None, _) => Ok(None),
-            (Some(sealed), Some(key)) => key.open(revocation.issuance_id, sealed).map(Some).map_err(|e| e.to_string()),
+            (Some(sealed), Some(key)) => key.open(revocation.issuance_id, sealed).await.map(Some).map_err(|e| e.to_string()),
             (Some(_), None) => Err("the stored secret needs revocation_secret_key, which this broker does not have".to_owned()),
         };
         let result = match (backend, secret) {
@@ -226,7 +226,11 @@ impl UndeliveredCredential {
         let now = OffsetDateTime::now_utc();
         let store = self.audit.store();
         let sealed = match (&self.secret, &self.lifecycle.key) {
-            (Some(secret), Some(key)) => Some(key.seal(self.issuance_id, secret)),
+            (Some(secret), Some(key)) => match key.seal(self.issuance_id, secret).await {
+                Ok(sealed) => Some(sealed),
+                // Without its secret the schedule could not end it: end it now, while we hold it.
+                Err(error) => return self.revoke_directly(&error.to_string()).await,
+            },
             _ => None,
         };
         let scheduled = store
@@ -237,16 +241,21 @@ impl UndeliveredCredential {
                 tracing::warn!(issuance_id = %self.issuance_id, "credential minted but not delivered; revoking it");
                 self.lifecycle.wake();
             }
-            Err(error) => match self.backend.revoke(&self.handle, self.secret.as_ref()).await {
-                Ok(()) => tracing::warn!(issuance_id = %self.issuance_id, handle = self.handle, %error, "credential minted but not delivered; revoked it directly (the schedule is unavailable)"),
-                Err(revoke_error) => tracing::error!(
-                    issuance_id = %self.issuance_id,
-                    handle = self.handle,
-                    %error,
-                    %revoke_error,
-                    "credential minted but not delivered, and neither scheduled nor revoked: revoke it by hand"
-                ),
-            },
+            Err(error) => self.revoke_directly(&error.to_string()).await,
+        }
+    }
+
+    /// `why`: the reason the schedule cannot take it.
+    async fn revoke_directly(self, why: &str) {
+        match self.backend.revoke(&self.handle, self.secret.as_ref()).await {
+            Ok(()) => tracing::warn!(issuance_id = %self.issuance_id, handle = self.handle, error = why, "credential minted but not delivered; revoked it directly (the schedule is unavailable)"),
+            Err(revoke_error) => tracing::error!(
+                issuance_id = %self.issuance_id,
+                handle = self.handle,
+                error = why,
+                %revoke_error,
+                "credential minted but not delivered, and neither scheduled nor revoked: revoke it by hand"
+            ),
         }
     }
 }

@@ -20,6 +20,10 @@
 //! - PUT  sys/leases/revoke          https://developer.hashicorp.com/vault/api-docs/system/leases#revoke-lease
 //! - POST transit/sign/:name         https://developer.hashicorp.com/vault/api-docs/secret/transit#sign-data
 //! - GET  transit/keys/:name         https://developer.hashicorp.com/vault/api-docs/secret/transit#read-key
+//! - POST transit/encrypt/:name      https://developer.hashicorp.com/vault/api-docs/secret/transit#encrypt-data
+//! - POST transit/decrypt/:name      https://developer.hashicorp.com/vault/api-docs/secret/transit#decrypt-data
+//!   (`aes256-gcm96` keys: base64 `plaintext`, optional base64 `associated_data`; ciphertext
+//!   `vault:v1:` + base64(nonce ‖ ciphertext ‖ tag); a ciphertext that does not open is 400)
 //! - GET  secret/data/:path          https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2#read-secret-version
 //!
 //! Simplifications, each outside what the broker relies on: one token policy (a path-prefix
@@ -79,6 +83,10 @@ pub struct StandinState {
     pub jwt_mounts: HashMap<String, JwtMount>,
     /// (mount, role, jwt) of every login at a Kubernetes or JWT mount, accepted or not.
     pub jwt_logins: Vec<(String, Option<String>, String)>,
+    /// `aes256-gcm96` transit keys (one version each).
+    pub transit_aead_keys: HashMap<String, [u8; 32]>,
+    /// (operation, key, body) of every transit/encrypt and transit/decrypt call.
+    pub aead_requests: Vec<(String, String, Value)>,
 }
 
 /// A Kubernetes or JWT auth mount with one role.
@@ -146,6 +154,8 @@ impl VaultStandin {
             namespaces: Vec::new(),
             jwt_mounts: HashMap::new(),
             jwt_logins: Vec::new(),
+            transit_aead_keys: HashMap::new(),
+            aead_requests: Vec::new(),
         }));
         let router = Router::new().route("/v1/{*path}", any(dispatch)).with_state(state.clone());
         tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
@@ -177,6 +187,13 @@ impl VaultStandin {
                 .or_default()
                 .push(TransitVersion { private_pem: private_pem.to_owned(), ecdsa, created: OffsetDateTime::now_utc() })
         });
+    }
+
+    /// Creates an `aes256-gcm96` transit key (`transit/keys/:name` with `type = aes256-gcm96`).
+    pub fn create_transit_aead_key(&self, name: &str) {
+        let mut key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+        self.with(|s| s.transit_aead_keys.insert(name.to_owned(), key));
     }
 
     /// Enables a Kubernetes (`method = "kubernetes"`) or JWT (`"jwt"`) auth mount with one role,
@@ -474,6 +491,11 @@ async fn dispatch(
             let data = json!({ "signature": format!("vault:v{version}:{}", STANDARD.encode(raw)), "key_version": version });
             envelope(data, "", 0, false, Value::Null, None)
         }
+        ("POST" | "PUT", ["transit", operation @ ("encrypt" | "decrypt"), name]) => {
+            s.aead_requests.push((operation.to_string(), name.to_string(), body.clone()));
+            let Some(key) = s.transit_aead_keys.get(*name) else { return error(StatusCode::BAD_REQUEST, "encryption key not found") };
+            transit_aead(key, operation, &body)
+        }
         ("GET", ["secret", "data", rest @ ..]) => {
             let kv_path = rest.join("/");
             let Some((version, data)) = s.kv.get(&kv_path) else { return error(StatusCode::NOT_FOUND, "") };
@@ -485,6 +507,39 @@ async fn dispatch(
             envelope(data, "", 0, false, Value::Null, None)
         }
         _ => error(StatusCode::NOT_FOUND, &format!("no handler for route \"{path}\". route entry not found.")),
+    }
+}
+
+/// `transit/encrypt` and `transit/decrypt` with a real AES-256-GCM key.
+fn transit_aead(key: &[u8; 32], operation: &str, body: &Value) -> Response {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    let cipher = aes_gcm::Aes256Gcm::new(&(*key).into());
+    let decode = |field: &str| match body[field].as_str() {
+        None => Ok(Vec::new()),
+        Some(text) => STANDARD.decode(text).map_err(|_| format!("failed to base64-decode {field}")),
+    };
+    let associated_data = match decode("associated_data") {
+        Ok(data) => data,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    if operation == "encrypt" {
+        let plaintext = match decode("plaintext") {
+            Ok(data) => data,
+            Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+        };
+        let mut nonce = [0u8; 12];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+        let sealed = cipher.encrypt(&nonce.into(), Payload { msg: &plaintext, aad: &associated_data }).unwrap();
+        let ciphertext = format!("vault:v1:{}", STANDARD.encode([nonce.as_slice(), &sealed].concat()));
+        return envelope(json!({ "ciphertext": ciphertext, "key_version": 1 }), "", 0, false, Value::Null, None);
+    }
+    let Some(raw) = body["ciphertext"].as_str().and_then(|c| c.strip_prefix("vault:v1:")).and_then(|c| STANDARD.decode(c).ok()).filter(|raw| raw.len() > 12) else {
+        return error(StatusCode::BAD_REQUEST, "invalid ciphertext: no prefix");
+    };
+    let nonce: [u8; 12] = raw[..12].try_into().unwrap();
+    match cipher.decrypt(&nonce.into(), Payload { msg: &raw[12..], aad: &associated_data }) {
+        Ok(plaintext) => envelope(json!({ "plaintext": STANDARD.encode(plaintext) }), "", 0, false, Value::Null, None),
+        Err(_) => error(StatusCode::BAD_REQUEST, "cipher: message authentication failed"),
     }
 }
 
