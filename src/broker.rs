@@ -327,12 +327,22 @@ impl Broker {
         // is revoked (the guard), and one the target would keep past its grant is scheduled
         // for revocation before the issued row lets it out.
         let undelivered = self.lifecycle.guard_undelivered(&self.audit, backend, &role.backend, issuance_id, &credential);
-        if let (true, true, Some(handle)) = (credential.outlives_grant, backend.can_revoke(), &credential.handle) {
+        // A credential that needs a secret to be revoked (a Looker session) is always
+        // scheduled, with the secret sealed, so it can also be ended on demand.
+        let schedule = credential.outlives_grant || credential.revocation_secret.is_some();
+        if let (true, true, Some(handle)) = (schedule, backend.can_revoke(), &credential.handle) {
             let due_at = expires_at.min(token.job_deadline);
+            let sealed = match self.lifecycle.seal(issuance_id, &credential).await {
+                Ok(sealed) => sealed,
+                Err(detail) => {
+                    let error = crate::backend::BackendError::Failed { backend: role.backend.to_string(), detail };
+                    return Err(self.fail(slot, event, error.into()).await);
+                }
+            };
             let scheduled = self
                 .audit
                 .store()
-                .schedule_revocation(issuance_id, role.backend.as_str(), handle, due_at, RevocationReason::Deadline, None)
+                .schedule_revocation(issuance_id, role.backend.as_str(), handle, due_at, RevocationReason::Deadline, None, sealed.as_deref())
                 .await;
             if let Err(error) = scheduled {
                 return Err(self.fail(slot, event, ExchangeError::AuditUnavailable(error)).await);
@@ -402,6 +412,18 @@ impl Broker {
             Some(reason) => Err(denied(reason, false)),
             None => Ok(delivery),
         }
+    }
+
+    /// Reserves the audit row of a request other than an exchange (admin requests, releases);
+    /// a full queue is `overloaded`.
+    pub(crate) fn reserve_row(&self, row_id: Uuid) -> Result<AuditSlot, ExchangeFailure> {
+        self.audit.reserve().map_err(|error| {
+            let error = match error {
+                AuditError::Overloaded { .. } => ExchangeError::Overloaded(error),
+                error => ExchangeError::AuditUnavailable(error),
+            };
+            ExchangeFailure { issuance_id: row_id, error }
+        })
     }
 
     pub(crate) async fn refuse_unattributed(&self, slot: AuditSlot, mut event: AuditEvent, error: ExchangeError) -> ExchangeFailure {

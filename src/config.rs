@@ -63,6 +63,10 @@ pub struct Config {
     /// `serve` applies migrations at start; false when it runs as `credbroker_broker`, which
     /// may not create tables (migrate with `credbroker migrate` as the owner instead).
     pub migrate_on_start: bool,
+    /// `revocation_secret_key = { file = ".." }` (or `env`, `vault_kv`): the AES-256 key that
+    /// seals secrets a revocation needs (a Looker session token); parsed at startup by
+    /// `lifecycle::sealed::RevocationKey::load` (it may need the Vault connection).
+    pub revocation_secret_key: Option<toml::Value>,
     pub issuers: Vec<IssuerConfig>,
     /// Each backend's table is parsed by the backend itself (`backend::build`).
     pub backends: Vec<(BackendName, toml::Table)>,
@@ -184,6 +188,7 @@ struct RawConfig {
     audit_seal_interval_seconds: u64,
     #[serde(default = "defaults::migrate_on_start")]
     migrate_on_start: bool,
+    revocation_secret_key: Option<toml::Value>,
     #[serde(default)]
     issuers: Vec<RawIssuer>,
     #[serde(default)]
@@ -416,6 +421,7 @@ impl Config {
             audit_seal_key_file: raw.audit_seal_key_file.map(|file| base_dir.join(file)),
             audit_seal_interval_seconds: raw.audit_seal_interval_seconds,
             migrate_on_start: raw.migrate_on_start,
+            revocation_secret_key: raw.revocation_secret_key,
             issuers,
             backends,
             vault,

@@ -18,6 +18,7 @@ use crate::config::{Config, DEV_ISSUER_NAME};
 use crate::dev::DevIssuer;
 use crate::gogs::{Gogs, GogsConfig};
 use crate::http::{self, AppState, DevIssuerDocuments};
+use crate::lifecycle::sealed::RevocationKey;
 use crate::lifecycle::Lifecycle;
 use crate::oidc::Verifier;
 use crate::policy::{CompileContext, PolicySet};
@@ -85,6 +86,15 @@ impl Application {
         let dev_state_dir = options.dev.then(|| DevIssuer::state_dir(&config));
         let backends = Backends::build(&config, dev_state_dir.as_deref())?;
         let policies = load_policies(&config, &backends, false)?;
+        let revocation_key = RevocationKey::load(&config, backends.vault()).await?;
+        if let (None, Some(first)) = (&revocation_key, backends.needing_revocation_key().first()) {
+            bail!(
+                "{}: key `revocation_secret_key`: is required because backend {first} ends its credentials with a secret the \
+                 revocation schedule must keep encrypted (e.g. revocation_secret_key = {{ file = \"/run/secrets/credbroker-revocation-key\" }}, \
+                 32 random bytes in base64: openssl rand -base64 32)",
+                config.source_name()
+            );
+        }
         tracing::info!(roles = policies.len(), dir = %config.policy_dir.display(), "policies loaded");
 
         let store = PgAudit::connect(
@@ -135,7 +145,7 @@ impl Application {
             backends,
             audit,
             max_uses_per_token: config.max_uses_per_token,
-            lifecycle: Lifecycle::new(Duration::from_secs(config.revocation_poll_seconds)),
+            lifecycle: Lifecycle::new(Duration::from_secs(config.revocation_poll_seconds), revocation_key),
             gogs,
         };
         let state = AppState {

@@ -372,8 +372,10 @@ async fn verify_names_the_row_updated_deleted_reordered_or_inserted() {
     sqlx::query("alter table audit_events enable trigger audit_events_append_only").execute(&mut *transaction).await.unwrap();
     transaction.commit().await.unwrap();
     let report = store.verify_seals(&key, None).await.unwrap();
-    assert_eq!(report.findings.len(), 1, "{report:?}");
-    assert_eq!((report.findings[0].kind.clone(), report.findings[0].event_id), (FindingKind::Reordered, Some(rows[1])));
+    // Under load the six rows may be sealed in two checkpoints, and a swap across their border
+    // is reported from both sides; the first finding always names the first moved row.
+    assert!(!report.intact(), "{report:?}");
+    assert_eq!((report.findings[0].kind.clone(), report.findings[0].event_id), (FindingKind::Reordered, Some(rows[1])), "{report:?}");
 
     // A row slipped in among sealed ones (its tx set to a sealed row's).
     let (store, pool, key, rows) = sealed_log(4, 100).await;

@@ -657,3 +657,97 @@ async fn exec_forwards_signals_and_exits_with_the_commands_status() {
     assert_eq!(status.code(), Some(42));
     assert!(vault.with(|s| s.leases.values().all(|lease| lease.revoked_at.is_some())), "revoked after the command ended");
 }
+
+/// A renewal revokes the credential it replaced while the command still runs (not at exit):
+/// the command's environment keeps the first credential, the files hold the live one.
+#[tokio::test]
+async fn exec_revokes_a_superseded_credential_at_renewal_while_the_command_runs() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let out = common::temp_dir();
+    let stop = out.0.join("stop");
+    let script = format!(
+        "echo \"$SNOWFLAKE_USER\" > {dir}/env-user; while [ ! -e {stop} ]; do sleep 0.1; done; \
+         cp \"$CREDBROKER_CREDENTIALS_DIR/snowflake-long.json\" {dir}/latest.json; exit 3",
+        dir = out.0.display(),
+        stop = stop.display()
+    );
+    let mut child = exec_command(&app, &app.issuer.token(), &["--role", "snowflake-long", "--ttl", "3s", "--", "sh", "-c", &script]).spawn().unwrap();
+
+    let first_lease = async {
+        eventually("the first credential", Duration::from_secs(10), || vault.with(|s| s.leases.len() == 1)).await;
+        vault.with(|s| s.leases.keys().next().unwrap().clone())
+    }
+    .await;
+    eventually("the first lease revoked at renewal", Duration::from_secs(10), || revoked_at_standin(&vault, &first_lease)).await;
+    assert!(child.try_wait().unwrap().is_none(), "revoked while the command still runs, not at its exit");
+    let (renewed, live): (usize, usize) = vault.with(|s| (s.leases.len(), s.leases.values().filter(|l| l.revoked_at.is_none()).count()));
+    assert!(renewed >= 2 && live == 1, "one live credential after renewal: {renewed} leases, {live} live");
+    let superseded = rows_for_handle(&app.pool, "revoked", &first_lease).await;
+    assert_eq!(superseded.len(), 1, "{superseded:?}");
+    let detail = superseded[0]["detail"].as_str().unwrap();
+    assert!(detail.contains("superseded") && detail.contains("superseded by issuance"), "{detail}");
+
+    std::fs::write(&stop, "").unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(output.status.code(), Some(3), "{}", String::from_utf8_lossy(&output.stderr));
+    let env_user = std::fs::read_to_string(out.0.join("env-user")).unwrap();
+    let latest: Value = serde_json::from_str(&std::fs::read_to_string(out.0.join("latest.json")).unwrap()).unwrap();
+    assert_ne!(latest["env"]["SNOWFLAKE_USER"].as_str().unwrap(), env_user.trim(), "the file holds the renewed user, the environment the first");
+    assert!(vault.with(|s| s.leases.values().all(|lease| lease.revoked_at.is_some())), "the last one revoked at exit");
+    // Each lease revoked exactly once: superseded ones are not revoked again at exit.
+    assert!(vault.with(|s| s.leases.keys().all(|id| s.lease_revocations.iter().filter(|r| *r == id).count() == 1)));
+}
+
+/// `DELETE /v1/credentials/{id}` refused: without a valid token (401) or with another job's
+/// token (403), each with a `denied` row; a malformed body is a 400, also recorded.
+#[tokio::test]
+async fn refused_credential_releases_are_audited() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let body = issue(&app, "snowflake-ci", json!({})).await;
+    let issuance_id = body["issuance_id"].as_str().unwrap();
+    let delete = |token: String, body: &'static str| {
+        let request = app.client.delete(format!("{}/v1/credentials/{issuance_id}", app.url)).bearer_auth(token).body(body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let denied_rows = || async {
+        sqlx::query_scalar::<_, Value>("select to_jsonb(a) from audit_events a where decision = 'denied' and target = 'release' order by occurred_at")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap()
+    };
+
+    let (status, problem) = delete("not-a-jwt".into(), "").await;
+    assert_eq!((status, problem["code"].as_str()), (401, Some("invalid_token")), "{problem}");
+    let rows = denied_rows().await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["code"], "invalid_token");
+    assert!(rows[0]["detail"].as_str().unwrap().contains(issuance_id), "{}", rows[0]);
+
+    let other_job = app.issuer.token_with(json!({"job_id": "999"}));
+    let (status, problem) = delete(other_job, "").await;
+    assert_eq!((status, problem["code"].as_str()), (403, Some("access_denied")), "{problem}");
+    let rows = denied_rows().await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[1]["code"], "access_denied");
+    assert_eq!(rows[1]["job_id"], "999");
+    assert_eq!(rows[1]["id"], problem["issuance_id"], "the problem names the audit row");
+    assert!(rows[1]["detail"].as_str().unwrap().contains(&format!("no credential {issuance_id} was issued for this job token")), "{}", rows[1]);
+
+    let (status, problem) = delete(app.issuer.token(), "{\"superseded\": true}").await;
+    assert_eq!((status, problem["code"].as_str()), (400, Some("invalid_request")), "{problem}");
+    assert_eq!(denied_rows().await.len(), 3);
+    assert!(vault.with(|s| s.lease_revocations.is_empty()), "nothing refused was revoked");
+}
+
+#[test]
+fn exec_help_says_the_environment_keeps_the_first_credential() {
+    let output = Command::new(BIN).args(["exec", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout).replace('\n', " ");
+    assert!(output.status.success());
+    for promise in ["ENVIRONMENT IS NOT UPDATED", "keeps the first credential", "must read the file", "revokes the credential it replaced"] {
+        assert!(help.contains(promise), "`exec --help` lacks {promise:?}: {help}");
+    }
+}

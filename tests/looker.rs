@@ -64,6 +64,20 @@ timeout_seconds = 5
     )
 }
 
+/// Top-level config lines: the AES-256 key that seals Looker session tokens in the
+/// revocation schedule (written to `dir`), and a worker that looks for due revocations every second.
+fn revocation_key_extra(dir: &std::path::Path) -> String {
+    use base64::Engine;
+    let path = dir.join("revocation.key");
+    std::fs::write(&path, format!("{}\n", base64::engine::general_purpose::STANDARD.encode([9u8; 32]))).unwrap();
+    format!("revocation_secret_key = {{ file = \"{}\" }}\nrevocation_poll_seconds = 1", path.display())
+}
+
+async fn spawn_app(looker_url: &str, secrets: &std::path::Path, client_secret: &str, policies: &str, database_url: Option<String>) -> TestApp {
+    let tables = looker_tables(looker_url, secrets, client_secret);
+    TestApp::spawn_full(&revocation_key_extra(secrets), &tables, policies, database_url).await
+}
+
 struct LookerApp {
     app: TestApp,
     looker: LookerStandin,
@@ -74,8 +88,7 @@ async fn spawn_with_secret(client_secret: &str) -> LookerApp {
     let looker = LookerStandin::start().await;
     looker.add_user("42", "reports-bot@example.com");
     let secrets = common::temp_dir();
-    let tables = looker_tables(&looker.url, &secrets.0, client_secret);
-    let app = TestApp::spawn_full("", &tables, POLICIES, None).await;
+    let app = spawn_app(&looker.url, &secrets.0, client_secret, POLICIES, None).await;
     LookerApp { app, looker, _secrets: secrets }
 }
 
@@ -149,26 +162,236 @@ async fn user_email_is_resolved_once() {
     assert_eq!(lk.looker.email_lookups(), 1);
 }
 
+/// The `revocations` row of an issuance, as JSON (bytea shows as hex).
+async fn revocation_row(pool: &sqlx::PgPool, issuance_id: &str) -> Option<Value> {
+    sqlx::query_scalar::<_, Value>("select to_jsonb(r) from revocations r where issuance_id = $1")
+        .bind(uuid::Uuid::parse_str(issuance_id).unwrap())
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+/// Every `revocations` row as stored, as raw text and bytes, for "the token is not in it".
+async fn revocations_hold(pool: &sqlx::PgPool, token: &str) -> bool {
+    let rows: Vec<(String, Option<Vec<u8>>)> =
+        sqlx::query_as("select to_jsonb(r)::text, sealed_secret from revocations r").fetch_all(pool).await.unwrap();
+    assert!(!rows.is_empty(), "no revocations row at all");
+    rows.iter().any(|(json, sealed)| {
+        json.contains(token) || json.contains(&hex::encode(token)) || sealed.as_ref().is_some_and(|bytes| bytes.windows(token.len()).any(|w| w == token.as_bytes()))
+    })
+}
+
+async fn wait_until_logged_out(looker: &LookerStandin, token: &str, deadline: i64) {
+    let started = Instant::now();
+    while whoami(looker, token).await.is_ok() {
+        assert!(started.elapsed() < Duration::from_secs(15), "the session outlived the job");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(time::OffsetDateTime::now_utc().unix_timestamp() >= deadline - 1, "ended before the deadline");
+    assert_eq!(whoami(looker, token).await, Err(401));
+}
+
+/// After the worker's `revoked` row: the schedule is done and its ciphertext gone.
+async fn assert_revoked_and_forgotten(pool: &sqlx::PgPool, issuance_id: &str) {
+    let started = Instant::now();
+    loop {
+        let row = revocation_row(pool, issuance_id).await.unwrap();
+        if row["state"] == "revoked" {
+            assert_eq!(row["sealed_secret"], Value::Null, "ciphertext kept after use: {row}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "not marked revoked: {row}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let revoked: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'revoked' and request_id = $1")
+        .bind(format!("revocation:{issuance_id}"))
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0]["backend"], "looker");
+    assert_eq!(revoked[0]["credential_handle"], "42");
+}
+
 #[tokio::test]
 async fn the_session_ends_at_the_job_deadline_when_that_is_sooner_than_lookers_hour() {
     let lk = spawn().await;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let job_token = lk.app.issuer.token_with(json!({"exp": now + 3}));
+    let deadline = time::OffsetDateTime::now_utc().unix_timestamp() + 3;
+    let job_token = lk.app.issuer.token_with(json!({"exp": deadline}));
     let (status, _, body) = lk.app.exchange(&job_token, json!({"role": "looker-by-id"})).await;
     assert_eq!(status, 200, "{body}");
     let token = token_of(&body).to_owned();
+    let issuance_id = body["issuance_id"].as_str().unwrap().to_owned();
     assert!(body["credential"]["ttl_rule"].as_str().unwrap().contains("logout"), "{body}");
     assert_eq!(whoami(&lk.looker, &token).await.unwrap()["id"], "42");
-    let started = Instant::now();
-    while whoami(&lk.looker, &token).await.is_ok() {
-        assert!(started.elapsed() < Duration::from_secs(10), "the session outlived the job");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(time::OffsetDateTime::now_utc().unix_timestamp() >= now + 2, "ended before the deadline");
-    assert_eq!(whoami(&lk.looker, &token).await, Err(401));
+
+    // Handed to the durable schedule, the token only sealed.
+    let row = revocation_row(&lk.app.pool, &issuance_id).await.expect("no revocation scheduled");
+    assert_eq!(row["state"], "pending");
+    assert_eq!(row["reason"], "deadline");
+    assert_eq!(row["handle"], "42");
+    assert!(row["sealed_secret"].as_str().is_some_and(|hex| hex.len() > 2 * (12 + 16)), "{row}");
+    assert!(!revocations_hold(&lk.app.pool, &token).await, "the token is in the revocations table in clear");
+
+    wait_until_logged_out(&lk.looker, &token, deadline).await;
     let logouts = lk.looker.logouts();
     assert_eq!(logouts.len(), 1);
     assert_eq!(logouts[0].user_id, "42");
+    assert_revoked_and_forgotten(&lk.app.pool, &issuance_id).await;
+}
+
+/// A broker issues a short-lived session and dies (its whole runtime is shut down, so nothing
+/// in its memory survives); a second broker on the same database ends the session at the deadline.
+#[tokio::test]
+async fn the_deadline_logout_survives_a_broker_restart() {
+    let looker = LookerStandin::start().await;
+    looker.add_user("42", "reports-bot@example.com");
+    let secrets = common::temp_dir();
+    let issuer = common::TestIssuer::start().await;
+    let database_url = common::fresh_database().await;
+    let text = common::config_text_with_tables(
+        &issuer.url,
+        &database_url,
+        "http://127.0.0.1:1",
+        &revocation_key_extra(&secrets.0),
+        &looker_tables(&looker.url, &secrets.0, CLIENT_SECRET),
+    );
+    std::fs::write(secrets.0.join("kafka.pem"), common::rsa_pem(2)).unwrap();
+    std::fs::write(secrets.0.join("policies/test.toml"), POLICIES).unwrap();
+    let config_path = secrets.0.join("credbroker.toml");
+    std::fs::write(&config_path, &text).unwrap();
+
+    // The first broker, on a runtime of its own.
+    let (first_runtime, first_url) = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let url = runtime.block_on(async move {
+            let config = credbroker::config::Config::parse(&text, &config_path, std::iter::empty()).unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let application = credbroker::startup::Application::build_on(listener, config, Default::default()).await.unwrap();
+            tokio::spawn(application.run_until_stopped());
+            url
+        });
+        (runtime, url)
+    })
+    .await
+    .unwrap();
+    let deadline = time::OffsetDateTime::now_utc().unix_timestamp() + 4;
+    let response = reqwest::Client::new()
+        .post(format!("{first_url}/v1/credentials"))
+        .bearer_auth(issuer.token_with(json!({"exp": deadline})))
+        .json(&json!({"role": "looker-by-id"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let token = token_of(&body).to_owned();
+    let issuance_id = body["issuance_id"].as_str().unwrap().to_owned();
+    first_runtime.shutdown_background();
+    assert_eq!(whoami(&looker, &token).await.unwrap()["id"], "42", "the session must still be live after the first broker died");
+
+    let second = spawn_app(&looker.url, &secrets.0, CLIENT_SECRET, POLICIES, Some(database_url)).await;
+    assert!(!revocations_hold(&second.pool, &token).await, "the token is in the revocations table in clear");
+    wait_until_logged_out(&looker, &token, deadline).await;
+    assert_eq!(looker.logouts().len(), 1);
+    assert_revoked_and_forgotten(&second.pool, &issuance_id).await;
+}
+
+/// With `revocation_secret_key = { vault_transit = ... }` the key never leaves Vault: the token
+/// is sealed by `transit/encrypt` (the issuance id as associated data) and opened by
+/// `transit/decrypt` only when the worker ends the session.
+#[tokio::test]
+async fn the_session_token_can_be_sealed_by_vault_transit_instead() {
+    use common::vault_standin::{VaultStandin, ROLE_ID, SECRET_ID};
+    let vault = VaultStandin::start().await;
+    vault.create_transit_aead_key("credbroker-revocations");
+    let looker = LookerStandin::start().await;
+    looker.add_user("42", "reports-bot@example.com");
+    let secrets = common::temp_dir();
+    std::fs::write(secrets.0.join("vault-secret-id"), SECRET_ID).unwrap();
+    let tables = format!(
+        "[vault]\naddress = \"{}\"\n[vault.approle]\nrole_id = \"{ROLE_ID}\"\nsecret_id_file = \"{}\"\n{}",
+        vault.url,
+        secrets.0.join("vault-secret-id").display(),
+        looker_tables(&looker.url, &secrets.0, CLIENT_SECRET)
+    );
+    let extra = "revocation_secret_key = { vault_transit = \"credbroker-revocations\" }\nrevocation_poll_seconds = 1";
+    let app = TestApp::spawn_full(extra, &tables, POLICIES, None).await;
+
+    let deadline = time::OffsetDateTime::now_utc().unix_timestamp() + 3;
+    let (status, _, body) = app.exchange(&app.issuer.token_with(json!({"exp": deadline})), json!({"role": "looker-by-id"})).await;
+    assert_eq!(status, 200, "{body}");
+    let token = token_of(&body).to_owned();
+    let issuance_id = body["issuance_id"].as_str().unwrap().to_owned();
+    let sealed: Vec<u8> = sqlx::query_scalar("select sealed_secret from revocations").fetch_one(&app.pool).await.unwrap();
+    assert!(sealed.starts_with(b"vault:v1:"), "Vault's ciphertext is stored");
+    assert!(!revocations_hold(&app.pool, &token).await, "the token is in the revocations table in clear");
+    let issuance_bytes = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, uuid::Uuid::parse_str(&issuance_id).unwrap().as_bytes());
+    let (operation, key, request) = vault.with(|s| s.aead_requests[0].clone());
+    assert_eq!((operation.as_str(), key.as_str()), ("encrypt", "credbroker-revocations"));
+    assert_eq!(request["associated_data"], issuance_bytes.as_str(), "bound to its row");
+
+    wait_until_logged_out(&looker, &token, deadline).await;
+    assert_revoked_and_forgotten(&app.pool, &issuance_id).await;
+    assert_eq!(vault.with(|s| s.aead_requests.iter().filter(|(op, _, _)| op == "decrypt").count()), 1);
+}
+
+#[tokio::test]
+async fn a_job_ends_its_own_session_early_and_nobody_elses() {
+    let lk = spawn().await;
+    // A 30 min grant: Looker's own hour would outlive it, so the logout is due at the grant's end.
+    let (status, _, body) = lk.app.exchange(&lk.app.issuer.token(), json!({"role": "looker-by-id"})).await;
+    assert_eq!(status, 200, "{body}");
+    let token = token_of(&body).to_owned();
+    let issuance_id = body["issuance_id"].as_str().unwrap().to_owned();
+    assert_eq!(revocation_row(&lk.app.pool, &issuance_id).await.unwrap()["state"], "pending");
+
+    // The job ends its own credential (what `credbroker exec` does at exit): logged out now.
+    let response = lk
+        .app
+        .client
+        .delete(format!("{}/v1/credentials/{issuance_id}", lk.app.url))
+        .bearer_auth(lk.app.issuer.token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403, "another job token must not end it");
+    let job_token = lk.app.issuer.token();
+    let (status, _, body) = lk.app.exchange(&job_token, json!({"role": "looker-by-id"})).await;
+    assert_eq!(status, 200, "{body}");
+    let own_token = token_of(&body).to_owned();
+    let own_id = body["issuance_id"].as_str().unwrap().to_owned();
+    let response = lk.app.client.delete(format!("{}/v1/credentials/{own_id}", lk.app.url)).bearer_auth(&job_token).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["outcome"], "revoked", "{answer}");
+    assert_eq!(whoami(&lk.looker, &own_token).await, Err(401));
+    assert_revoked_and_forgotten(&lk.app.pool, &own_id).await;
+    // The first session is untouched.
+    assert_eq!(whoami(&lk.looker, &token).await.unwrap()["id"], "42");
+}
+
+#[tokio::test]
+async fn a_looker_backend_without_a_revocation_key_is_refused_at_startup() {
+    let secrets = common::temp_dir();
+    std::fs::write(secrets.0.join("policies/test.toml"), POLICIES).unwrap();
+    std::fs::write(secrets.0.join("kafka.pem"), common::rsa_pem(2)).unwrap();
+    let tables = looker_tables("http://127.0.0.1:9", &secrets.0, CLIENT_SECRET);
+    let text = common::config_text_with_tables("https://gitlab.example.com", "postgres://127.0.0.1:1/none", "http://127.0.0.1:1", "", &tables);
+    let path = secrets.0.join("credbroker.toml");
+    let config = credbroker::config::Config::parse(&text, &path, std::iter::empty()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = format!("{:#}", credbroker::startup::Application::build_on(listener, config, Default::default()).await.err().unwrap());
+    assert!(error.contains("revocation_secret_key") && error.contains("backend looker") && error.contains("base64"), "{error}");
+
+    // A key of the wrong size is refused naming the key.
+    std::fs::write(secrets.0.join("short.key"), "c2hvcnQ=\n").unwrap();
+    let text = text.replacen("\nlisten", &format!("revocation_secret_key = {{ file = \"{}\" }}\nlisten", secrets.0.join("short.key").display()), 1);
+    let config = credbroker::config::Config::parse(&text, &path, std::iter::empty()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = format!("{:#}", credbroker::startup::Application::build_on(listener, config, Default::default()).await.err().unwrap());
+    assert!(error.contains("revocation_secret_key") && error.contains("exactly 32"), "{error}");
 }
 
 #[tokio::test]
@@ -207,7 +430,7 @@ async fn a_wrong_admin_key_or_unknown_user_fails_with_a_clear_reason() {
     lk.looker.add_user("7", "someone@example.com");
     let policies = POLICIES.replace("user_id = \"42\"\n[role.claims]", "user_id = \"999\"\n[role.claims]");
     let secrets = common::temp_dir();
-    let app = TestApp::spawn_full("", &looker_tables(&lk.looker.url, &secrets.0, CLIENT_SECRET), &policies, None).await;
+    let app = spawn_app(&lk.looker.url, &secrets.0, CLIENT_SECRET, &policies, None).await;
     let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "looker-by-id"})).await;
     assert_eq!(status, 502, "{body}");
     let row = app.audit_row(body["issuance_id"].as_str().unwrap()).await;
@@ -317,7 +540,7 @@ async fn every_request_the_broker_sends_passes_lookers_published_schema() {
     assert!(violations.contains("application/x-www-form-urlencoded"), "{violations}");
 
     let secrets = common::temp_dir();
-    let app = TestApp::spawn_full("", &looker_tables(&prism.url, &secrets.0, CLIENT_SECRET), POLICIES, None).await;
+    let app = spawn_app(&prism.url, &secrets.0, CLIENT_SECRET, POLICIES, None).await;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     for role in ["looker-by-id", "looker-by-email", "looker-associative"] {
         // A short job, so the broker also sends its logout at the deadline.

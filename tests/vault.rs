@@ -78,6 +78,12 @@ struct VaultApp {
 }
 
 fn vault_tables(address: &str, secret_id_file: &std::path::Path) -> String {
+    let approle = format!("[vault.approle]\nrole_id = \"{ROLE_ID}\"\nsecret_id_file = \"{}\"\n", secret_id_file.display());
+    vault_tables_with_auth(address, &approle)
+}
+
+/// The Vault section with `auth` (a `[vault.<method>]` table) and the Vault-backed backends.
+fn vault_tables_with_auth(address: &str, auth: &str) -> String {
     format!(
         r#"
 [vault]
@@ -85,9 +91,7 @@ address = "{address}"
 namespace = "platform"
 request_timeout_seconds = 5
 
-[vault.approle]
-role_id = "{ROLE_ID}"
-secret_id_file = "{}"
+{auth}
 
 [backends.snowflake]
 type = "vault_database"
@@ -97,8 +101,7 @@ type = "kafka_oauthbearer"
 audience = "kafka-test"
 max_ttl = "1h"
 signing = {{ vault_transit = "{TRANSIT_KEY}", refresh_seconds = 1 }}
-"#,
-        secret_id_file.display()
+"#
     )
 }
 
@@ -517,4 +520,89 @@ async fn secret_sources_read_files_environment_and_vault_kv_with_caching_and_rot
         let error = parse(bad).err().unwrap().to_string();
         assert!(error.contains(&format!("{key}`")), "{bad}: {error}");
     }
+}
+
+/// The Kubernetes and JWT methods log in with the token file's content, and read the file again
+/// at every login: a projected service-account token or a CI-issued JWT is replaced on disk
+/// while the broker runs, and the old one stops validating.
+#[tokio::test]
+async fn kubernetes_and_jwt_logins_send_the_token_file_and_read_it_again_at_each_login() {
+    // (method, mount the stand-in serves, `mount = ` line or none for the method's default)
+    for (method, mount, mount_line) in [("kubernetes", "k8s-prod", "mount = \"k8s-prod\"\n"), ("jwt", "jwt", "")] {
+        let vault = VaultStandin::start().await;
+        vault.add_db_role("ci-reader", DbRole { default_ttl: 3600, max_ttl: 86400, renewable: true, key_pair: false });
+        vault.set_jwt_mount(mount, method, "credbroker", "eyJ.first-token.sig");
+        let secrets = common::temp_dir();
+        let token_file = secrets.0.join("vault-login.jwt");
+        std::fs::write(&token_file, "eyJ.first-token.sig\n").unwrap();
+        let auth = format!("[vault.{method}]\n{mount_line}role = \"credbroker\"\ntoken_file = \"{}\"\n", token_file.display());
+        let app = TestApp::spawn_full("", &vault_tables_with_auth(&vault.url, &auth), VAULT_POLICIES, None).await;
+
+        let expected = |jwt: &str| (mount.to_owned(), Some("credbroker".to_owned()), jwt.to_owned());
+        assert_eq!(vault.with(|s| s.jwt_logins.clone()), vec![expected("eyJ.first-token.sig")], "{method}: logged in at startup");
+        let (status, body) = readyz(&app).await;
+        assert_eq!(status, 200, "{method}: {body}");
+        let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "snowflake-ci"})).await;
+        assert_eq!(status, 200, "{method}: {body}");
+
+        // The token on disk is replaced and the old one no longer validates; the Vault token dies.
+        std::fs::write(&token_file, "eyJ.second-token.sig\n").unwrap();
+        vault.set_jwt_mount(mount, method, "credbroker", "eyJ.second-token.sig");
+        vault.revoke_all_tokens();
+        let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "snowflake-ci"})).await;
+        assert_eq!(status, 200, "{method}: logged in again with the new file content: {body}");
+        assert_eq!(vault.with(|s| s.jwt_logins.last().cloned()), Some(expected("eyJ.second-token.sig")), "{method}");
+        assert_eq!(vault.with(|s| s.logins), 2, "{method}");
+
+        // A token Vault rejects: the broker fails with Vault's own message, never the token.
+        vault.set_jwt_mount(mount, method, "credbroker", "eyJ.third-token.sig");
+        vault.revoke_all_tokens();
+        let message = if method == "kubernetes" { "permission denied" } else { "error validating token" };
+        assert_backend_failed(&app, "snowflake-ci", message).await;
+        let (status, body) = readyz(&app).await;
+        assert_eq!(status, 503, "{method}: {body}");
+        let check = body["checks"]["vault"].as_str().unwrap();
+        assert!(check.contains(message) && !check.contains("second-token"), "{method}: {check}");
+    }
+}
+
+/// An `ecdsa-p256` transit key signs ES256 tokens: the broker asks Vault for
+/// `marshaling_algorithm = jws` (Vault's default, DER, is not what a JWT carries), and an
+/// independent verifier (PyJWT) accepts them against the broker's JWKS.
+#[tokio::test]
+async fn kafka_tokens_signed_by_an_ecdsa_transit_key_verify_as_es256() {
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    let vault = VaultStandin::start().await;
+    vault.rotate_transit_key(TRANSIT_KEY, common::rsa_pem(1));
+    let ecdsa_key = p256::SecretKey::random(&mut rand::rngs::OsRng).to_pkcs8_pem(LineEnding::LF).unwrap();
+    vault.rotate_transit_ecdsa_key("credbroker-kafka-es", &ecdsa_key);
+    let secrets = common::temp_dir();
+    let secret_id_file = secrets.0.join("vault-secret-id");
+    std::fs::write(&secret_id_file, format!("{SECRET_ID}\n")).unwrap();
+    let tables = format!(
+        "{}\n[backends.kafka-es]\ntype = \"kafka_oauthbearer\"\naudience = \"kafka-test\"\nmax_ttl = \"1h\"\nsigning = {{ vault_transit = \"credbroker-kafka-es\" }}\n",
+        vault_tables(&vault.url, &secret_id_file)
+    );
+    let policies = format!(
+        "{VAULT_POLICIES}\n[[role]]\nname = \"kafka-es\"\nbackend = \"kafka-es\"\nissuer = \"gitlab\"\ndefault_ttl = \"15m\"\nmax_ttl = \"1h\"\n\
+         principal = \"ci:{{job_project_path}}\"\nscope = \"orders.write\"\n[role.claims]\njob_project_path = \"platform/orders\"\n"
+    );
+    let app = TestApp::spawn_full("", &tables, &policies, None).await;
+    let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "kafka-es"})).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["credential"]["token"].as_str().unwrap().to_owned();
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+    assert_eq!(vault.with(|s| s.sign_requests.last().cloned()), Some(("credbroker-kafka-es".to_owned(), Some(1))));
+
+    let jwks_url = format!("{}/.well-known/jwks.json", app.url);
+    let jwks: Value = reqwest::get(&jwks_url).await.unwrap().json().await.unwrap();
+    let published = jwks["keys"].as_array().unwrap().iter().find(|k| k["kid"] == header.kid.clone().unwrap().as_str()).cloned();
+    assert_eq!(published.as_ref().map(|k| (k["kty"].clone(), k["crv"].clone())), Some((json!("EC"), json!("P-256"))), "{jwks}");
+
+    let issuer = app.public_url.clone();
+    let output = tokio::task::spawn_blocking(move || common::kip768_validate(&jwks_url, "kafka-test", &issuer, &token)).await.unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let verdict: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(verdict, json!({"principal": "ci:platform/orders", "scope": ["orders.write"]}));
 }

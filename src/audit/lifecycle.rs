@@ -21,6 +21,8 @@ pub enum RevocationReason {
     NotDelivered,
     /// `credbroker exec` is done with it.
     ExecExit,
+    /// `credbroker exec` renewed it: the new credential replaced it in the files.
+    Superseded,
 }
 
 impl RevocationReason {
@@ -30,6 +32,7 @@ impl RevocationReason {
             RevocationReason::OnDemand => "on_demand",
             RevocationReason::NotDelivered => "not_delivered",
             RevocationReason::ExecExit => "exec_exit",
+            RevocationReason::Superseded => "superseded",
         }
     }
 }
@@ -44,6 +47,8 @@ pub struct ClaimedRevocation {
     pub requested_by: Option<String>,
     /// Including this one.
     pub attempts: u32,
+    /// The secret the revocation needs, sealed (see `lifecycle::sealed`).
+    pub sealed_secret: Option<Vec<u8>>,
 }
 
 /// An issued row, with what the lifecycle knows about it.
@@ -126,8 +131,10 @@ fn issued_from_row(row: &sqlx::postgres::PgRow) -> Result<IssuedCredential, sqlx
 
 impl PgAudit {
     /// Schedules (or brings forward) the revocation of one credential. A revocation already
-    /// done stays done; an earlier due time wins, with its reason.
-    #[tracing::instrument(skip(self))]
+    /// done stays done; an earlier due time wins, with its reason. `sealed_secret` is stored
+    /// with the first schedule; a later one (on demand) keeps it.
+    #[tracing::instrument(skip(self, sealed_secret))]
+    #[allow(clippy::too_many_arguments)]
     pub async fn schedule_revocation(
         &self,
         issuance_id: Uuid,
@@ -136,15 +143,17 @@ impl PgAudit {
         due_at: OffsetDateTime,
         reason: RevocationReason,
         requested_by: Option<&str>,
+        sealed_secret: Option<&[u8]>,
     ) -> Result<(), AuditError> {
         sqlx::query(
-            "insert into revocations (issuance_id, backend, handle, due_at, next_attempt_at, reason, requested_by)
-             values ($1, $2, $3, $4, $4, $5, $6)
+            "insert into revocations (issuance_id, backend, handle, due_at, next_attempt_at, reason, requested_by, sealed_secret)
+             values ($1, $2, $3, $4, $4, $5, $6, $7)
              on conflict (issuance_id) do update set
                  due_at = least(revocations.due_at, excluded.due_at),
                  next_attempt_at = least(revocations.next_attempt_at, excluded.due_at),
                  reason = case when excluded.due_at < revocations.due_at then excluded.reason else revocations.reason end,
                  requested_by = coalesce(excluded.requested_by, revocations.requested_by),
+                 sealed_secret = coalesce(revocations.sealed_secret, excluded.sealed_secret),
                  state = case when revocations.state = 'failed' then 'pending' else revocations.state end
              where revocations.state <> 'revoked'",
         )
@@ -154,6 +163,7 @@ impl PgAudit {
         .bind(due_at)
         .bind(reason.as_str())
         .bind(requested_by)
+        .bind(sealed_secret)
         .execute(self.pool())
         .await?;
         Ok(())
@@ -178,7 +188,7 @@ impl PgAudit {
                  limit $1
                  for update skip locked
              )
-             returning issuance_id, backend, handle, reason, requested_by, attempts",
+             returning issuance_id, backend, handle, reason, requested_by, attempts, sealed_secret",
         )
         .bind(limit)
         .bind(claim_for.as_secs_f64())
@@ -194,25 +204,29 @@ impl PgAudit {
                     reason: row.try_get("reason")?,
                     requested_by: row.try_get("requested_by")?,
                     attempts: row.try_get::<i32, _>("attempts")? as u32,
+                    sealed_secret: row.try_get("sealed_secret")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(AuditError::from)
     }
 
+    /// Marks a revocation done and drops its sealed secret: it is of no further use.
     pub async fn revocation_succeeded(&self, issuance_id: Uuid) -> Result<(), AuditError> {
-        sqlx::query("update revocations set state = 'revoked', revoked_at = now(), last_error = null where issuance_id = $1")
+        sqlx::query("update revocations set state = 'revoked', revoked_at = now(), last_error = null, sealed_secret = null where issuance_id = $1")
             .bind(issuance_id)
             .execute(self.pool())
             .await?;
         Ok(())
     }
 
-    /// Records a failed attempt: tried again after `retry_in`, or (None) given up.
+    /// Records a failed attempt: tried again after `retry_in`, or (None) given up, which also
+    /// drops the sealed secret (nothing will use it).
     pub async fn revocation_failed(&self, issuance_id: Uuid, error: &str, retry_in: Option<Duration>) -> Result<(), AuditError> {
         sqlx::query(
             "update revocations set last_error = $2,
                  state = case when $3::float8 is null then 'failed' else 'pending' end,
+                 sealed_secret = case when $3::float8 is null then null else sealed_secret end,
                  next_attempt_at = case when $3::float8 is null then next_attempt_at else now() + make_interval(secs => $3) end
              where issuance_id = $1",
         )

@@ -3,6 +3,11 @@
 //! runs as the role's user (`POST /api/4.0/login/{user_id}`, `associative=false` so activity
 //! is attributed to that user). Looker fixes a token's lifetime at about an hour; when the job
 //! ends sooner the broker ends the session at the job's deadline (`DELETE /api/4.0/logout`).
+//!
+//! Logging out takes the session token itself, so every session is handed to the durable
+//! revocation schedule with the token as its revocation secret: the schedule keeps it only
+//! AES-256-GCM sealed (`lifecycle::sealed`), any replica ends the session at the deadline, a
+//! restart does not lose it, and the security team can end a session on demand.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -40,7 +45,6 @@ const ADMIN_TOKEN_MARGIN: Duration = Duration::from_secs(60);
 const DEFAULT_TIMEOUT_SECONDS: u64 = 10;
 /// Looker's reported expiry may lag ours by request latency; within this the session ends by itself.
 const EXPIRY_SLACK_SECONDS: i64 = 2;
-const LOGOUT_ATTEMPTS: u32 = 5;
 
 fn check_params(params: &std::collections::BTreeMap<String, Param>) -> Result<(), ParamProblem> {
     match (params.contains_key("user_id"), params.contains_key("user_email")) {
@@ -238,41 +242,6 @@ impl Looker {
             _ => Err(self.failed(format!("login as Looker user {user_id} refused: {}", looker_message(response).await))),
         }
     }
-
-    /// Ends the session at `at`.
-    ///
-    /// INTEGRATION POINT (issue 6, lifecycle schedule): this in-process task is the interim
-    /// mechanism. The token is held only in memory, as a SecretString, until the deadline; a
-    /// broker restart loses the task and the session then lasts until Looker's own expiry
-    /// (about an hour at most). The lifecycle schedule replaces this with a durable row holding
-    /// the token AES-256-GCM encrypted, revoked by whichever replica is alive at `at`.
-    fn logout_at(&self, token: SecretString, at: OffsetDateTime, user_id: String) {
-        let http = self.http.clone();
-        let url = format!("{}/logout", self.api);
-        let backend = self.name.clone();
-        tokio::spawn(async move {
-            let wait = (at - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
-            tokio::time::sleep(wait.try_into().unwrap_or_default()).await;
-            for attempt in 1..=LOGOUT_ATTEMPTS {
-                let sent = http
-                    .delete(&url)
-                    .header(reqwest::header::AUTHORIZATION, format!("token {}", token.expose_secret()))
-                    .send()
-                    .await;
-                match sent {
-                    // 404: Looker no longer knows the token (already ended).
-                    Ok(response) if response.status().is_success() || response.status() == StatusCode::NOT_FOUND => {
-                        tracing::info!(backend, user_id, status = response.status().as_u16(), "Looker session ended at the job deadline");
-                        return;
-                    }
-                    Ok(response) => tracing::warn!(backend, user_id, attempt, status = response.status().as_u16(), "Looker logout refused"),
-                    Err(error) => tracing::warn!(backend, user_id, attempt, error = %without_url(error), "Looker logout failed"),
-                }
-                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
-            }
-            tracing::error!(backend, user_id, "Looker session could not be ended; it lasts until Looker expires it");
-        });
-    }
 }
 
 /// reqwest errors print the URL; ours carry no secrets, but keep messages short and uniform.
@@ -319,15 +288,12 @@ impl Backend for Looker {
 
         // Looker ends the session itself if it would end by the deadline; otherwise we do.
         let ends_by_itself = looker_expires_at.is_some_and(|at| at <= request.expires_at + time::Duration::seconds(EXPIRY_SLACK_SECONDS));
-        if !ends_by_itself {
-            self.logout_at(secret.clone(), request.expires_at, user_id.clone());
-        }
         let expires_at = match looker_expires_at {
             Some(at) if at < request.expires_at => at,
             _ => request.expires_at,
         };
         let expires_at_text = expires_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-        let mut credential = Credential::new("access_token", secret)
+        let mut credential = Credential::new("access_token", secret.clone())
             .with_public("token_type", token.token_type.unwrap_or_else(|| "Bearer".into()))
             .with_public("expires_at", expires_at_text)
             .with_public("base_url", self.base_url.as_str())
@@ -346,10 +312,44 @@ impl Backend for Looker {
             .with_env("LOOKERSDK_API_VERSION", EnvValue::Public("4.0".into()))
             .with_env("LOOKERSDK_ACCESS_TOKEN", EnvValue::Secret("access_token"))
             .with_env("LOOKER_USER_ID", EnvValue::Public(user_id.clone()))
-            .with_handle(user_id);
+            .with_handle(user_id)
+            .revocable_with(secret);
         if expires_at < request.expires_at {
             credential = credential.with_expires_at(expires_at);
         }
+        if !ends_by_itself {
+            credential = credential.outliving_grant();
+        }
         Ok(credential)
+    }
+
+    fn can_revoke(&self) -> bool {
+        true
+    }
+
+    fn revokes_with_secret(&self) -> bool {
+        true
+    }
+
+    /// `DELETE /api/4.0/logout` with the session's own token. Looker answers 404 for a token it
+    /// no longer knows (ended or expired): the session is gone, which is what was asked.
+    #[tracing::instrument(skip(self, secret), fields(backend = %self.name))]
+    async fn revoke(&self, user_id: &str, secret: Option<&SecretString>) -> Result<(), BackendError> {
+        let token = secret.ok_or_else(|| {
+            self.failed(format!(
+                "the session token of Looker user {user_id} is no longer held, so the broker cannot end it; it ends at Looker's own expiry (about 1 h after issue)"
+            ))
+        })?;
+        let response = self
+            .http
+            .delete(format!("{}/logout", self.api))
+            .header(reqwest::header::AUTHORIZATION, format!("token {}", token.expose_secret()))
+            .send()
+            .await
+            .map_err(|e| self.failed(format!("DELETE /api/4.0/logout: {}", without_url(e))))?;
+        match response.status() {
+            status if status.is_success() || status == StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(self.failed(format!("logout of Looker user {user_id}'s session refused: {}", looker_message(response).await))),
+        }
     }
 }

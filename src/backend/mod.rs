@@ -60,6 +60,9 @@ pub struct Credential {
     /// The target keeps this credential alive past the granted expiry unless the broker
     /// revokes it (Vault would not shorten the lease): the broker schedules its revocation.
     pub outlives_grant: bool,
+    /// What [`Backend::revoke`] will need besides the handle (a Looker session's own token):
+    /// the broker keeps it only sealed in the revocation schedule (`lifecycle::sealed`).
+    pub revocation_secret: Option<SecretString>,
 }
 
 pub enum EnvValue {
@@ -71,7 +74,7 @@ pub enum EnvValue {
 impl Credential {
     pub fn new(primary_field: &'static str, primary: SecretString) -> Self {
         let fingerprint = sha256_hex(primary.expose_secret().as_bytes());
-        Self { public: Map::new(), secrets: vec![(primary_field, primary)], env: Vec::new(), fingerprint, handle: None, expires_at: None, outlives_grant: false }
+        Self { public: Map::new(), secrets: vec![(primary_field, primary)], env: Vec::new(), fingerprint, handle: None, expires_at: None, outlives_grant: false, revocation_secret: None }
     }
 
     /// A further secret field (e.g. a session token next to a secret key).
@@ -103,6 +106,14 @@ impl Credential {
     /// See [`Credential::outlives_grant`]; only for backends that can [`Backend::revoke`].
     pub fn outliving_grant(mut self) -> Self {
         self.outlives_grant = true;
+        self
+    }
+
+    /// See [`Credential::revocation_secret`]; only for backends whose
+    /// [`Backend::revokes_with_secret`] is true. The broker schedules the credential's
+    /// revocation at its expiry, so it can also be ended on demand.
+    pub fn revocable_with(mut self, secret: SecretString) -> Self {
+        self.revocation_secret = Some(secret);
         self
     }
 
@@ -167,10 +178,18 @@ pub trait Backend: Send + Sync {
     fn can_revoke(&self) -> bool {
         false
     }
+    /// Whether [`Backend::revoke`] needs a secret of the credential (its
+    /// [`Credential::revocation_secret`]): such a backend needs `revocation_secret_key`, and
+    /// the broker refuses to start without one.
+    fn revokes_with_secret(&self) -> bool {
+        false
+    }
     /// Ends a credential before its expiry, by the handle its mint put in the audit row
-    /// (lease id, session id; never a secret). Ending one that is already gone is success, so
-    /// a retry after a lost answer is harmless.
-    async fn revoke(&self, _handle: &str) -> Result<(), BackendError> {
+    /// (lease id, session id; never a secret) and, for backends that
+    /// [`Backend::revokes_with_secret`], the decrypted secret (None when it is no longer
+    /// held). Ending one that is already gone is success, so a retry after a lost answer is
+    /// harmless.
+    async fn revoke(&self, _handle: &str, _secret: Option<&SecretString>) -> Result<(), BackendError> {
         Err(BackendError::Failed { backend: self.kind().to_owned(), detail: "this backend cannot revoke credentials".into() })
     }
     /// Background work started once the application is built (e.g. keeping a remote key
@@ -252,6 +271,13 @@ impl Backends {
         for (backend, _) in self.by_name.values() {
             backend.start().await;
         }
+    }
+
+    /// The backends whose revocations need a sealed secret (see [`Backend::revokes_with_secret`]).
+    pub fn needing_revocation_key(&self) -> Vec<&BackendName> {
+        let mut names: Vec<&BackendName> = self.by_name.iter().filter(|(_, (backend, _))| backend.revokes_with_secret()).map(|(name, _)| name).collect();
+        names.sort();
+        names
     }
 
     /// Each backend's own checks of the roles that use it.

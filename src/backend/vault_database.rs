@@ -233,7 +233,7 @@ impl Backend for VaultDatabase {
     /// `sys/leases/revoke`: Vault drops the database user. Vault answers 204 for a lease that
     /// has already expired or been revoked, so a repeated attempt is harmless.
     #[tracing::instrument(skip(self), fields(backend = %self.name))]
-    async fn revoke(&self, handle: &str) -> Result<(), BackendError> {
+    async fn revoke(&self, handle: &str, _secret: Option<&SecretString>) -> Result<(), BackendError> {
         self.vault.revoke_lease(handle).await.map_err(|e| self.vault_failed(e))
     }
 }

@@ -3,8 +3,13 @@
 //! credentials in its environment and in files (`$CREDBROKER_CREDENTIALS_DIR/ROLE.json` and
 //! `ROLE.env`, mode 0600, in a private temp dir), re-exchanges before a credential expires
 //! while the job's deadline allows (the new one replaces the files; each renewal names the
-//! first issuance), forwards signals to CMD, revokes what it obtained when CMD exits, and
-//! exits with CMD's status (128 + N when CMD died of signal N).
+//! first issuance) and then revokes the credential it replaced, forwards signals to CMD,
+//! revokes what it still holds when CMD exits, and exits with CMD's status (128 + N when CMD
+//! died of signal N).
+//!
+//! A process's environment cannot be changed from outside, so CMD's environment keeps the
+//! first credential; after a renewal only the files hold a live one (the first is revoked
+//! where its backend allows). Tools that run longer than one credential must read the files.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -22,6 +27,19 @@ use super::exchange::{call, read_token};
 use crate::types::Ttl;
 
 #[derive(Args)]
+#[command(after_long_help = "\
+Credentials reach CMD twice: as environment variables, and as files in $CREDBROKER_CREDENTIALS_DIR \
+(ROLE.json, the broker's answer; ROLE.env, NAME=value lines; mode 0600, removed at the end).
+
+Renewal: once two thirds of a credential's lifetime have passed and the job's deadline allows a \
+longer one (the role's max_uses_per_token must permit another exchange), exec exchanges again, \
+replaces that role's files atomically, and then revokes the credential it replaced (where the \
+backend can revoke: Vault leases, Looker sessions). CMD's ENVIRONMENT IS NOT UPDATED: it keeps the \
+first credential, which stops working at that first renewal (revocable backends) or at its own \
+expiry. A tool that runs longer than one credential lifetime must read the file, not the variable.
+
+When CMD exits, exec revokes what it still holds and exits with CMD's status (128 + N if CMD died \
+of signal N; 5 if CMD could not be started).")]
 pub struct ExecArgs {
     /// The broker's URL.
     #[arg(long, env = "CREDBROKER_URL")]
@@ -49,7 +67,7 @@ const EXEC_FAILED: u8 = 5;
 struct Held {
     role: String,
     first_issuance: String,
-    /// Every issuance obtained for the role, to revoke at the end.
+    /// Issuances obtained for the role and not yet revoked, the current one last.
     issuances: Vec<String>,
     obtained_at: OffsetDateTime,
     expires_at: OffsetDateTime,
@@ -185,7 +203,8 @@ async fn obtain(args: &ExecArgs, token: &str, role: &str, ttl: Option<Ttl>, rene
 async fn renew(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path, entry: &mut Held) {
     match obtain(args, token, &entry.role, ttl, Some(&entry.first_issuance)).await {
         Ok(reply) => {
-            if let Err(error) = write_files(dir, &entry.role, &reply) {
+            let written = write_files(dir, &entry.role, &reply);
+            if let Err(error) = &written {
                 eprintln!("credbroker exec: cannot write the renewed credential for {}: {error}", entry.role);
             }
             let issuance = reply["issuance_id"].as_str().unwrap_or_default().to_owned();
@@ -198,7 +217,18 @@ async fn renew(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path, entry
                 }
                 _ => entry.renew_at = None,
             }
-            entry.issuances.push(issuance);
+            let superseded = std::mem::take(&mut entry.issuances);
+            entry.issuances.push(issuance.clone());
+            if written.is_err() {
+                // The files still hold the old credential: it stays until the end.
+                entry.issuances.splice(0..0, superseded);
+                return;
+            }
+            for old in superseded {
+                if !release(args, token, &entry.role, &old, Some(&issuance)).await {
+                    entry.issuances.insert(entry.issuances.len() - 1, old);
+                }
+            }
         }
         Err((_, message)) if message.starts_with("token_replayed") => {
             eprintln!(
@@ -220,13 +250,28 @@ async fn renew(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path, entry
 async fn revoke_all(args: &ExecArgs, token: &str, held: &[Held]) {
     for entry in held {
         for issuance in &entry.issuances {
-            let path = format!("/v1/credentials/{issuance}");
-            match call(reqwest::Method::DELETE, &args.url, &path, token, &json!({})).await {
-                Ok(reply) if reply["outcome"] == "not_revocable" => {}
-                Ok(reply) if reply["outcome"] == "revoked" || reply["outcome"] == "already_revoked" => {}
-                Ok(reply) => eprintln!("credbroker exec: {} ({issuance}): {}", entry.role, reply["outcome"]),
-                Err((_, message)) => eprintln!("credbroker exec: could not revoke {} ({issuance}): {message}", entry.role),
-            }
+            release(args, token, &entry.role, issuance, None).await;
+        }
+    }
+}
+
+/// Asks the broker to end one credential (`superseded_by`: the renewal that replaced it).
+/// True when nothing more can be done about it (revoked, or not revocable at all).
+async fn release(args: &ExecArgs, token: &str, role: &str, issuance: &str, superseded_by: Option<&str>) -> bool {
+    let path = format!("/v1/credentials/{issuance}");
+    let body = match superseded_by {
+        Some(by) => json!({ "superseded_by": by }),
+        None => json!({}),
+    };
+    match call(reqwest::Method::DELETE, &args.url, &path, token, &body).await {
+        Ok(reply) if matches!(reply["outcome"].as_str(), Some("not_revocable" | "revoked" | "already_revoked")) => true,
+        Ok(reply) => {
+            eprintln!("credbroker exec: {role} ({issuance}): {}", reply["outcome"]);
+            false
+        }
+        Err((_, message)) => {
+            eprintln!("credbroker exec: could not revoke {role} ({issuance}): {message}");
+            false
         }
     }
 }

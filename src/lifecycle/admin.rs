@@ -10,7 +10,6 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::revoke_due;
 use crate::audit::{AuditError, AuditEvent, AuditSlot, Decision, IssuanceSelector, IssuedCredential, RevocationReason, SELECTOR_LIMIT};
 use crate::broker::{rfc3339, Broker, ExchangeError, ExchangeFailure, ExchangeInput};
 use crate::types::{BackendName, Ttl};
@@ -30,13 +29,7 @@ async fn authorize(broker: &Broker, input: &ExchangeInput<'_>, action: &str) -> 
     event.client_addr = input.client_addr.clone();
     event.user_agent = input.user_agent.clone();
     event.target = Some(action.to_owned());
-    let slot = broker.audit.reserve().map_err(|error| {
-        let error = match error {
-            AuditError::Overloaded { .. } => ExchangeError::Overloaded(error),
-            error => ExchangeError::AuditUnavailable(error),
-        };
-        ExchangeFailure { issuance_id: id, error }
-    })?;
+    let slot = broker.reserve_row(id)?;
     let token = match broker.verify(input, now).await {
         Ok(token) => token,
         Err(error) => return Err(broker.refuse_unattributed(slot, event, error).await),
@@ -211,7 +204,7 @@ pub async fn revoke(broker: &Broker, input: ExchangeInput<'_>) -> Result<Value, 
         for (issued, plan) in matched.iter().zip(&plans) {
             if let (Plan::Revoke, Some(backend), Some(handle)) = (plan, &issued.backend, &issued.handle) {
                 store
-                    .schedule_revocation(issued.issuance_id, backend, handle, now, RevocationReason::OnDemand, Some(&requested_by))
+                    .schedule_revocation(issued.issuance_id, backend, handle, now, RevocationReason::OnDemand, Some(&requested_by), None)
                     .await
                     .map_err(|e| unavailable(request_id, e))?;
                 ids.push(issued.issuance_id);
@@ -219,7 +212,7 @@ pub async fn revoke(broker: &Broker, input: ExchangeInput<'_>) -> Result<Value, 
         }
         // Attempted here so the answer can say what happened; what fails is retried by the worker.
         for chunk in ids.chunks(32) {
-            attempts.extend(revoke_due(&broker.audit, &broker.backends, Some(chunk)).await.map_err(|e| unavailable(request_id, e))?);
+            attempts.extend(broker.lifecycle.revoke_due(&broker.audit, &broker.backends, Some(chunk)).await.map_err(|e| unavailable(request_id, e))?);
         }
         broker.lifecycle.wake();
     }

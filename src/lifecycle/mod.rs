@@ -9,10 +9,12 @@
 
 pub mod admin;
 pub mod release;
+pub mod sealed;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use secrecy::SecretString;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -21,6 +23,7 @@ use crate::audit::{Audit, AuditError, AuditEvent, ClaimedRevocation, Decision, R
 use crate::backend::{Backend, Backends, Credential};
 use crate::broker::Broker;
 use crate::types::BackendName;
+use sealed::RevocationKey;
 
 /// After this many failed attempts a revocation is given up (a final `revoke_failed` row
 /// says so): with the backoff below that is about 8 minutes of trying.
@@ -35,6 +38,8 @@ const BATCH: i64 = 32;
 pub struct Lifecycle {
     wake: Arc<Notify>,
     pub poll_interval: Duration,
+    /// Seals and opens the secrets revocations need (`revocation_secret_key`).
+    key: Option<Arc<RevocationKey>>,
 }
 
 /// The outcome of one attempt, for an on-demand request's report.
@@ -46,8 +51,54 @@ pub struct Attempt {
 }
 
 impl Lifecycle {
-    pub fn new(poll_interval: Duration) -> Self {
-        Self { wake: Arc::new(Notify::new()), poll_interval }
+    pub fn new(poll_interval: Duration, key: Option<RevocationKey>) -> Self {
+        Self { wake: Arc::new(Notify::new()), poll_interval, key: key.map(Arc::new) }
+    }
+
+    /// Seals a credential's revocation secret for the schedule. Err when no key is configured
+    /// (startup refuses that for backends that need one, so this is a last line of defence).
+    pub async fn seal(&self, issuance_id: Uuid, credential: &Credential) -> Result<Option<Vec<u8>>, String> {
+        match (&credential.revocation_secret, &self.key) {
+            (None, _) => Ok(None),
+            (Some(secret), Some(key)) => key.seal(issuance_id, secret).await.map(Some).map_err(|e| format!("cannot seal the credential for its revocation: {e}")),
+            (Some(_), None) => Err("the credential needs revocation_secret_key to be revocable, and none is configured".into()),
+        }
+    }
+
+    /// Claims due revocations (all, or only those in `only`) and attempts each once.
+    pub async fn revoke_due(&self, audit: &Audit, backends: &Backends, only: Option<&[Uuid]>) -> Result<Vec<Attempt>, AuditError> {
+        let claimed = audit.store().claim_due_revocations(BATCH, CLAIM_FOR, only).await?;
+        let mut attempts = Vec::with_capacity(claimed.len());
+        for revocation in claimed {
+            attempts.push(self.attempt(audit, backends, revocation).await);
+        }
+        Ok(attempts)
+    }
+
+    async fn attempt(&self, audit: &Audit, backends: &Backends, revocation: ClaimedRevocation) -> Attempt {
+        let backend = BackendName::parse(&revocation.backend).ok().and_then(|name| backends.get(&name).cloned());
+        let secret = match (&revocation.sealed_secret, &self.key) {
+            (None, _) => Ok(None),
+            (Some(sealed), Some(key)) => key.open(revocation.issuance_id, sealed).await.map(Some).map_err(|e| e.to_string()),
+            (Some(_), None) => Err("the stored secret needs revocation_secret_key, which this broker does not have".to_owned()),
+        };
+        let result = match (backend, secret) {
+            (Some(backend), Ok(secret)) => backend.revoke(&revocation.handle, secret.as_ref()).await.map_err(|e| e.to_string()),
+            (None, _) => Err(format!("backend {} is not configured on this broker", revocation.backend)),
+            (_, Err(error)) => Err(error),
+        };
+        let retry_in = (revocation.attempts < MAX_ATTEMPTS).then(|| backoff(revocation.attempts));
+        let stored = match &result {
+            Ok(()) => audit.store().revocation_succeeded(revocation.issuance_id).await,
+            Err(error) => audit.store().revocation_failed(revocation.issuance_id, error, retry_in).await,
+        };
+        if let Err(error) = stored {
+            // The claim lapses and the attempt is repeated; revoking twice is harmless.
+            tracing::error!(issuance_id = %revocation.issuance_id, %error, "revocation outcome not stored; it will be attempted again");
+        }
+        record_attempt(audit, &revocation, &result, retry_in).await;
+        let will_retry = result.is_err() && retry_in.is_some();
+        Attempt { issuance_id: revocation.issuance_id, result, will_retry }
     }
 
     /// Makes the worker look for due rows now rather than at its next poll.
@@ -60,7 +111,7 @@ impl Lifecycle {
     pub async fn run_worker(self, broker: Arc<Broker>) {
         loop {
             loop {
-                match revoke_due(&broker.audit, &broker.backends, None).await {
+                match self.revoke_due(&broker.audit, &broker.backends, None).await {
                     Ok(attempts) if attempts.len() as i64 == BATCH => continue,
                     Ok(_) => break,
                     Err(error) => {
@@ -86,6 +137,7 @@ impl Lifecycle {
                 backend: backend.clone(),
                 backend_name: backend_name.to_string(),
                 handle: handle.clone(),
+                secret: credential.revocation_secret.clone(),
                 issuance_id,
                 lifecycle: self.clone(),
             }),
@@ -95,38 +147,8 @@ impl Lifecycle {
     }
 }
 
-/// Claims due revocations (all, or only those in `only`) and attempts each once.
-pub async fn revoke_due(audit: &Audit, backends: &Backends, only: Option<&[Uuid]>) -> Result<Vec<Attempt>, AuditError> {
-    let claimed = audit.store().claim_due_revocations(BATCH, CLAIM_FOR, only).await?;
-    let mut attempts = Vec::with_capacity(claimed.len());
-    for revocation in claimed {
-        attempts.push(attempt(audit, backends, revocation).await);
-    }
-    Ok(attempts)
-}
-
 fn backoff(attempts: u32) -> Duration {
     Duration::from_secs(2u64.saturating_pow(attempts).min(300))
-}
-
-async fn attempt(audit: &Audit, backends: &Backends, revocation: ClaimedRevocation) -> Attempt {
-    let backend = BackendName::parse(&revocation.backend).ok().and_then(|name| backends.get(&name).cloned());
-    let result = match backend {
-        Some(backend) => backend.revoke(&revocation.handle).await.map_err(|e| e.to_string()),
-        None => Err(format!("backend {} is not configured on this broker", revocation.backend)),
-    };
-    let retry_in = (revocation.attempts < MAX_ATTEMPTS).then(|| backoff(revocation.attempts));
-    let stored = match &result {
-        Ok(()) => audit.store().revocation_succeeded(revocation.issuance_id).await,
-        Err(error) => audit.store().revocation_failed(revocation.issuance_id, error, retry_in).await,
-    };
-    if let Err(error) = stored {
-        // The claim lapses and the attempt is repeated; revoking twice is harmless.
-        tracing::error!(issuance_id = %revocation.issuance_id, %error, "revocation outcome not stored; it will be attempted again");
-    }
-    record_attempt(audit, &revocation, &result, retry_in).await;
-    let will_retry = result.is_err() && retry_in.is_some();
-    Attempt { issuance_id: revocation.issuance_id, result, will_retry }
 }
 
 /// One `revoked` / `revoke_failed` row, carrying the identity of the issued row so the
@@ -173,6 +195,7 @@ struct UndeliveredCredential {
     backend: Arc<dyn Backend>,
     backend_name: String,
     handle: String,
+    secret: Option<SecretString>,
     issuance_id: Uuid,
     lifecycle: Lifecycle,
 }
@@ -202,21 +225,37 @@ impl UndeliveredCredential {
     async fn revoke(self) {
         let now = OffsetDateTime::now_utc();
         let store = self.audit.store();
-        match store.schedule_revocation(self.issuance_id, &self.backend_name, &self.handle, now, RevocationReason::NotDelivered, None).await {
+        let sealed = match (&self.secret, &self.lifecycle.key) {
+            (Some(secret), Some(key)) => match key.seal(self.issuance_id, secret).await {
+                Ok(sealed) => Some(sealed),
+                // Without its secret the schedule could not end it: end it now, while we hold it.
+                Err(error) => return self.revoke_directly(&error.to_string()).await,
+            },
+            _ => None,
+        };
+        let scheduled = store
+            .schedule_revocation(self.issuance_id, &self.backend_name, &self.handle, now, RevocationReason::NotDelivered, None, sealed.as_deref())
+            .await;
+        match scheduled {
             Ok(()) => {
                 tracing::warn!(issuance_id = %self.issuance_id, "credential minted but not delivered; revoking it");
                 self.lifecycle.wake();
             }
-            Err(error) => match self.backend.revoke(&self.handle).await {
-                Ok(()) => tracing::warn!(issuance_id = %self.issuance_id, handle = self.handle, %error, "credential minted but not delivered; revoked it directly (the schedule is unavailable)"),
-                Err(revoke_error) => tracing::error!(
-                    issuance_id = %self.issuance_id,
-                    handle = self.handle,
-                    %error,
-                    %revoke_error,
-                    "credential minted but not delivered, and neither scheduled nor revoked: revoke it by hand"
-                ),
-            },
+            Err(error) => self.revoke_directly(&error.to_string()).await,
+        }
+    }
+
+    /// `why`: the reason the schedule cannot take it.
+    async fn revoke_directly(self, why: &str) {
+        match self.backend.revoke(&self.handle, self.secret.as_ref()).await {
+            Ok(()) => tracing::warn!(issuance_id = %self.issuance_id, handle = self.handle, error = why, "credential minted but not delivered; revoked it directly (the schedule is unavailable)"),
+            Err(revoke_error) => tracing::error!(
+                issuance_id = %self.issuance_id,
+                handle = self.handle,
+                error = why,
+                %revoke_error,
+                "credential minted but not delivered, and neither scheduled nor revoked: revoke it by hand"
+            ),
         }
     }
 }
