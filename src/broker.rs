@@ -145,6 +145,32 @@ pub struct Issued {
     pub credential: Credential,
 }
 
+/// Who called an administrative endpoint (see [`Broker::identify_caller`]).
+pub(crate) struct Caller {
+    /// `issuer:subject (user login)`, for audit rows and replies.
+    pub name: String,
+    pub token: VerifiedToken,
+    /// The caller's audit row, identity filled in, decision still to be set.
+    pub event: AuditEvent,
+    pub slot: AuditSlot,
+}
+
+impl Caller {
+    /// The 403 for a caller the policy's `[section]` does not bind: the client hears only that
+    /// it may not; the row keeps which binding failed.
+    pub(crate) async fn forbid(self, broker: &Broker, request: &str, may_not: &str, section: &str, denial: policy::Denial) -> ExchangeFailure {
+        let Caller { name, mut event, slot, .. } = self;
+        let id = event.id;
+        event.code = Some(ErrorCode::AccessDenied.as_str().to_owned());
+        event.detail = Some(format!("{request} refused for {name}: {}", denial.0));
+        if let Err(error) = broker.audit.record_in(slot, event).await {
+            tracing::error!(%error, request, caller = name, "refused request not recorded");
+        }
+        let reason = format!("{name} may not {may_not}: only identities bound under [{section}] in the policy may");
+        ExchangeFailure { issuance_id: id, error: ExchangeError::AccessDenied { role: String::new(), reason, client_may_see: true } }
+    }
+}
+
 pub struct Broker {
     pub verifier: Verifier,
     pub policies: Arc<PolicySet>,
@@ -416,6 +442,33 @@ impl Broker {
 
     /// Reserves the audit row of a request other than an exchange (admin requests, releases);
     /// a full queue is `overloaded`.
+/// A person (not a job) calling an administrative endpoint, verified, with their audit row
+    /// started and its place reserved.
+    pub(crate) async fn identify_caller(
+        &self,
+        input: &ExchangeInput<'_>,
+        target: &str,
+        now: OffsetDateTime,
+    ) -> Result<Caller, ExchangeFailure> {
+        let id = Uuid::new_v4();
+        let mut event = AuditEvent::new(id, Decision::Denied, now, input.request_id);
+        event.client_addr = input.client_addr.clone();
+        event.user_agent = input.user_agent.clone();
+        event.target = Some(target.to_owned());
+        let slot = self.reserve_row(id)?;
+        let token = match self.verify(input, now).await {
+            Ok(token) => token,
+            Err(error) => return Err(self.refuse_unattributed(slot, event, error).await),
+        };
+        event.issuer = Some(token.issuer.to_string());
+        event.subject = Some(token.subject.clone());
+        event.job_token_sha256 = Some(token.token_sha256.clone());
+        event.claims = Some(token.claims.clone());
+        let user = event.claim_text("user_login").map(|user| format!(" (user {user})")).unwrap_or_default();
+        let name = format!("{}:{}{user}", token.issuer, token.subject);
+        Ok(Caller { name, token, event, slot })
+    }
+
     pub(crate) fn reserve_row(&self, row_id: Uuid) -> Result<AuditSlot, ExchangeFailure> {
         self.audit.reserve().map_err(|error| {
             let error = match error {

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::audit::{AuditError, AuditEvent, AuditSlot, Decision, IssuanceSelector, IssuedCredential, RevocationReason, SELECTOR_LIMIT};
-use crate::broker::{rfc3339, Broker, ExchangeError, ExchangeFailure, ExchangeInput};
+use crate::broker::{rfc3339, Broker, Caller, ExchangeError, ExchangeFailure, ExchangeInput};
 use crate::types::{BackendName, Ttl};
 
 /// An authorised caller, whose `admin_request` row is still to be written.
@@ -23,33 +23,11 @@ struct Admin {
 
 /// Verifies the caller and checks `[admins]`. The 403 is audited with who tried and why.
 async fn authorize(broker: &Broker, input: &ExchangeInput<'_>, action: &str) -> Result<Admin, ExchangeFailure> {
-    let now = OffsetDateTime::now_utc();
-    let id = Uuid::new_v4();
-    let mut event = AuditEvent::new(id, Decision::Denied, now, input.request_id);
-    event.client_addr = input.client_addr.clone();
-    event.user_agent = input.user_agent.clone();
-    event.target = Some(action.to_owned());
-    let slot = broker.reserve_row(id)?;
-    let token = match broker.verify(input, now).await {
-        Ok(token) => token,
-        Err(error) => return Err(broker.refuse_unattributed(slot, event, error).await),
-    };
-    event.issuer = Some(token.issuer.to_string());
-    event.subject = Some(token.subject.clone());
-    event.job_token_sha256 = Some(token.token_sha256.clone());
-    event.claims = Some(token.claims.clone());
-    let user = event.claim_text("user_login").map(|user| format!(" (user {user})")).unwrap_or_default();
-    let requested_by = format!("{}:{}{user}", token.issuer, token.subject);
-    if let Err(denial) = broker.policies.authorize_admin(&token.issuer, &token.claims) {
-        // The client hears only that it may not; the row keeps which binding failed.
-        event.code = Some("access_denied".into());
-        event.detail = Some(format!("{action} refused for {requested_by}: {denial}"));
-        if let Err(error) = broker.audit.record_in(slot, event).await {
-            tracing::error!(%error, action, requested_by, "refused admin request not recorded");
-        }
-        let reason = format!("{requested_by} may not {action}: only identities bound under [admins] in the policy may");
-        return Err(ExchangeFailure { issuance_id: id, error: ExchangeError::AccessDenied { role: String::new(), reason, client_may_see: true } });
+    let caller = broker.identify_caller(input, action, OffsetDateTime::now_utc()).await?;
+    if let Err(denial) = broker.policies.authorize_admin(&caller.token.issuer, &caller.token.claims) {
+        return Err(caller.forbid(broker, action, action, "admins", denial).await);
     }
+    let Caller { name: requested_by, event, slot, .. } = caller;
     Ok(Admin { requested_by, event, slot })
 }
 
