@@ -221,6 +221,10 @@ curl -fsS "$BASE/.well-known/jwks.json" | python3 -m json.tool
 step "8. The audit trail: every exchange above, granted or refused"
 "$BIN" audit tail --config "$CONFIG" -n 5 --json
 
+step "9. The security team: an auditor's query through the broker (itself recorded as audit_read)"
+CREDBROKER_ID_TOKEN=$(mint_id_token --claim project_path=security/audit) \
+    "$BIN" audit query --url "$BASE" --since 1h --decision issued,denied
+
 if [ "$no_wait" -eq 1 ]; then
     step "Done; stopping the broker and Postgres"
     exit 0
@@ -233,6 +237,8 @@ broker running on $BASE, Ctrl-C to stop
   database:   export CREDBROKER_DATABASE_URL=$CREDBROKER_DATABASE_URL
   try:        export CREDBROKER_ID_TOKEN=\$($BIN dev token --config $CONFIG)
               $BIN exchange --url $BASE --role $ROLE --format json
+  audit page: open $BASE/audit and paste the token printed by
+              $BIN dev token --config $CONFIG --claim project_path=security/audit
 EOF
 rc=0
 wait "$broker_pid" || rc=$?

@@ -48,6 +48,22 @@ python3 -c 'import fakesnow.server, snowflake.connector' 2>/dev/null \
     npm install --prefix .cache/prism --no-audit --no-fund --silent '@stoplight/prism-cli@5' </dev/null
 }
 
+# The /audit page is tested in a real browser: Debian's headless Chromium and its driver
+# (tests/audit_page.rs), driven through selenium, which is told where the driver is and so
+# never downloads one.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || { echo "test.sh: need root or sudo to apt-get install chromium" >&2; exit 1; }
+        sudo=(sudo -n)
+    fi
+    "${sudo[@]}" apt-get update -qq </dev/null
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends chromium chromium-driver </dev/null >/dev/null
+fi
+python3 -c 'import selenium' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check 'selenium>=4.11' </dev/null
+
 # Tests create (and drop) one database per test, so they are handed the maintenance
 # database rather than one they would all share.
 CREDBROKER_TEST_DATABASE_URL=$(bash scripts/postgres.sh url "$PG_DIR" postgres)

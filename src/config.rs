@@ -74,6 +74,9 @@ pub struct Config {
     pub vault: Option<crate::vault::VaultConfig>,
     /// `[gogs]`, parsed at startup by `gogs::GogsConfig::parse` (it needs the Vault connection).
     pub gogs: Option<toml::Table>,
+    /// `[audit_page.links.<issuer>]`: where the `/audit` page links a record's commit,
+    /// pipeline and user on the Git server.
+    pub audit_links: crate::auditors::links::GitLinks,
     pub dev: Option<DevConfig>,
 }
 
@@ -195,6 +198,7 @@ struct RawConfig {
     backends: toml::Table,
     vault: Option<toml::Table>,
     gogs: Option<toml::Table>,
+    audit_page: Option<toml::Table>,
     dev: Option<RawDev>,
 }
 
@@ -397,6 +401,15 @@ impl Config {
             backends.push((backend_name, table));
         }
         let vault = raw.vault.map(|table| crate::vault::VaultConfig::parse(&table, file, &base_dir)).transpose()?;
+        let mut issuer_names: Vec<&str> = issuers.iter().map(|issuer| issuer.name.as_str()).collect();
+        if raw.gogs.is_some() {
+            issuer_names.push(crate::gogs::GOGS_ISSUER_NAME);
+        }
+        if raw.dev.is_some() {
+            issuer_names.push(DEV_ISSUER_NAME);
+        }
+        let audit_links = crate::auditors::links::GitLinks::parse(raw.audit_page.as_ref(), &issuer_names)
+            .map_err(|error| err(&error.key, error.message))?;
         let dev = raw.dev.map(|dev| DevConfig {
             state_dir: base_dir.join(dev.state_dir.unwrap_or_else(|| PathBuf::from(".credbroker-dev"))),
         });
@@ -426,6 +439,7 @@ impl Config {
             backends,
             vault,
             gogs: raw.gogs,
+            audit_links,
             dev,
             base_dir,
         })

@@ -156,6 +156,8 @@ impl Application {
                 jwks: Bytes::from(dev.jwks().to_string()),
             }),
             request_timeout: Duration::from_secs(config.request_timeout_seconds),
+            audit_links: Arc::new(config.audit_links.clone()),
+            secure_cookies: config.public_url.starts_with("https://"),
         };
         Ok(Self { listener, state, sealer })
     }

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{rsa_pem, TestApp, POLICIES};
+use common::{rsa_pem, seed_audit_row as insert, TestApp, POLICIES};
 use credbroker::audit::seal::FindingKind;
 use credbroker::backend::signing::SigningKey;
 use serde_json::{json, Value};
@@ -24,25 +24,6 @@ async fn spawn() -> TestApp {
 
 fn auditor_token(app: &TestApp) -> String {
     app.issuer.token_with(json!({"project_path": AUDITOR_PROJECT, "user_login": "sec-eve"}))
-}
-
-/// A row as the writer stores it; the columns a filter looks at are set from `values`.
-async fn insert(pool: &PgPool, values: Value) -> Uuid {
-    let id = Uuid::new_v4();
-    sqlx::query(
-        "insert into audit_events (id, occurred_at, request_id, decision, code, role, target, backend, issuer, subject,
-             project_path, namespace_path, pipeline_id, job_id, sha, user_login, credential_sha256, expires_at, claims, detail)
-         select $1, coalesce(($2->>'occurred_at')::timestamptz, now()), 'seed', coalesce($2->>'decision', 'denied'), $2->>'code',
-             $2->>'role', $2->>'target', $2->>'backend', $2->>'issuer', $2->>'subject', $2->>'project_path',
-             $2->>'namespace_path', $2->>'pipeline_id', $2->>'job_id', $2->>'sha', $2->>'user_login',
-             $2->>'credential_sha256', case when $2->>'decision' = 'issued' then now() + interval '1 hour' end, $2->'claims', $2->>'detail'",
-    )
-    .bind(id)
-    .bind(&values)
-    .execute(pool)
-    .await
-    .unwrap();
-    id
 }
 
 async fn get(app: &TestApp, query: &str, token: &str) -> (u16, Value) {
@@ -540,4 +521,56 @@ async fn a_broker_running_as_credbroker_broker_issues_and_seals() {
     assert!(store.verify_seals(&key, None).await.unwrap().intact());
     let error = sqlx::query("update audit_events set detail = 'x'").execute(store.pool()).await.unwrap_err();
     assert!(error.to_string().contains("permission denied"), "{error}");
+}
+
+/// `audit query --database-url` as a login of credbroker_auditor (read-only): the read is
+/// recorded first, as an audit_read row naming that login, which the reader cannot choose.
+/// A login that may SELECT but not record its reads is refused and shown nothing.
+#[tokio::test]
+async fn direct_database_reads_are_recorded_or_refused() {
+    let owner_url = common::fresh_database().await;
+    let owner = PgPool::connect(&owner_url).await.unwrap();
+    credbroker::audit::migrate(&owner).await.unwrap();
+    let seeded = insert(&owner, json!({"role": "direct", "project_path": "platform/orders"})).await;
+    let suffix = Uuid::new_v4().simple().to_string();
+    let (reader, outsider) = (format!("security_reader_{suffix}"), format!("select_only_{suffix}"));
+    sqlx::query(&format!("create role {reader} login in role credbroker_auditor")).execute(&owner).await.unwrap();
+    sqlx::query(&format!("create role {outsider} login")).execute(&owner).await.unwrap();
+    sqlx::query(&format!("grant select on audit_events to {outsider}")).execute(&owner).await.unwrap();
+    let (base, database) = owner_url.rsplit_once('/').unwrap();
+    let login_url = |login: &str| format!("{}/{database}", base.replacen("postgres@", &format!("{login}@"), 1));
+    let (reader_url, outsider_url) = (login_url(&reader), login_url(&outsider));
+    let (read, refused) = tokio::task::spawn_blocking(move || {
+        (
+            credbroker(&["audit", "query", "--database-url", &reader_url, "--role", "direct", "--json"], &[]),
+            credbroker(&["audit", "query", "--database-url", &outsider_url, "--role", "direct", "--json"], &[]),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    let lines: Vec<Value> = String::from_utf8_lossy(&read.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["id"], seeded.to_string());
+
+    let recorded: Vec<(String, String, String)> =
+        sqlx::query_as("select subject, target, detail from audit_events where decision = 'audit_read'").fetch_all(&owner).await.unwrap();
+    assert_eq!(recorded.len(), 1, "only the auditor's read is recorded: {recorded:?}");
+    let (subject, target, detail) = &recorded[0];
+    assert_eq!((subject.as_str(), target.as_str()), (reader.as_str(), "audit_log"));
+    assert!(detail.contains("audit query") && detail.contains("role=direct"), "{detail}");
+
+    assert!(!refused.status.success());
+    assert!(refused.stdout.is_empty(), "an unrecorded read showed rows: {}", String::from_utf8_lossy(&refused.stdout));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("refusing to read") && stderr.contains("credbroker_auditor"), "{stderr}");
+
+    // The auditor can record reads but still cannot write any other kind of row.
+    let reader_pool = PgPool::connect(&login_url(&reader)).await.unwrap();
+    let forged = sqlx::query("insert into audit_events (id, occurred_at, request_id, decision) values ($1, now(), 'r', 'issued')")
+        .bind(Uuid::new_v4())
+        .execute(&reader_pool)
+        .await
+        .unwrap_err();
+    assert!(forged.to_string().contains("permission denied"), "{forged}");
 }

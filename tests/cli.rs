@@ -105,16 +105,19 @@ async fn dev_mode_exchange_through_the_cli_leaves_no_secret_in_the_log() {
     let denied = credbroker(&config, &denied_env, &["exchange", "--url", &base, "--role", "demo-kafka-producer", "--format", "json"]);
     assert_eq!(denied.status.code(), Some(13));
 
-    let tail = credbroker(&config, &env, &["audit", "tail", "-n", "3", "--json"]);
+    let tail = credbroker(&config, &env, &["audit", "tail", "-n", "4", "--json"]);
     assert!(tail.status.success(), "{}", String::from_utf8_lossy(&tail.stderr));
     let rows: Vec<Value> = String::from_utf8(tail.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let decisions: Vec<&str> = rows.iter().map(|r| r["decision"].as_str().unwrap()).collect();
-    assert_eq!(decisions, ["denied", "denied", "issued"], "newest first");
+    // Newest first, and the newest is this very read, recorded before anything was shown.
+    assert_eq!(decisions, ["audit_read", "denied", "denied", "issued"], "newest first");
+    assert_eq!(rows[0]["subject"], "postgres", "the read names the database role: {}", rows[0]);
+    assert!(rows[0]["detail"].as_str().unwrap().ends_with("audit tail -n 4"), "{}", rows[0]);
     for field in ["issuance_id", "code", "role", "target", "subject", "project_path", "job_id", "ttl_seconds", "expires_at", "credential_sha256"] {
-        assert!(rows[2].get(field).is_some(), "audit tail lacks {field}");
+        assert!(rows[3].get(field).is_some(), "audit tail lacks {field}");
     }
-    assert_eq!(rows[2]["ttl_seconds"], 600);
-    assert_eq!(rows[2]["credential_sha256"], credbroker::types::sha256_hex(kafka_token.as_bytes()));
+    assert_eq!(rows[3]["ttl_seconds"], 600);
+    assert_eq!(rows[3]["credential_sha256"], credbroker::types::sha256_hex(kafka_token.as_bytes()));
 
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(log_text.contains("credential issued"), "the log is being written: {log_text}");

@@ -364,6 +364,43 @@ pub struct IssuancePage {
     pub next_cursor: Option<String>,
 }
 
+/// Issued and denied events per target over a window, for the `/audit` page's chart.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timeline {
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub until: OffsetDateTime,
+    pub bucket_seconds: i64,
+    /// Oldest bucket first; buckets without events are absent.
+    pub points: Vec<TimelinePoint>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TimelinePoint {
+    #[serde(with = "time::serde::rfc3339")]
+    pub start: OffsetDateTime,
+    /// Empty for rows with no target (a refusal before the role was known).
+    pub target: String,
+    /// `issued` or `denied`.
+    pub decision: String,
+    pub events: i64,
+}
+
+/// The chart's window when the filter sets no `since`.
+pub const DEFAULT_TIMELINE_SPAN: time::Duration = time::Duration::days(7);
+
+/// At most about 60 bars whatever the window, in widths people read easily.
+fn bucket_seconds(span: time::Duration) -> i64 {
+    match span.whole_hours() {
+        ..=6 => 600,
+        7..=48 => 3600,
+        49..=336 => 6 * 3600,
+        337..=1488 => 86_400,
+        _ => 7 * 86_400,
+    }
+}
+
 /// One issuance and what happened to it afterwards.
 #[derive(Debug, Clone, Serialize)]
 pub struct IssuanceLifecycle {
@@ -407,6 +444,13 @@ fn renewed_issuance(detail: Option<&str>) -> Option<Uuid> {
 }
 
 impl PgAudit {
+    /// Records a read made straight against the database (`audit query --database-url`,
+    /// `audit tail`) as an `audit_read` row naming the logged-in database role (migration
+    /// 0012). Callers read nothing when this fails: an unrecorded read is not allowed.
+    pub async fn record_direct_read(&self, what: &str) -> Result<Uuid, AuditError> {
+        Ok(sqlx::query_scalar("select record_audit_read($1)").bind(what).fetch_one(self.pool()).await?)
+    }
+
     /// One page of rows matching the filter, newest first.
     pub async fn query_issuances(&self, filter: &IssuanceFilter) -> Result<IssuancePage, AuditError> {
         let mut query = QueryBuilder::new(format!("select {RECORD_COLUMNS}, null::jsonb as claims, a.tx::text as tx from audit_events a"));
@@ -423,6 +467,23 @@ impl PgAudit {
         }
         let next_cursor = (rows.len() > filter.limit as usize).then(|| last.map(|cursor| cursor.encode())).flatten();
         Ok(IssuancePage { items, next_cursor })
+    }
+
+    /// Issued and denied events per target in buckets over the filter's window (`since`, by
+    /// default [`DEFAULT_TIMELINE_SPAN`] back from `now`, to `until` or `now`), under the same
+    /// filters as [`PgAudit::query_issuances`] but not its paging.
+    pub async fn issuance_timeline(&self, filter: &IssuanceFilter, now: OffsetDateTime) -> Result<Timeline, AuditError> {
+        let until = filter.until.unwrap_or(now);
+        let since = filter.since.unwrap_or(until - DEFAULT_TIMELINE_SPAN);
+        let bucket = bucket_seconds(until - since);
+        let window = IssuanceFilter { since: Some(since), until: Some(until), cursor: None, ..filter.clone() };
+        let mut query = QueryBuilder::new("select date_bin(make_interval(secs => ");
+        query.push_bind(bucket as f64).push("), a.occurred_at, ").push_bind(since);
+        query.push(") as start, coalesce(a.target, '') as target, a.decision, sum(a.occurrences)::bigint as events from audit_events a");
+        window.push_conditions(&mut query);
+        query.push(" and a.decision in ('issued', 'denied') group by 1, 2, 3 order by 1, 2, 3");
+        let points = query.build_query_as::<TimelinePoint>().fetch_all(self.pool()).await?;
+        Ok(Timeline { since, until, bucket_seconds: bucket, points })
     }
 
     /// Any row by id, with claims; for an issued row also its renewals and revocations.
@@ -546,6 +607,15 @@ mod tests {
             ProjectPath::Glob { like_prefix: "plat\\_form/%".into(), regex: "^plat_form/[^/]*$".into() }
         );
         assert_eq!(ProjectPath::parse("a.b/**"), ProjectPath::Glob { like_prefix: "a.b/%".into(), regex: "^a\\.b/.*$".into() });
+    }
+
+    #[test]
+    fn timeline_buckets_keep_the_bar_count_readable() {
+        assert_eq!(bucket_seconds(time::Duration::hours(1)), 600);
+        assert_eq!(bucket_seconds(time::Duration::days(1)), 3600);
+        assert_eq!(bucket_seconds(DEFAULT_TIMELINE_SPAN), 6 * 3600);
+        assert_eq!(bucket_seconds(time::Duration::days(30)), 86_400);
+        assert_eq!(bucket_seconds(time::Duration::days(365)), 7 * 86_400);
     }
 
     #[test]

@@ -208,6 +208,17 @@ fn database(url: Option<String>, config_path: Option<&Path>) -> anyhow::Result<P
     Ok(PgAudit::connect(&url, 1, Duration::from_secs(10))?)
 }
 
+/// Reading the log straight from the database is recorded like a read through the broker
+/// (migration 0012); a read that cannot be recorded does not happen.
+pub(crate) async fn record_direct_read(store: &PgAudit, what: &str) -> anyhow::Result<()> {
+    store.record_direct_read(what).await.map(drop).map_err(|error| {
+        anyhow::anyhow!(
+            "refusing to read: this read cannot be recorded in the audit log ({error}). \
+             Connect as a role in credbroker_auditor (or the owner), and run `credbroker migrate` if record_audit_read is missing"
+        )
+    })
+}
+
 fn table_line(record: &IssuanceRecord) -> String {
     let dash = |value: &Option<String>| value.clone().unwrap_or_else(|| "-".into());
     format!(
@@ -238,6 +249,10 @@ pub async fn query(args: QueryArgs, config_path: Option<&Path>) -> anyhow::Resul
         None => Source::Database(database(args.database_url.clone(), config_path)?),
     };
     let pairs = args.pairs();
+    if let Source::Database(store) = &source {
+        let filters: Vec<String> = pairs.iter().map(|(name, value)| format!("{name}={value}")).collect();
+        record_direct_read(store, &format!("audit query {}", filters.join(" "))).await?;
+    }
     let mut cursor = args.cursor.clone();
     if args.csv {
         print!("{}", csv::header());

@@ -179,7 +179,9 @@ async fn tail(args: TailArgs, config_path: Option<&Path>) -> anyhow::Result<()> 
         None => load_config(config_path)?.database_url,
     };
     let store = audit::PgAudit::connect(&url, 1, std::time::Duration::from_secs(10))?;
-    let rows = store.tail(args.lines.clamp(1, 10_000)).await?;
+    let lines = args.lines.clamp(1, 10_000);
+    audit_log::record_direct_read(&store, &format!("audit tail -n {lines}")).await?;
+    let rows = store.tail(lines).await?;
     for row in rows {
         if args.json {
             println!("{}", serde_json::to_string(&row)?);

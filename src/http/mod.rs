@@ -2,6 +2,7 @@
 //! between HTTP and the broker.
 
 mod audit;
+mod audit_page;
 mod gogs;
 mod problem;
 
@@ -34,6 +35,10 @@ pub struct AppState {
     pub openid_configuration: Bytes,
     pub dev_issuer: Option<DevIssuerDocuments>,
     pub request_timeout: Duration,
+    /// Where the `/audit` page links records back to the Git server.
+    pub audit_links: Arc<crate::auditors::links::GitLinks>,
+    /// The `/audit` session cookie is `Secure` when `public_url` is https.
+    pub secure_cookies: bool,
 }
 
 #[derive(Clone)]
@@ -58,7 +63,8 @@ pub fn app(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(openid_configuration))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .merge(audit_page::router());
     if state.dev_issuer.is_some() {
         router = router
             .route("/dev/.well-known/openid-configuration", get(dev_openid_configuration))

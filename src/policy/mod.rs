@@ -3,7 +3,7 @@
 
 pub mod admins;
 mod glob;
-mod template;
+pub mod template;
 pub mod ttl;
 
 use std::collections::{BTreeMap, HashMap};

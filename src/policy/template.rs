@@ -88,6 +88,27 @@ impl Template {
 
     /// Like [`Template::render`], with every substituted claim value held to `allowed`.
     pub fn render_checked(&self, claims: &Map<String, Value>, allowed: ClaimValues) -> Result<String, String> {
+        self.render_with(claims, |name, value| {
+            allowed.check(&value).map_err(|why| format!("claim `{name}` {why}"))?;
+            Ok(value)
+        })
+    }
+
+    /// For a URL: every substituted value is percent-encoded except `/`, so a claim can add
+    /// path segments (`group/project`) but never a query, fragment, host or scheme.
+    pub fn render_url(&self, claims: &Map<String, Value>) -> Result<String, String> {
+        self.render_with(claims, |_, value| {
+            Ok(value
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => (b as char).to_string(),
+                    b => format!("%{b:02X}"),
+                })
+                .collect())
+        })
+    }
+
+    fn render_with(&self, claims: &Map<String, Value>, substitute: impl Fn(&str, String) -> Result<String, String>) -> Result<String, String> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
@@ -99,8 +120,7 @@ impl Template {
                         Some(_) => return Err(format!("claim `{name}` is not a string or integer")),
                         None => return Err(format!("claim `{name}` is missing")),
                     };
-                    allowed.check(&value).map_err(|why| format!("claim `{name}` {why}"))?;
-                    out.push_str(&value);
+                    out.push_str(&substitute(name, value)?);
                 }
             }
         }

@@ -21,6 +21,7 @@ use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use serde_json::{json, Map, Value};
 use sqlx::{Connection, PgPool};
 use tokio::net::{TcpListener, TcpStream};
+use uuid::Uuid;
 
 pub const AUDIENCE: &str = "credbroker";
 
@@ -48,6 +49,25 @@ pub async fn fresh_database() -> String {
     sqlx::query(&format!("create database {name}")).execute(&mut admin).await.unwrap();
     let (base, _) = admin_url.rsplit_once('/').unwrap();
     format!("{base}/{name}")
+}
+
+/// A row as the writer stores it; the columns a filter looks at are set from `values`.
+pub async fn seed_audit_row(pool: &PgPool, values: Value) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "insert into audit_events (id, occurred_at, request_id, decision, code, role, target, backend, issuer, subject,
+             project_path, namespace_path, pipeline_id, job_id, sha, user_login, credential_sha256, expires_at, claims, detail)
+         select $1, coalesce(($2->>'occurred_at')::timestamptz, now()), 'seed', coalesce($2->>'decision', 'denied'), $2->>'code',
+             $2->>'role', $2->>'target', $2->>'backend', $2->>'issuer', $2->>'subject', $2->>'project_path',
+             $2->>'namespace_path', $2->>'pipeline_id', $2->>'job_id', $2->>'sha', $2->>'user_login',
+             $2->>'credential_sha256', case when $2->>'decision' = 'issued' then now() + interval '1 hour' end, $2->'claims', $2->>'detail'",
+    )
+    .bind(id)
+    .bind(&values)
+    .execute(pool)
+    .await
+    .unwrap();
+    id
 }
 
 /// A TCP proxy in front of Postgres that a test can cut, to stage an outage without

@@ -1,0 +1,140 @@
+"""Drives the broker's /audit page in headless Chromium (Debian's chromium + chromedriver,
+through selenium) the way an auditor uses it: sign in, see the chart, filter, open a record.
+
+Run by tests/audit_page.rs, which starts the broker, seeds the log and passes what to expect
+in the environment; it prints one JSON line of observations and exits non-zero on the first
+expectation that fails, naming it.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
+
+BASE = os.environ["AUDIT_URL"]
+EXPECT = json.loads(os.environ["AUDIT_EXPECT"])
+observed = {}
+
+
+def check(condition, what):
+    if not condition:
+        print(json.dumps(observed), flush=True)
+        sys.exit(f"audit page: {what}")
+
+
+def chromium():
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1600"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
+
+
+def sign_in(driver, token):
+    driver.get(BASE + "/audit")
+    check(driver.find_elements(By.ID, "sign-in"), "the sign-in form is shown without a session")
+    driver.find_element(By.ID, "token").send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "#sign-in button").click()
+
+
+def rows(driver):
+    return driver.find_elements(By.CSS_SELECTOR, "#records tbody tr")
+
+
+def cell(row, column):
+    return row.find_elements(By.TAG_NAME, "td")[column].text
+
+
+# Pixels of the first target's bar colour (#2563eb) on the canvas: bars, not just axes.
+BAR_PIXELS = """
+const canvas = document.getElementById('timeline');
+const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+let bars = 0, painted = 0;
+for (let i = 0; i < data.length; i += 4) {
+  if (data[i + 3] > 0) painted++;
+  if (Math.abs(data[i] - 37) < 12 && Math.abs(data[i + 1] - 99) < 12 && Math.abs(data[i + 2] - 235) < 12 && data[i + 3] > 200) bars++;
+}
+return [bars, painted, canvas.width, canvas.height];
+"""
+
+driver = chromium()
+try:
+    # A caller [auditors] does not bind is refused, and gets no session.
+    sign_in(driver, os.environ["OUTSIDER_TOKEN"])
+    observed["outsider"] = driver.find_element(By.TAG_NAME, "h1").text
+    check(observed["outsider"] == "Not an auditor", "a non-auditor is refused")
+    driver.get(BASE + "/audit")
+    check(driver.find_elements(By.ID, "sign-in"), "a refused sign-in leaves no session behind")
+
+    # Load: the auditor signs in and lands on the log with its chart.
+    sign_in(driver, os.environ["AUDITOR_TOKEN"])
+    check(driver.current_url.rstrip("/").endswith("/audit"), "sign-in leads to the log")
+    observed["reader"] = driver.find_element(By.ID, "reader").text
+    check(EXPECT["reader"] in observed["reader"], "the page names who is signed in")
+    listed = [link.text for link in driver.find_elements(By.CSS_SELECTOR, "#records a.detail-link")]
+    observed["rows"] = len(listed)
+    check(all(short_id in listed for short_id in EXPECT["seeded_ids"]), "every seeded row is listed")
+    canvas = driver.find_element(By.ID, "timeline")
+    observed["datasets"] = int(canvas.get_attribute("data-rendered") or "0")
+    check(observed["datasets"] == EXPECT["datasets"], "one bar series per target and decision")
+    bars, painted, width, height = driver.execute_script(BAR_PIXELS)
+    observed["chart"] = {"bar_pixels": bars, "painted_pixels": painted, "width": width, "height": height}
+    check(width > 300 and height > 200, "the chart has a size")
+    check(bars > 200, "the chart draws bars in the first target's colour")
+    legend = driver.execute_script("return Chart.getChart('timeline').data.datasets.map(d => d.label)")
+    observed["legend"] = legend
+    check(sorted(legend) == sorted(EXPECT["legend"]), "the legend names each target's issued and denied series")
+    driver.save_screenshot(os.environ["SCREENSHOT"])
+
+    # Filter: by project glob and decision, through the form.
+    driver.find_element(By.ID, "filter-project_path").send_keys(EXPECT["filter_project"])
+    Select(driver.find_element(By.ID, "filter-decision")).select_by_visible_text("denied")
+    driver.find_element(By.ID, "search").click()
+    filtered = rows(driver)
+    observed["filtered"] = [(cell(row, 1), cell(row, 5)) for row in filtered]
+    check(len(filtered) == EXPECT["filtered_rows"], f"the filter keeps exactly {EXPECT['filtered_rows']} rows")
+    check(all(decision == "denied" and project.startswith(EXPECT["filter_prefix"]) for decision, project in observed["filtered"]), "every row matches the filter")
+    check("project_path=" in driver.current_url and "decision=denied" in driver.current_url, "filters are in the URL, so a view can be shared")
+
+    # A bad filter is named on the page, not a blank error.
+    driver.get(BASE + "/audit?sha=xyz")
+    observed["bad_filter"] = driver.find_element(By.ID, "message").text
+    check(observed["bad_filter"].startswith("sha:"), "a bad filter names the parameter")
+
+    # Detail: the hostile record, opened from the table.
+    driver.get(BASE + "/audit?role=" + EXPECT["detail_role"])
+    driver.find_element(By.CSS_SELECTOR, "a.detail-link").click()
+    observed["detail_id"] = driver.find_element(By.ID, "record-id").text
+    check(observed["detail_id"] == EXPECT["detail_id"], "the link opens that record")
+    claims = {row.find_element(By.TAG_NAME, "th").text: row.find_element(By.TAG_NAME, "td").text for row in driver.find_elements(By.CSS_SELECTOR, "#claims tr")}
+    observed["claims"] = claims
+    for name, value in EXPECT["detail_claims"].items():
+        check(claims.get(name) == value, f"claim {name} is shown as it was, markup and all")
+    check(driver.execute_script("return window.credbrokerPwned === undefined && document.scripts.length === 2"), "a claim's markup did not run or add a script")
+    links = {a.get_attribute("data-kind"): a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a.git-link")}
+    observed["links"] = links
+    check(links == EXPECT["detail_links"], "commit, pipeline and user link back to the Git server")
+
+    # No Content-Security-Policy violation or script error anywhere on the way. (The refused
+    # sign-in and the bad filter answered 403 and 400 on purpose; Chromium logs those statuses.)
+    expected = ("/audit/session - Failed to load resource: the server responded with a status of 403",
+                "/audit?sha=xyz - Failed to load resource: the server responded with a status of 400")
+    problems = [entry["message"] for entry in driver.get_log("browser")
+                if entry["level"] == "SEVERE" and "favicon" not in entry["message"] and not any(e in entry["message"] for e in expected)]
+    observed["console_errors"] = problems
+    check(not problems, "the browser console shows no errors")
+
+    # Sign out: back to the form, and the log is no longer readable.
+    driver.get(BASE + "/audit")
+    driver.find_element(By.CSS_SELECTOR, "form.session button").click()
+    check(driver.find_elements(By.ID, "sign-in"), "signing out ends the session")
+finally:
+    driver.quit()
+
+print(json.dumps(observed), flush=True)
