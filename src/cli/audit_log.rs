@@ -75,9 +75,10 @@ pub struct QueryArgs {
     #[arg(long)]
     csv: bool,
     /// Postgres URL; by default the configuration's `database_url`.
-    #[arg(long, env = "CREDBROKER_DATABASE_URL", hide_env_values = true, conflicts_with = "url")]
+    #[arg(long, env = "CREDBROKER_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// Ask the broker at this URL instead of the database.
+    /// Ask the broker at this URL instead of the database (wins over --database-url, which
+    /// may come from the environment).
     #[arg(long)]
     url: Option<String>,
     /// With --url: environment variable holding the caller's OIDC token.
