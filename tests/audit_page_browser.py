@@ -9,7 +9,9 @@ expectation that fails, naming it.
 import json
 import os
 import shutil
+import struct
 import sys
+import zlib
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -63,6 +65,51 @@ for (let i = 0; i < data.length; i += 4) {
 return [bars, painted, canvas.width, canvas.height];
 """
 
+def png_rows(png):
+    """Decodes an 8-bit, non-interlaced RGB or RGBA PNG (what Chromium's screenshots are)."""
+    check(png[:8] == b"\x89PNG\r\n\x1a\n", "the screenshot is a PNG")
+    position, compressed = 8, b""
+    while position < len(png):
+        (length,) = struct.unpack(">I", png[position:position + 4])
+        kind, body = png[position + 4:position + 8], png[position + 8:position + 8 + length]
+        position += 12 + length
+        if kind == b"IHDR":
+            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            compressed += body
+    check(depth == 8 and interlace == 0 and colour in (2, 6), "an 8-bit RGB(A) screenshot")
+    channels = 4 if colour == 6 else 3
+    raw, stride, previous, rows = zlib.decompress(compressed), width * channels, bytearray(width * channels), []
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = raw[start], bytearray(raw[start + 1:start + 1 + stride])
+        for x in range(stride):
+            left = line[x - channels] if x >= channels else 0
+            up, up_left = previous[x], (previous[x - channels] if x >= channels else 0)
+            if kind == 1:
+                line[x] = (line[x] + left) & 255
+            elif kind == 2:
+                line[x] = (line[x] + up) & 255
+            elif kind == 3:
+                line[x] = (line[x] + ((left + up) >> 1)) & 255
+            elif kind == 4:
+                guess = left + up - up_left
+                nearest = min((abs(guess - left), 0, left), (abs(guess - up), 1, up), (abs(guess - up_left), 2, up_left))[2]
+                line[x] = (line[x] + nearest) & 255
+        rows.append((line, channels))
+        previous = line
+    return rows
+
+
+def bar_pixels_in(png):
+    count = 0
+    for line, channels in png_rows(png):
+        for x in range(0, len(line), channels):
+            if abs(line[x] - 37) < 12 and abs(line[x + 1] - 99) < 12 and abs(line[x + 2] - 235) < 12:
+                count += 1
+    return count
+
+
 driver = chromium()
 try:
     # A caller [auditors] does not bind is refused, and gets no session.
@@ -91,6 +138,10 @@ try:
     observed["legend"] = legend
     check(sorted(legend) == sorted(EXPECT["legend"]), "the legend names each target's issued and denied series")
     driver.save_screenshot(os.environ["SCREENSHOT"])
+    # What a person would see: the chart's screenshot has bars, not only the legend's swatch
+    # (about 500 pixels of that colour).
+    observed["screenshot_bar_pixels"] = bar_pixels_in(canvas.screenshot_as_png)
+    check(observed["screenshot_bar_pixels"] > 1500, "a screenshot of the chart shows its bars")
 
     # Filter: by project glob and decision, through the form.
     driver.find_element(By.ID, "filter-project_path").send_keys(EXPECT["filter_project"])
