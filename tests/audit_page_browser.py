@@ -171,6 +171,7 @@ try:
     links = {a.get_attribute("data-kind"): a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a.git-link")}
     observed["links"] = links
     check(links == EXPECT["detail_links"], "commit, pipeline and user link back to the Git server")
+    driver.save_screenshot(os.environ["SCREENSHOT"].replace(".png", "-record.png"))
 
     # No Content-Security-Policy violation or script error anywhere on the way. (The refused
     # sign-in and the bad filter answered 403 and 400 on purpose; Chromium logs those statuses.)
