@@ -132,6 +132,9 @@ impl Application {
             None => None,
         };
         backends.start().await;
+        if let Some(gogs) = &gogs {
+            gogs.start().await;
+        }
         let openid_configuration = json!({
             "issuer": config.public_url,
             "jwks_uri": format!("{}/.well-known/jwks.json", config.public_url),
