@@ -74,6 +74,9 @@ pub struct Config {
     pub vault: Option<crate::vault::VaultConfig>,
     /// `[gogs]`, parsed at startup by `gogs::GogsConfig::parse` (it needs the Vault connection).
     pub gogs: Option<toml::Table>,
+    /// `[events]`, the event stream's Kafka sink and publisher, parsed at startup by
+    /// `events::kafka::EventsConfig::parse` (its password may come from Vault).
+    pub events: Option<toml::Table>,
     pub dev: Option<DevConfig>,
 }
 
@@ -195,6 +198,7 @@ struct RawConfig {
     backends: toml::Table,
     vault: Option<toml::Table>,
     gogs: Option<toml::Table>,
+    events: Option<toml::Table>,
     dev: Option<RawDev>,
 }
 
@@ -426,6 +430,7 @@ impl Config {
             backends,
             vault,
             gogs: raw.gogs,
+            events: raw.events,
             dev,
             base_dir,
         })

@@ -16,6 +16,8 @@ use crate::backend::{self, Backends};
 use crate::broker::Broker;
 use crate::config::{Config, DEV_ISSUER_NAME};
 use crate::dev::DevIssuer;
+use crate::events::kafka::{EventsConfig, KafkaSink};
+use crate::events::Publisher;
 use crate::gogs::{Gogs, GogsConfig};
 use crate::http::{self, AppState, DevIssuerDocuments};
 use crate::lifecycle::sealed::RevocationKey;
@@ -33,6 +35,8 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     sealer: Option<Sealer>,
+    /// The event stream's publisher, when `[events]` is configured.
+    publisher: Option<Publisher>,
 }
 
 /// Seals audit rows into signed checkpoints every `interval` (audit::seal).
@@ -97,6 +101,9 @@ impl Application {
         }
         tracing::info!(roles = policies.len(), dir = %config.policy_dir.display(), "policies loaded");
 
+        // Parsed before anything connects, so a broken [events] fails the start with its key.
+        let events = config.events.as_ref().map(|table| EventsConfig::parse(table, &config, backends.vault())).transpose()?;
+
         let store = PgAudit::connect(
             &config.database_url,
             config.database_max_connections,
@@ -105,6 +112,16 @@ impl Application {
         if config.migrate_on_start {
             audit::migrate(store.pool()).await.context("cannot migrate the audit database")?;
         }
+        let publisher = match events {
+            Some(events) => {
+                // Queueing is a database-wide switch the triggers read; it stays on once a
+                // publisher ran, so events keep queueing through this replica's restarts.
+                audit::outbox::set_outbox_enabled(store.pool(), true).await.context("cannot enable the event outbox")?;
+                tracing::info!(topic = %events.sink.topic, servers = %events.sink.bootstrap_servers.join(","), "event stream enabled");
+                Some(Publisher::new(store.pool().clone(), Arc::new(KafkaSink::new(events.sink)), events.publisher))
+            }
+            None => None,
+        };
         let audit = Audit::new(store, config.audit_writer, config.unattributed_denials_per_minute);
         let sealer = match &config.audit_seal_key_file {
             Some(path) => Some(Sealer {
@@ -160,7 +177,7 @@ impl Application {
             }),
             request_timeout: Duration::from_secs(config.request_timeout_seconds),
         };
-        Ok(Self { listener, state, sealer })
+        Ok(Self { listener, state, sealer, publisher })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -177,6 +194,7 @@ impl Application {
         // Due revocations, including those that fell due while no broker was running.
         let revoker = tokio::spawn(self.state.broker.lifecycle.clone().run_worker(self.state.broker.clone()));
         let sealer = self.sealer.map(|sealer| tokio::spawn(seal_periodically(audit.store().clone(), sealer)));
+        let publisher = self.publisher.map(|publisher| tokio::spawn(publisher.run()));
         let router = http::app(self.state);
         tracing::info!(address = %self.listener.local_addr()?, "credbroker listening");
         axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
@@ -186,6 +204,10 @@ impl Application {
         revoker.abort();
         if let Some(sealer) = sealer {
             sealer.abort();
+        }
+        // An event in flight stays leased and comes due again: at least once, never lost.
+        if let Some(publisher) = publisher {
+            publisher.abort();
         }
         if let Err(error) = audit.flush_unattributed().await {
             tracing::error!(%error, "could not write aggregated denials at shutdown");

@@ -528,8 +528,8 @@ async fn combined_mode_needs_the_automation_identity_and_a_matching_delivery_tok
     assert_eq!(status, 403, "{body}");
 }
 
-/// A sink that refuses while `down` is set, standing in for a Kafka cluster that is away
-/// (no Kafka-protocol broker that fits runs here: PEERS.md).
+/// A sink that refuses while `down` is set: the publisher's claim, backoff and ordering rules
+/// on their own (the real Kafka sink against a real broker is tests/events_kafka.rs).
 #[derive(Default)]
 struct FlakySink {
     down: AtomicBool,
