@@ -36,7 +36,14 @@ pub struct Application {
     state: AppState,
     sealer: Option<Sealer>,
     /// The event stream's publisher, when `[events]` is configured.
-    publisher: Option<Publisher>,
+    publisher: Option<EventPublisher>,
+}
+
+struct EventPublisher {
+    publisher: Publisher,
+    pool: sqlx::PgPool,
+    /// Whether the outbox switch was turned on at build time.
+    enabled: bool,
 }
 
 /// Seals audit rows into signed checkpoints every `interval` (audit::seal).
@@ -114,11 +121,20 @@ impl Application {
         }
         let publisher = match events {
             Some(events) => {
-                // Queueing is a database-wide switch the triggers read; it stays on once a
-                // publisher ran, so events keep queueing through this replica's restarts.
-                audit::outbox::set_outbox_enabled(store.pool(), true).await.context("cannot enable the event outbox")?;
                 tracing::info!(topic = %events.sink.topic, servers = %events.sink.bootstrap_servers.join(","), "event stream enabled");
-                Some(Publisher::new(store.pool().clone(), Arc::new(KafkaSink::new(events.sink)), events.publisher))
+                // Queueing is a database-wide switch the triggers read; it stays on once a
+                // publisher ran, so events keep queueing through this replica's restarts. Set
+                // here, before the first request, when Postgres answers; otherwise the publisher
+                // task keeps trying (nothing can be issued, so nothing is missed, meanwhile).
+                let enabled = match audit::outbox::set_outbox_enabled(store.pool(), true).await {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot enable the event outbox yet; will retry");
+                        false
+                    }
+                };
+                let publisher = Publisher::new(store.pool().clone(), Arc::new(KafkaSink::new(events.sink)), events.publisher);
+                Some(EventPublisher { publisher, pool: store.pool().clone(), enabled })
             }
             None => None,
         };
@@ -194,7 +210,7 @@ impl Application {
         // Due revocations, including those that fell due while no broker was running.
         let revoker = tokio::spawn(self.state.broker.lifecycle.clone().run_worker(self.state.broker.clone()));
         let sealer = self.sealer.map(|sealer| tokio::spawn(seal_periodically(audit.store().clone(), sealer)));
-        let publisher = self.publisher.map(|publisher| tokio::spawn(publisher.run()));
+        let publisher = self.publisher.map(|events| tokio::spawn(publish_events(events)));
         let router = http::app(self.state);
         tracing::info!(address = %self.listener.local_addr()?, "credbroker listening");
         axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
@@ -214,6 +230,17 @@ impl Application {
         }
         Ok(())
     }
+}
+
+async fn publish_events(events: EventPublisher) {
+    if !events.enabled {
+        while let Err(error) = audit::outbox::set_outbox_enabled(&events.pool, true).await {
+            tracing::error!(%error, "cannot enable the event outbox; will retry");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        tracing::info!("event outbox enabled");
+    }
+    events.publisher.run().await;
 }
 
 async fn flush_unattributed_periodically(audit: Audit) {

@@ -352,3 +352,42 @@ async fn a_broken_events_section_fails_the_start_naming_the_key() {
         assert!(error.contains(&format!("key `{key}`")), "{events:?}: {error}");
     }
 }
+
+/// Postgres away when `serve` starts (the broker runs as credbroker_broker, which does not
+/// migrate): the start does not fail, and the publisher turns the outbox on once Postgres
+/// answers, before anything could be issued and missed.
+#[tokio::test]
+async fn the_outbox_is_enabled_once_postgres_answers_after_a_start_without_it() {
+    let database_url = common::fresh_database().await;
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    credbroker::audit::migrate(&pool).await.unwrap();
+    let (proxy, proxied_url) = common::PostgresProxy::start(&database_url).await;
+    proxy.down();
+
+    let dir = temp_dir();
+    std::fs::write(dir.0.join("policies/test.toml"), common::POLICIES).unwrap();
+    std::fs::write(dir.0.join("kafka.pem"), rsa_pem(2)).unwrap();
+    // Nothing listens on port 9: the sink only ever fails, which does not matter here.
+    let text = common::config_text_with_tables(
+        "https://gitlab.example.com",
+        &proxied_url,
+        "http://127.0.0.1:1",
+        "migrate_on_start = false",
+        &events_table("127.0.0.1:9"),
+    );
+    let path = dir.0.join("credbroker.toml");
+    let config = credbroker::config::Config::parse(&text, &path, std::iter::empty()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let application = credbroker::startup::Application::build_on(listener, config, Default::default()).await.expect("starts without Postgres");
+    tokio::spawn(application.run_until_stopped());
+    let enabled = || async { sqlx::query_scalar::<_, bool>("select enabled from event_outbox_settings").fetch_one(&pool).await.unwrap() };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!enabled().await, "nothing could reach Postgres yet");
+
+    proxy.up();
+    let started = Instant::now();
+    while !enabled().await {
+        assert!(started.elapsed() < Duration::from_secs(15), "the outbox was never enabled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
