@@ -64,6 +64,16 @@ fi
 python3 -c 'import selenium' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'selenium>=4.11' </dev/null
 
+# The Kafka peer: tansu (PEERS.md), started and stopped by tests/events_kafka.rs itself. Its
+# in-memory storage needs the dynostore feature (the postgres engine expects a schema tansu's
+# crate does not ship). A long build (~20 min on 2 cores): once installed it is reused, and
+# CARGO_TARGET_DIR keeps a half-done build across interrupted runs.
+command -v tansu >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/tansu" ] || {
+    echo "test.sh: installing tansu (one-off, about 20 minutes)" >&2
+    CARGO_TARGET_DIR="${TMPDIR:-/tmp}/credbroker-tansu-build" \
+        nice -n 19 cargo install tansu --locked --features dynostore </dev/null
+}
+
 # Tests create (and drop) one database per test, so they are handed the maintenance
 # database rather than one they would all share.
 CREDBROKER_TEST_DATABASE_URL=$(bash scripts/postgres.sh url "$PG_DIR" postgres)

@@ -245,7 +245,9 @@ impl Broker {
                 Ok(delivery) => {
                     for name in crate::gogs::DELIVERY_CLAIMS {
                         if let Some(value) = delivery.claims.get(*name) {
-                            token.claims.insert(format!("delivery_{name}"), value.clone());
+                            // `delivery_id` already names itself (the README promises that name).
+                            let joined = if name.starts_with("delivery_") { (*name).to_owned() } else { format!("delivery_{name}") };
+                            token.claims.insert(joined, value.clone());
                         }
                     }
                     event.claims = Some(token.claims.clone());

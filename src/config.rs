@@ -77,6 +77,9 @@ pub struct Config {
     /// `[audit_page.links.<issuer>]`: where the `/audit` page links a record's commit,
     /// pipeline and user on the Git server.
     pub audit_links: crate::auditors::links::GitLinks,
+    /// `[events]`, the event stream's Kafka sink and publisher, parsed at startup by
+    /// `events::kafka::EventsConfig::parse` (its password may come from Vault).
+    pub events: Option<toml::Table>,
     pub dev: Option<DevConfig>,
 }
 
@@ -199,6 +202,7 @@ struct RawConfig {
     vault: Option<toml::Table>,
     gogs: Option<toml::Table>,
     audit_page: Option<toml::Table>,
+    events: Option<toml::Table>,
     dev: Option<RawDev>,
 }
 
@@ -440,6 +444,7 @@ impl Config {
             vault,
             gogs: raw.gogs,
             audit_links,
+            events: raw.events,
             dev,
             base_dir,
         })

@@ -16,6 +16,8 @@ use crate::backend::{self, Backends};
 use crate::broker::Broker;
 use crate::config::{Config, DEV_ISSUER_NAME};
 use crate::dev::DevIssuer;
+use crate::events::kafka::{EventsConfig, KafkaSink};
+use crate::events::Publisher;
 use crate::gogs::{Gogs, GogsConfig};
 use crate::http::{self, AppState, DevIssuerDocuments};
 use crate::lifecycle::sealed::RevocationKey;
@@ -33,6 +35,15 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     sealer: Option<Sealer>,
+    /// The event stream's publisher, when `[events]` is configured.
+    publisher: Option<EventPublisher>,
+}
+
+struct EventPublisher {
+    publisher: Publisher,
+    pool: sqlx::PgPool,
+    /// Whether the outbox switch was turned on at build time.
+    enabled: bool,
 }
 
 /// Seals audit rows into signed checkpoints every `interval` (audit::seal).
@@ -97,6 +108,9 @@ impl Application {
         }
         tracing::info!(roles = policies.len(), dir = %config.policy_dir.display(), "policies loaded");
 
+        // Parsed before anything connects, so a broken [events] fails the start with its key.
+        let events = config.events.as_ref().map(|table| EventsConfig::parse(table, &config, backends.vault())).transpose()?;
+
         let store = PgAudit::connect(
             &config.database_url,
             config.database_max_connections,
@@ -105,6 +119,25 @@ impl Application {
         if config.migrate_on_start {
             audit::migrate(store.pool()).await.context("cannot migrate the audit database")?;
         }
+        let publisher = match events {
+            Some(events) => {
+                tracing::info!(topic = %events.sink.topic, servers = %events.sink.bootstrap_servers.join(","), "event stream enabled");
+                // Queueing is a database-wide switch the triggers read; it stays on once a
+                // publisher ran, so events keep queueing through this replica's restarts. Set
+                // here, before the first request, when Postgres answers; otherwise the publisher
+                // task keeps trying (nothing can be issued, so nothing is missed, meanwhile).
+                let enabled = match audit::outbox::set_outbox_enabled(store.pool(), true).await {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot enable the event outbox yet; will retry");
+                        false
+                    }
+                };
+                let publisher = Publisher::new(store.pool().clone(), Arc::new(KafkaSink::new(events.sink)), events.publisher);
+                Some(EventPublisher { publisher, pool: store.pool().clone(), enabled })
+            }
+            None => None,
+        };
         let audit = Audit::new(store, config.audit_writer, config.unattributed_denials_per_minute);
         let sealer = match &config.audit_seal_key_file {
             Some(path) => Some(Sealer {
@@ -132,6 +165,9 @@ impl Application {
             None => None,
         };
         backends.start().await;
+        if let Some(gogs) = &gogs {
+            gogs.start().await;
+        }
         let openid_configuration = json!({
             "issuer": config.public_url,
             "jwks_uri": format!("{}/.well-known/jwks.json", config.public_url),
@@ -159,7 +195,7 @@ impl Application {
             audit_links: Arc::new(config.audit_links.clone()),
             secure_cookies: config.public_url.starts_with("https://"),
         };
-        Ok(Self { listener, state, sealer })
+        Ok(Self { listener, state, sealer, publisher })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -176,6 +212,7 @@ impl Application {
         // Due revocations, including those that fell due while no broker was running.
         let revoker = tokio::spawn(self.state.broker.lifecycle.clone().run_worker(self.state.broker.clone()));
         let sealer = self.sealer.map(|sealer| tokio::spawn(seal_periodically(audit.store().clone(), sealer)));
+        let publisher = self.publisher.map(|events| tokio::spawn(publish_events(events)));
         let router = http::app(self.state);
         tracing::info!(address = %self.listener.local_addr()?, "credbroker listening");
         axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
@@ -186,11 +223,26 @@ impl Application {
         if let Some(sealer) = sealer {
             sealer.abort();
         }
+        // An event in flight stays leased and comes due again: at least once, never lost.
+        if let Some(publisher) = publisher {
+            publisher.abort();
+        }
         if let Err(error) = audit.flush_unattributed().await {
             tracing::error!(%error, "could not write aggregated denials at shutdown");
         }
         Ok(())
     }
+}
+
+async fn publish_events(events: EventPublisher) {
+    if !events.enabled {
+        while let Err(error) = audit::outbox::set_outbox_enabled(&events.pool, true).await {
+            tracing::error!(%error, "cannot enable the event outbox; will retry");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        tracing::info!("event outbox enabled");
+    }
+    events.publisher.run().await;
 }
 
 async fn flush_unattributed_periodically(audit: Audit) {

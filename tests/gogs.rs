@@ -84,16 +84,24 @@ struct Gogs {
 }
 
 async fn spawn() -> Gogs {
-    let automation = automation().await;
     let keys = temp_dir();
     let key_file = keys.0.join("gogs.pem");
     std::fs::write(&key_file, rsa_pem(1)).unwrap();
+    spawn_signing_with(keys, &format!("signing_key_file = \"{}\"", key_file.display()), "").await
+}
+
+/// `signing`: the `[gogs]` line that chooses the signing key; `tables`: more config tables
+/// (e.g. `[vault]`). `keys` holds the files the configuration names.
+async fn spawn_signing_with(keys: TempDir, signing: &str, tables: &str) -> Gogs {
+    let automation = automation().await;
     let secret_file = keys.0.join("hook-secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
     let tables = format!(
         r#"
+{tables}
+
 [gogs]
-signing_key_file = "{key}"
+{signing}
 token_lifetime = "15m"
 max_payload_bytes = 65536
 
@@ -107,7 +115,6 @@ secret = {{ file = "{secret}" }}
 repositories = ["data/*"]
 respond_with_token = true
 "#,
-        key = key_file.display(),
         secret = secret_file.display(),
         forward = automation.url,
     );
@@ -271,6 +278,89 @@ async fn signed_push_is_recorded_forwarded_and_exchanged_for_a_credential_bound_
     let (status, _, body) = gogs.app.exchange(&token, json!({"role": "warehouse-deploy"})).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["code"], "token_replayed");
+}
+
+/// `[gogs] signing = { vault_transit = ... }`: delivery tokens are signed by a Vault transit key
+/// (the Vault stand-in of tests/vault.rs, through the production vaultrs client), verify
+/// against `/.well-known/jwks.json` with an independent library (PyJWT), grant a `gogs` role,
+/// and a token signed before a rotation keeps working while the old version stays published.
+#[tokio::test]
+async fn delivery_tokens_signed_by_vault_transit_verify_against_the_jwks_and_grant() {
+    use common::vault_standin::{VaultStandin, ROLE_ID, SECRET_ID};
+    const TRANSIT_KEY: &str = "credbroker-gogs";
+    let vault = VaultStandin::start().await;
+    vault.rotate_transit_key(TRANSIT_KEY, rsa_pem(0));
+    let keys = temp_dir();
+    let secret_id_file = keys.0.join("vault-secret-id");
+    std::fs::write(&secret_id_file, format!("{SECRET_ID}\n")).unwrap();
+    let vault_tables = format!(
+        "[vault]\naddress = \"{}\"\n[vault.approle]\nrole_id = \"{ROLE_ID}\"\nsecret_id_file = \"{}\"\n",
+        vault.url,
+        secret_id_file.display()
+    );
+    let signing = format!("signing = {{ vault_transit = \"{TRANSIT_KEY}\", mount = \"transit\", refresh_seconds = 1 }}");
+    let gogs = spawn_signing_with(keys, &signing, &vault_tables).await;
+    // The RFC 7638 thumbprint of version 1's public key, computed from the key itself.
+    let version_1_kid = credbroker::backend::signing::SigningKey::from_pem(rsa_pem(0).as_bytes()).unwrap().kid().to_owned();
+
+    let delivery = |git_ref: &'static str| {
+        let gogs = &gogs;
+        async move {
+            let sent = gogs.push("relay", &new_id(), &push_payload(git_ref, MAIN_SHA, "alice")).await;
+            assert_eq!(sent.status, 200, "{}", sent.body);
+            sent.body["delivery_token"].as_str().expect("relay hook returns the token").to_owned()
+        }
+    };
+    let first = delivery("refs/heads/main").await;
+    let kept_for_after_rotation = delivery("refs/heads/main").await;
+    assert_eq!(vault.with(|s| s.sign_requests.last().cloned()), Some((TRANSIT_KEY.to_owned(), Some(1))), "signed by transit, version 1");
+    let header = jsonwebtoken::decode_header(&first).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
+    assert_eq!(header.kid.as_deref(), Some(version_1_kid.as_str()), "kid is the transit key's thumbprint");
+
+    let jwks_url = format!("{}/.well-known/jwks.json", gogs.app.url);
+    let issuer = format!("{}/gogs", gogs.app.public_url);
+    let validate = |token: String| {
+        let (jwks_url, issuer) = (jwks_url.clone(), issuer.clone());
+        async move {
+            let output = tokio::task::spawn_blocking(move || common::kip768_validate(&jwks_url, common::AUDIENCE, &issuer, &token)).await.unwrap();
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            serde_json::from_slice::<Value>(&output.stdout).unwrap()["principal"].clone()
+        }
+    };
+    assert_eq!(validate(first.clone()).await, "repo:data/warehouse:ref:refs/heads/main");
+
+    let (status, _, body) = gogs.app.exchange(&first, json!({"role": "warehouse-deploy"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["credential"]["principal"], format!("gogs:data/warehouse@{MAIN_SHA}"));
+    let audit = gogs.app.audit_row(body["issuance_id"].as_str().unwrap()).await;
+    assert_eq!((audit["decision"].as_str(), audit["issuer"].as_str()), (Some("issued"), Some("gogs")));
+
+    // Rotate in Vault: new deliveries are signed with version 2 within refresh_seconds, and
+    // version 1 stays in the JWKS while tokens it signed can still be presented.
+    vault.rotate_transit_key(TRANSIT_KEY, rsa_pem(1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    let rotated = loop {
+        let token = delivery("refs/heads/main").await;
+        if jsonwebtoken::decode_header(&token).unwrap().kid.as_deref() != Some(version_1_kid.as_str()) {
+            break token;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rotated transit key was never used");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
+    assert_eq!(vault.with(|s| s.sign_requests.last().cloned()), Some((TRANSIT_KEY.to_owned(), Some(2))));
+    let jwks: Value = reqwest::get(&jwks_url).await.unwrap().json().await.unwrap();
+    let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().filter_map(|k| k["kid"].as_str()).collect();
+    let rotated_kid = jsonwebtoken::decode_header(&rotated).unwrap().kid.unwrap();
+    assert!(kids.contains(&version_1_kid.as_str()) && kids.contains(&rotated_kid.as_str()), "both versions published: {kids:?}");
+    for token in [kept_for_after_rotation, rotated] {
+        assert_eq!(validate(token.clone()).await, "repo:data/warehouse:ref:refs/heads/main");
+        let (status, _, body) = gogs.app.exchange(&token, json!({"role": "warehouse-deploy"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // A branch the role does not bind is still denied with a transit-signed token.
+    let (status, _, body) = gogs.app.exchange(&delivery("refs/heads/feature").await, json!({"role": "warehouse-deploy"})).await;
+    assert_eq!(status, 403, "{body}");
 }
 
 #[tokio::test]
@@ -438,8 +528,8 @@ async fn combined_mode_needs_the_automation_identity_and_a_matching_delivery_tok
     assert_eq!(status, 403, "{body}");
 }
 
-/// A sink that refuses while `down` is set, standing in for a Kafka cluster that is away
-/// (no Kafka-protocol broker that fits runs here: PEERS.md).
+/// A sink that refuses while `down` is set: the publisher's claim, backoff and ordering rules
+/// on their own (the real Kafka sink against a real broker is tests/events_kafka.rs).
 #[derive(Default)]
 struct FlakySink {
     down: AtomicBool,
@@ -530,4 +620,210 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Ite
         if pinned.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
     })
     .await;
+}
+
+/// Stops the example script when the test ends, however it ends (by PID, never by name).
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it (openssl CLI); returns (chain, key) paths.
+fn loopback_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=credbroker test CA", "-keyout", "ca-key.pem", "-out", "ca.pem"]);
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "loader-key.pem", "-out", "loader.csr"]);
+    std::fs::write(dir.join("loader.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    run(&["x509", "-req", "-in", "loader.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "1", "-extfile", "loader.ext", "-out", "loader.pem"]);
+    (dir.join("loader.pem"), dir.join("loader-key.pem"))
+}
+
+/// Waits until `path` holds `needle`, then returns the file's text.
+async fn file_containing(path: &std::path::Path, needle: &str, timeout: std::time::Duration) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(started.elapsed() < timeout, "timed out waiting for {needle:?} in {}: {text}", path.display());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// examples/gogs-automation run for real: the shipped `credbroker.toml` fragment and policies
+/// (only the site-specific issuer URL, key path and forward URL rewritten) in the real broker,
+/// the shipped `automation.py` as the forward target, a push signed exactly as Gogs signs it.
+/// The script receives the forwarded delivery, exchanges its own identity token plus the
+/// delivery token for a Kafka credential (role `warehouse-loader`) and runs `load.sh` with it.
+#[tokio::test]
+async fn the_example_automation_receives_the_forwarded_push_exchanges_and_runs_its_job() {
+    let example = common::repo_path("examples/gogs-automation");
+    let work = temp_dir();
+    // The loader's own identity: a Kubernetes-style service-account token from a real OIDC
+    // issuer served over HTTP (discovery + JWKS), registered as the example's `kubernetes`.
+    let kubernetes = common::TestIssuer::start().await;
+    let identity_token = kubernetes.token_with(json!({"sub": "system:serviceaccount:data:loader"}));
+    let identity_file = work.0.join("identity-token");
+    std::fs::write(&identity_file, &identity_token).unwrap();
+    let key_file = work.0.join("gogs-delivery.pem");
+    std::fs::write(&key_file, rsa_pem(1)).unwrap();
+    let script_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    // The broker forwards to https URLs (as the example's forward_url is): the script serves
+    // TLS with a certificate from a CA of this test, which the broker trusts through
+    // SSL_CERT_FILE (read by its TLS roots loader; this test runs in a process of its own).
+    let (certificate, certificate_key) = loopback_certificate(&work.0);
+    std::env::set_var("SSL_CERT_FILE", work.0.join("ca.pem"));
+
+    let fragment = std::fs::read_to_string(example.join("credbroker.toml")).unwrap();
+    let tables = [
+        ("https://kubernetes.default.svc.cluster.local", kubernetes.url.clone()),
+        ("keys/gogs-delivery.pem", key_file.display().to_string()),
+        ("https://loader.internal:8090/", format!("https://127.0.0.1:{script_port}/")),
+    ]
+    .iter()
+    .fold(fragment, |text, (from, to)| {
+        assert!(text.contains(from), "the example's credbroker.toml no longer contains {from:?}");
+        text.replace(from, to)
+    });
+    // The fragment reads the hook secret from the environment, as the README tells.
+    std::env::set_var("GOGS_WAREHOUSE_HOOK_SECRET", SECRET);
+    let policies = std::fs::read_to_string(example.join("policies/warehouse.toml")).unwrap();
+    let app = TestApp::spawn_full("", &tables, &policies, None).await;
+
+    // The job: records the environment it was given, then runs the example's load.sh.
+    let job_env = work.0.join("job-env");
+    let script_out = work.0.join("automation.out");
+    let script_err = work.0.join("automation.err");
+    let child = std::process::Command::new("python3")
+        .arg(example.join("automation.py"))
+        .args(["--listen", &format!("127.0.0.1:{script_port}")])
+        .arg("--tls-cert")
+        .arg(&certificate)
+        .arg("--tls-key")
+        .arg(&certificate_key)
+        .args(["--", "sh", "-c", "env > \"$0\" && exec sh \"$1\""])
+        .arg(&job_env)
+        .arg(example.join("load.sh"))
+        .env("CREDBROKER_URL", &app.url)
+        .env("CREDBROKER_ROLE", "warehouse-loader")
+        .env("IDENTITY_TOKEN_FILE", &identity_file)
+        .stdout(std::fs::File::create(&script_out).unwrap())
+        .stderr(std::fs::File::create(&script_err).unwrap())
+        .spawn()
+        .expect("python3");
+    let _script = ChildGuard(child);
+    let started = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", script_port)).await.is_err() {
+        assert!(started.elapsed().as_secs() < 10, "automation.py did not listen: {}", std::fs::read_to_string(&script_err).unwrap_or_default());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // A push as Gogs delivers it: JSON body, X-Gogs-* headers, HMAC by Python's hmac module.
+    let id = new_id();
+    let payload = push_payload("refs/heads/main", MAIN_SHA, "alice");
+    let response = app
+        .client
+        .post(format!("{}/v1/hooks/gogs/warehouse", app.url))
+        .header("content-type", "application/json")
+        .header("x-gogs-event", "push")
+        .header("x-gogs-delivery", &id)
+        .header("x-gogs-signature", gogs_signature(SECRET, payload.as_bytes()))
+        .header("x-github-event", "push")
+        .header("x-github-delivery", &id)
+        .body(payload.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["status"], "accepted", "{answer}");
+    assert_eq!(answer["forward_status"], "202", "automation.py accepts and works after answering: {answer}");
+    assert!(answer.get("delivery_token").is_none(), "Gogs' delivery history never sees the token: {answer}");
+
+    let out = file_containing(&script_out, "job exited", std::time::Duration::from_secs(30)).await;
+    let errors = std::fs::read_to_string(&script_err).unwrap_or_default();
+    assert!(out.contains(&format!("delivery {id}: job exited 0")), "{out}\n{errors}");
+    let principal = format!("loader:data/warehouse@{MAIN_SHA}");
+    assert!(
+        out.contains(&format!("loading data/warehouse at {MAIN_SHA} (refs/heads/main) as {principal}")),
+        "load.sh ran with the delivery and the credential: {out}\n{errors}"
+    );
+
+    // The job's environment held a real credential: a Kafka OAUTHBEARER token that KIP-768
+    // validation (PyJWT, JWKS over HTTP) accepts, bound to that repository and commit.
+    let env_text = std::fs::read_to_string(&job_env).unwrap();
+    let env: std::collections::HashMap<&str, &str> = env_text.lines().filter_map(|line| line.split_once('=')).collect();
+    assert_eq!(env.get("GOGS_REPOSITORY"), Some(&"data/warehouse"));
+    assert_eq!(env.get("GOGS_REF"), Some(&"refs/heads/main"));
+    assert_eq!(env.get("GOGS_SHA"), Some(&MAIN_SHA));
+    assert_eq!(env.get("KAFKA_PRINCIPAL"), Some(&principal.as_str()));
+    let kafka_token = env.get("KAFKA_OAUTHBEARER_TOKEN").expect("the credential is in the job's environment").to_string();
+    let (jwks_url, issuer, token) = (format!("{}/.well-known/jwks.json", app.url), app.public_url.clone(), kafka_token.clone());
+    let output = tokio::task::spawn_blocking(move || common::kip768_validate(&jwks_url, "kafka-test", &issuer, &token)).await.unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let verdict: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(verdict["principal"], principal.as_str());
+
+    // The audit log holds the delivery and the issuance, tied together, and nothing secret.
+    let delivery = sqlx::query_scalar::<_, Value>("select to_jsonb(d) from gogs_deliveries d where delivery_id = $1")
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(delivery["forward_status"], "202");
+    assert_eq!(delivery["after_sha"], MAIN_SHA);
+    assert_eq!(delivery["payload_sha256"], credbroker::types::sha256_hex(payload.as_bytes()));
+    let issued: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'issued'").fetch_all(&app.pool).await.unwrap();
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    let issued = &issued[0];
+    assert_eq!(issued["role"], "warehouse-loader");
+    assert_eq!(issued["issuer"], "kubernetes");
+    assert_eq!(issued["subject"], "system:serviceaccount:data:loader");
+    assert_eq!(issued["claims"]["delivery_id"], id);
+    assert_eq!(issued["claims"]["delivery_sha"], MAIN_SHA);
+    assert_eq!(issued["claims"]["delivery_repository"], "data/warehouse");
+    assert_eq!(issued["credential_sha256"], credbroker::types::sha256_hex(kafka_token.as_bytes()));
+    assert!(out.contains(&format!("credential {}", issued["id"].as_str().unwrap())), "the script logs the issuance id: {out}");
+    let everything: String = sqlx::query_scalar(
+        "select coalesce((select jsonb_agg(to_jsonb(a))::text from audit_events a), '') || coalesce((select jsonb_agg(to_jsonb(d))::text from gogs_deliveries d), '')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let delivery_token_sha = delivery["token_sha256"].as_str().expect("token fingerprint recorded").to_owned();
+    for (what, secret) in [("credential", kafka_token.as_str()), ("identity token", identity_token.as_str()), ("hook secret", SECRET)] {
+        assert!(!everything.contains(secret), "the audit log holds the {what}");
+        assert!(!out.contains(secret) && !errors.contains(secret), "the script logged the {what}");
+    }
+    // The delivery token is only fingerprinted: no stored JWT at all (a JWT begins with the
+    // base64url of its header, `{"typ"...` or `{"alg"...`).
+    assert!(!everything.contains("eyJ0eXAi") && !everything.contains("eyJhbGci"), "no token of any kind is stored");
+    assert_eq!(delivery_token_sha.len(), 64);
+
+    // Gogs' "Redeliver" of the same delivery is refused and the job does not run again.
+    let replay = app
+        .client
+        .post(format!("{}/v1/hooks/gogs/warehouse", app.url))
+        .header("content-type", "application/json")
+        .header("x-gogs-event", "push")
+        .header("x-gogs-delivery", &id)
+        .header("x-gogs-signature", gogs_signature(SECRET, payload.as_bytes()))
+        .body(payload)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 409);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(std::fs::read_to_string(&script_out).unwrap().matches("job exited").count(), 1);
 }

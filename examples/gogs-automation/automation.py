@@ -5,7 +5,7 @@ a job. Standard library only.
     CREDBROKER_URL=https://credbroker.internal \
     CREDBROKER_ROLE=warehouse-loader \
     IDENTITY_TOKEN_FILE=/var/run/secrets/tokens/credbroker \
-    python3 automation.py --listen 127.0.0.1:8090 -- ./load.sh
+    python3 automation.py --listen 0.0.0.0:8090 --tls-cert loader.pem --tls-key loader-key.pem -- ./load.sh
 
 The broker POSTs JSON {delivery_id, event, repository, ref, after, pusher, delivery_token, payload}
 to this server (the hook's forward_url). For each push the job runs with the credential's
@@ -17,6 +17,7 @@ delivery token itself is the Bearer token (roles with issuer = "gogs").
 import argparse
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -84,10 +85,21 @@ def handler(command):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", default="127.0.0.1:8090")
+    # The broker forwards only to https URLs (plain http only on loopback): serve TLS here, or
+    # put a TLS-terminating proxy in front.
+    parser.add_argument("--tls-cert", help="PEM certificate chain to serve HTTPS with")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("command", nargs="+")
     args = parser.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     host, port = args.listen.rsplit(":", 1)
-    ThreadingHTTPServer((host, int(port)), handler(args.command)).serve_forever()
+    server = ThreadingHTTPServer((host, int(port)), handler(args.command))
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.serve_forever()
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ pub fn build(table: &toml::Table, context: &BuildContext<'_>) -> Result<Arc<dyn 
             if table.contains_key("retired_signing_key_files") {
                 return Err(context.error("retired_signing_key_files", "applies to signing_key_file only; Vault keeps old transit versions itself"));
             }
-            transit_signer(signing, context, max_ttl)?
+            // A retired version stays published for the longest token plus Kafka's 30 s clock skew.
+            let retain_for = std::time::Duration::from_secs(u64::from(max_ttl.seconds()) + 30);
+            crate::vault::transit::signer_from_config(signing, context.vault, retain_for, &|key, message| context.error(key, message))?
         }
         (None, Some(key_file)) => local_signer(table, context, key_file)?,
         (None, None) => return Err(context.error("signing_key_file", "is required (or signing = { vault_transit = \"<key>\" })")),
@@ -87,36 +89,6 @@ fn local_signer(table: &toml::Table, context: &BuildContext<'_>, key_file: &str)
         }
     }
     Ok(Arc::new(LocalSigner { current, retired }))
-}
-
-const DEFAULT_TRANSIT_MOUNT: &str = "transit";
-const DEFAULT_KEY_REFRESH_SECONDS: i64 = 60;
-
-/// `signing = { vault_transit = "credbroker-kafka", mount = "transit", refresh_seconds = 60 }`
-fn transit_signer(signing: &toml::Value, context: &BuildContext<'_>, max_ttl: Ttl) -> Result<Arc<dyn Signer>, ConfigError> {
-    let toml::Value::Table(signing) = signing else {
-        return Err(context.error("signing", "must be a table like { vault_transit = \"credbroker-kafka\" }"));
-    };
-    if let Some(unknown) = signing.keys().find(|k| !["vault_transit", "mount", "refresh_seconds"].contains(&k.as_str())) {
-        return Err(context.error(&format!("signing.{unknown}"), "unknown key; expected vault_transit, mount, refresh_seconds"));
-    }
-    let string = |key: &str| match signing.get(key) {
-        None => Ok(None),
-        Some(toml::Value::String(value)) if !value.trim().is_empty() && !value.contains('/') => Ok(Some(value.clone())),
-        Some(_) => Err(context.error(&format!("signing.{key}"), "must be a non-empty name without '/'")),
-    };
-    let key = string("vault_transit")?.ok_or_else(|| context.error("signing.vault_transit", "is required: the transit key's name"))?;
-    let mount = string("mount")?.unwrap_or_else(|| DEFAULT_TRANSIT_MOUNT.to_owned());
-    let refresh_seconds = match signing.get("refresh_seconds") {
-        None => DEFAULT_KEY_REFRESH_SECONDS,
-        Some(toml::Value::Integer(seconds)) if (1..=3600).contains(seconds) => *seconds,
-        Some(_) => return Err(context.error("signing.refresh_seconds", "must be an integer from 1 to 3600")),
-    };
-    let vault = context.vault.ok_or_else(|| context.error("signing.vault_transit", "needs a [vault] section"))?;
-    // A retired version stays published for the longest token plus Kafka's 30 s clock skew.
-    let retain_for = std::time::Duration::from_secs(u64::from(max_ttl.seconds()) + 30);
-    let refresh_every = std::time::Duration::from_secs(refresh_seconds as u64);
-    Ok(Arc::new(crate::vault::transit::TransitSigner::new(vault.clone(), mount, key, retain_for, refresh_every)))
 }
 
 #[async_trait]

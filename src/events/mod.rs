@@ -1,8 +1,8 @@
 //! The event stream: publishes what the outbox (migration 0007) queued — issued and revoked
 //! credentials, accepted Gogs deliveries — to a sink, at least once and in order of commit.
 //! A sink that is down costs nothing but delay: claimed events are retried with exponential
-//! backoff until it takes them. No Kafka sink ships yet (see the README); [`EventSink`] is
-//! the seam one plugs into.
+//! backoff until it takes them. [`kafka::KafkaSink`] is the sink that ships; `[events]` in
+//! the configuration starts it (see `startup`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,8 @@ use time::OffsetDateTime;
 
 use crate::audit::outbox::{self, OutboxEvent};
 use crate::audit::AuditError;
+
+pub mod kafka;
 
 #[async_trait]
 pub trait EventSink: Send + Sync {

@@ -3,6 +3,7 @@
 //! ```toml
 //! [gogs]
 //! signing_key_file = "keys/gogs.pem"   # signs delivery tokens; published in the JWKS
+//! # or, instead: signing = { vault_transit = "credbroker-gogs", mount = "transit" }
 //! token_lifetime = "15m"               # default 15m
 //! max_payload_bytes = 1048576          # default 1 MiB
 //! forward_timeout_seconds = 10         # default 10
@@ -50,25 +51,40 @@ impl GogsConfig {
     pub fn parse(table: &toml::Table, config: &Config, vault: Option<&Vault>, dev_state_dir: Option<&Path>) -> Result<Self, ConfigError> {
         let file = config.source_name();
         let error = |key: &str, message: String| ConfigError::new(&file, format!("gogs.{key}"), message);
-        let known = ["signing_key_file", "token_lifetime", "max_payload_bytes", "forward_timeout_seconds", "hooks"];
+        let known = ["signing_key_file", "signing", "token_lifetime", "max_payload_bytes", "forward_timeout_seconds", "hooks"];
         if let Some(unknown) = table.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(error(unknown, format!("unknown key; expected one of {known:?}")));
         }
         if config.issuers.iter().any(|issuer| issuer.name.as_str() == super::GOGS_ISSUER_NAME) {
             return Err(ConfigError::new(&file, "issuers", "the issuer name \"gogs\" is reserved for Gogs delivery tokens when [gogs] is configured"));
         }
-        let key_file = match table.get("signing_key_file") {
-            Some(toml::Value::String(path)) if !path.trim().is_empty() => config.resolve(&PathBuf::from(path)),
-            Some(_) => return Err(error("signing_key_file", "must be a path".into())),
-            None => return Err(error("signing_key_file", "is required: the PEM key that signs delivery tokens".into())),
-        };
-        let may_generate = dev_state_dir.is_some_and(|dir| key_file.starts_with(dir));
-        let current = SigningKey::load_or_generate(&key_file, may_generate).map_err(|e| error("signing_key_file", e.to_string()))?;
         let token_lifetime = match table.get("token_lifetime") {
             None => Ttl::from_seconds(DEFAULT_TOKEN_LIFETIME_SECONDS).expect("default is valid"),
             Some(toml::Value::String(raw)) => Ttl::parse(raw).map_err(|m| error("token_lifetime", m))?,
             Some(toml::Value::Integer(seconds)) if *seconds > 0 => Ttl::from_seconds(*seconds as u64).map_err(|m| error("token_lifetime", m))?,
             Some(_) => return Err(error("token_lifetime", "must be a duration like \"15m\" or a number of seconds".into())),
+        };
+        let signer: Arc<dyn Signer> = match (table.get("signing_key_file"), table.get("signing")) {
+            (Some(_), Some(_)) => return Err(error("signing", "set either signing_key_file or signing, not both".into())),
+            (None, None) => {
+                return Err(error(
+                    "signing_key_file",
+                    "is required: the PEM key that signs delivery tokens (or signing = { vault_transit = \"<key>\" })".into(),
+                ))
+            }
+            (Some(toml::Value::String(path)), None) if !path.trim().is_empty() => {
+                let key_file = config.resolve(&PathBuf::from(path));
+                let may_generate = dev_state_dir.is_some_and(|dir| key_file.starts_with(dir));
+                let current = SigningKey::load_or_generate(&key_file, may_generate).map_err(|e| error("signing_key_file", e.to_string()))?;
+                Arc::new(LocalSigner { current, retired: Vec::new() })
+            }
+            (Some(_), None) => return Err(error("signing_key_file", "must be a path".into())),
+            (None, Some(signing)) => {
+                // A rotated-out version stays published while a token it signed can still be
+                // presented: the token's lifetime plus the verifier's leeway.
+                let retain_for = std::time::Duration::from_secs(u64::from(token_lifetime.seconds()) + config.clock_skew_seconds);
+                crate::vault::transit::signer_from_config(signing, vault, retain_for, &|key, message| error(key, message.to_owned()))?
+            }
         };
         let integer = |key: &str, default: i64, range: std::ops::RangeInclusive<i64>| match table.get(key) {
             None => Ok(default),
@@ -129,7 +145,49 @@ impl GogsConfig {
             token_lifetime,
             max_payload_bytes,
             forward_timeout_seconds,
-            signer: Arc::new(LocalSigner { current, retired: Vec::new() }),
+            signer,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_gogs(gogs: &str) -> Result<GogsConfig, ConfigError> {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\npublic_url = \"http://127.0.0.1:1\"\naudience = \"credbroker\"\n\
+             database_url = \"postgres://127.0.0.1:1/none\"\npolicy_dir = \"policies\"\n\
+             [gogs]\n{gogs}\n[gogs.hooks.warehouse]\nsecret = {{ env = \"GOGS_HOOK_SECRET\" }}\nrepositories = [\"data/warehouse\"]\n"
+        );
+        let config = Config::parse(&text, Path::new("/etc/credbroker/credbroker.toml"), std::iter::empty()).unwrap();
+        GogsConfig::parse(config.gogs.as_ref().unwrap(), &config, None, None)
+    }
+
+    fn error_of(gogs: &str) -> String {
+        match parse_gogs(gogs) {
+            Ok(_) => panic!("{gogs:?} was accepted"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn exactly_one_signing_source_and_errors_name_the_key() {
+        let cases = [
+            ("token_lifetime = \"15m\"", "gogs.signing_key_file", "or signing = { vault_transit"),
+            ("signing_key_file = \"k.pem\"\nsigning = { vault_transit = \"credbroker-gogs\" }", "gogs.signing", "not both"),
+            ("signing_key_file = 7", "gogs.signing_key_file", "must be a path"),
+            ("signing = \"credbroker-gogs\"", "gogs.signing", "must be a table"),
+            ("signing = { vault_transit = \"credbroker-gogs\" }", "gogs.signing.vault_transit", "needs a [vault] section"),
+            ("signing = { mount = \"transit\" }", "gogs.signing.vault_transit", "is required"),
+            ("signing = { vault_transit = \"a/b\" }", "gogs.signing.vault_transit", "without '/'"),
+            ("signing = { vault_transit = \"k\", colour = \"blue\" }", "gogs.signing.colour", "unknown key"),
+            ("signing = { vault_transit = \"k\", refresh_seconds = 0 }", "gogs.signing.refresh_seconds", "from 1 to 3600"),
+        ];
+        for (gogs, key, message) in cases {
+            let error = error_of(gogs);
+            assert!(error.contains(&format!("key `{key}`")), "{gogs:?}: expected key {key} in: {error}");
+            assert!(error.contains(message), "{gogs:?}: expected {message:?} in: {error}");
+        }
     }
 }

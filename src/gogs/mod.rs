@@ -126,6 +126,11 @@ impl Gogs {
         self.signer.published_keys()
     }
 
+    /// Loads and keeps fresh a remote key list (Vault transit); run after Vault login.
+    pub async fn start(&self) {
+        self.signer.start().await;
+    }
+
     /// Checks, records and acts on one delivery. Nothing is acted on before the signature
     /// matched and the delivery id was recorded for the first time.
     #[tracing::instrument(skip_all, fields(hook = incoming.hook, delivery_id, event))]

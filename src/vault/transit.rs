@@ -18,6 +18,7 @@ use time::OffsetDateTime;
 
 use super::{Vault, VaultError};
 use crate::backend::signing::{public_jwk_from_pem, SignedToken, Signer, SigningKeyError};
+use crate::config::ConfigError;
 
 pub struct TransitSigner {
     inner: Arc<Inner>,
@@ -57,6 +58,43 @@ impl TransitSigner {
     pub fn key_name(&self) -> &str {
         &self.inner.key
     }
+}
+
+const DEFAULT_TRANSIT_MOUNT: &str = "transit";
+const DEFAULT_KEY_REFRESH_SECONDS: i64 = 60;
+
+/// Parses `signing = { vault_transit = "credbroker-kafka", mount = "transit", refresh_seconds = 60 }`,
+/// the one form every broker-signed JWT accepts (Kafka tokens, Gogs delivery tokens), so the
+/// rules and messages cannot drift apart. `error(key, message)` names `key` (`signing`,
+/// `signing.mount`, ...) inside the caller's table. `retain_for`: how long a version stays
+/// published after its successor appeared (the caller's longest token plus clock skew).
+pub fn signer_from_config(
+    signing: &toml::Value,
+    vault: Option<&Vault>,
+    retain_for: Duration,
+    error: &dyn Fn(&str, &str) -> ConfigError,
+) -> Result<Arc<dyn Signer>, ConfigError> {
+    let toml::Value::Table(signing) = signing else {
+        return Err(error("signing", "must be a table like { vault_transit = \"credbroker-kafka\" }"));
+    };
+    if let Some(unknown) = signing.keys().find(|k| !["vault_transit", "mount", "refresh_seconds"].contains(&k.as_str())) {
+        return Err(error(&format!("signing.{unknown}"), "unknown key; expected vault_transit, mount, refresh_seconds"));
+    }
+    let string = |key: &str| match signing.get(key) {
+        None => Ok(None),
+        Some(toml::Value::String(value)) if !value.trim().is_empty() && !value.contains('/') => Ok(Some(value.clone())),
+        Some(_) => Err(error(&format!("signing.{key}"), "must be a non-empty name without '/'")),
+    };
+    let key = string("vault_transit")?.ok_or_else(|| error("signing.vault_transit", "is required: the transit key's name"))?;
+    let mount = string("mount")?.unwrap_or_else(|| DEFAULT_TRANSIT_MOUNT.to_owned());
+    let refresh_seconds = match signing.get("refresh_seconds") {
+        None => DEFAULT_KEY_REFRESH_SECONDS,
+        Some(toml::Value::Integer(seconds)) if (1..=3600).contains(seconds) => *seconds,
+        Some(_) => return Err(error("signing.refresh_seconds", "must be an integer from 1 to 3600")),
+    };
+    let vault = vault.ok_or_else(|| error("signing.vault_transit", "needs a [vault] section"))?;
+    let refresh_every = Duration::from_secs(refresh_seconds as u64);
+    Ok(Arc::new(TransitSigner::new(vault.clone(), mount, key, retain_for, refresh_every)))
 }
 
 impl Inner {
