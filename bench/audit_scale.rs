@@ -117,6 +117,9 @@ fn questions(t: &Targets) -> Vec<Question> {
         q("denied, last hour", &[("decision", "denied"), ("since", "1h")]),
         q("pipeline id", &[("pipeline_id", &t.pipeline_id)]),
         q("credential_sha256", &[("credential_sha256", &t.credential_sha256)]),
+        // Not one of issue 7's questions: a filter no index serves, over a past week (see
+        // bench/README.md, "What is not fast").
+        q("user login, 60d..53d ago", &[("user_login", "user-7"), ("since", "60d"), ("until", "53d")]),
         // The second page is asked with the cursor the first page returned (see `run`).
         q("second page: group/**, last 30d", &[("project_path", &group_glob), ("since", "30d")]),
     ]
@@ -138,10 +141,14 @@ async fn prepare(store: &PgAudit, question: &Question) -> IssuanceFilter {
     parse(&pairs)
 }
 
-async fn timed_query(store: &PgAudit, filter: &IssuanceFilter) -> (f64, usize) {
+/// Milliseconds and rows returned; None when the broker's statement timeout (10 s) cut it off.
+async fn timed_query(store: &PgAudit, filter: &IssuanceFilter) -> Option<(f64, usize)> {
     let started = Instant::now();
-    let page = store.query_issuances(filter).await.expect("query");
-    (started.elapsed().as_secs_f64() * 1000.0, page.items.len())
+    match store.query_issuances(filter).await {
+        Ok(page) => Some((started.elapsed().as_secs_f64() * 1000.0, page.items.len())),
+        Err(error) if error.to_string().contains("statement timeout") => None,
+        Err(error) => panic!("query: {error}"),
+    }
 }
 
 async fn timed_baseline(store: &PgAudit, id: Uuid) -> f64 {
@@ -164,10 +171,14 @@ async fn measure(store: &PgAudit, targets: &Targets, questions: &[Question], rep
     let mut results = Vec::new();
     for question in questions {
         let filter = prepare(store, question).await;
-        let (first_ms, returned) = timed_query(store, &filter).await;
+        // A question the statement timeout cuts off is reported as such and not repeated.
+        let Some((first_ms, returned)) = timed_query(store, &filter).await else {
+            results.push((question, f64::INFINITY, 0, f64::INFINITY, f64::INFINITY));
+            continue;
+        };
         let mut samples = Vec::with_capacity(repeat);
         for _ in 0..repeat {
-            samples.push(timed_query(store, &filter).await.0);
+            samples.push(timed_query(store, &filter).await.map_or(f64::INFINITY, |(ms, _)| ms));
             baseline.push(timed_baseline(store, targets.baseline_id).await);
         }
         samples.sort_by(f64::total_cmp);
@@ -195,12 +206,14 @@ async fn measure(store: &PgAudit, targets: &Targets, questions: &[Question], rep
             if pass { "pass" } else { "MISS" }
         );
         lines.push(json!({
-            "question": question.name, "filter": question.pairs, "rows_returned": returned, "first_ms": first_ms,
-            "p50_ms": p50, "p95_ms": p95, "baseline_p50_ms": base_p50, "baseline_p95_ms": base_p95,
-            "ratio_p50": p50 / base_p50, "ratio_p95": p95 / base_p95, "pass": pass, "table_rows": rows,
+            "question": question.name, "filter": question.pairs, "rows_returned": returned,
+            "first_ms": first_ms.is_finite().then_some(*first_ms), "p50_ms": p50.is_finite().then_some(*p50),
+            "p95_ms": p95.is_finite().then_some(*p95), "timed_out": !p95.is_finite(), "baseline_p50_ms": base_p50, "baseline_p95_ms": base_p95,
+            "ratio_p50": (p50 / base_p50).is_finite().then_some(p50 / base_p50),
+            "ratio_p95": (p95 / base_p95).is_finite().then_some(p95 / base_p95), "pass": pass, "table_rows": rows,
         }));
     }
-    println!("\n{} of {} questions under {TARGET_MS:.0} ms at p95", results.len() - missed, results.len());
+    println!("\n{} of {} questions under {TARGET_MS:.0} ms at p95 (inf: cut off by the 10 s statement timeout)", results.len() - missed, results.len());
     if let Some(out) = out {
         let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
         std::fs::write(&out, text).expect("write results");
@@ -216,7 +229,9 @@ async fn explain(store: &PgAudit, targets: &Targets, questions: &[Question]) {
         let filter = prepare(store, question).await;
         // Seven runs: the plan Postgres settles on after its five custom plans is the last one logged.
         for _ in 0..7 {
-            timed_query(store, &filter).await;
+            if timed_query(store, &filter).await.is_none() {
+                break;
+            }
         }
     }
     sqlx::query("do $$ begin raise log 'bench question: baseline'; end $$").execute(store.pool()).await.unwrap();

@@ -56,6 +56,12 @@ async fn empty_log() -> Log {
     Log { store, pool, url, key: key(), dir }
 }
 
+impl Drop for Log {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Log {
     /// One row per time (one transaction each, so in this order), then sealed `per_checkpoint`
     /// rows at a time once all of them are below the horizon, so checkpoint borders fall
