@@ -285,7 +285,8 @@ pub struct VerifyArgs {
     #[arg(long)]
     json: bool,
     /// Check an archive file (`audit archive --out`) on its own instead of the database.
-    #[arg(long, conflicts_with_all = ["since", "database_url"])]
+    // Not in conflict with --database-url, which may come from the environment.
+    #[arg(long, conflicts_with = "since")]
     archive: Option<PathBuf>,
 }
 
