@@ -1,4 +1,4 @@
-//! `credbroker audit query` and `audit verify`: the security team's questions from a terminal,
+//! `credbroker audit query`, `audit verify` and `audit archive`: the security team's questions from a terminal,
 //! straight from the database (`--database-url`, or the configuration's) or through the
 //! broker's API (`--url` with the caller's OIDC token; needs `[auditors]`, and the read is audited).
 
@@ -300,17 +300,49 @@ pub struct VerifyArgs {
     /// Print the whole report as JSON.
     #[arg(long)]
     json: bool,
+    /// Check an archive file (`audit archive --out`) on its own instead of the database.
+    // Not in conflict with --database-url, which may come from the environment.
+    #[arg(long, conflicts_with = "since")]
+    archive: Option<PathBuf>,
 }
 
-/// Exit status 0: every checked row is as sealed. 1: tampering found (or an error).
-pub async fn verify(args: VerifyArgs, config_path: Option<&Path>) -> anyhow::Result<bool> {
-    let key_path = match args.key {
+fn seal_key(key: Option<PathBuf>, config_path: Option<&Path>) -> anyhow::Result<SigningKey> {
+    let key_path = match key {
         Some(path) => path,
         None => load_config(config_path)?
             .audit_seal_key_file
             .context("no seal key: pass --key FILE or set audit_seal_key_file in the configuration")?,
     };
-    let key = SigningKey::from_pem_file(&key_path).with_context(|| format!("--key {}", key_path.display()))?;
+    SigningKey::from_pem_file(&key_path).with_context(|| format!("--key {}", key_path.display()))
+}
+
+/// Exit status 0: every checked row is as sealed. 1: tampering found (or an error).
+pub async fn verify(args: VerifyArgs, config_path: Option<&Path>) -> anyhow::Result<bool> {
+    let key = seal_key(args.key, config_path)?;
+    if let Some(path) = &args.archive {
+        let (report, previous_root) = crate::audit::seal::verify_archive(&key, path).with_context(|| format!("--archive {}", path.display()))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "report": report, "previous_root": previous_root }))?);
+        } else {
+            match report.findings.first() {
+                None => println!(
+                    "intact: archive of checkpoints {} to {}, {} rows verified; checkpoint {} links to root {previous_root} of checkpoint {}",
+                    report.archived_through.map_or(0, |n| n + 1),
+                    report.last_checkpoint.unwrap_or(0),
+                    report.rows_checked,
+                    report.archived_through.map_or(0, |n| n + 1),
+                    report.archived_through.unwrap_or(0),
+                ),
+                Some(first) => {
+                    println!("TAMPERED: {}", first.message);
+                    for finding in &report.findings[1..] {
+                        println!("  also: {}", finding.message);
+                    }
+                }
+            }
+        }
+        return Ok(report.intact());
+    }
     let since = args
         .since
         .as_deref()
@@ -323,10 +355,11 @@ pub async fn verify(args: VerifyArgs, config_path: Option<&Path>) -> anyhow::Res
     } else {
         match report.findings.first() {
             None => println!(
-                "intact: {} checkpoints, {} rows verified (last checkpoint {})",
+                "intact: {} checkpoints, {} rows verified (last checkpoint {}){}",
                 report.checkpoints,
                 report.rows_checked,
-                report.last_checkpoint.map(|n| n.to_string()).unwrap_or_else(|| "none".into())
+                report.last_checkpoint.map(|n| n.to_string()).unwrap_or_else(|| "none".into()),
+                report.archived_through.map(|n| format!("; checkpoints 1 to {n} archived, the chain continues from the archive record")).unwrap_or_default()
             ),
             Some(first) => {
                 println!("TAMPERED: {}", first.message);
@@ -341,4 +374,42 @@ pub async fn verify(args: VerifyArgs, config_path: Option<&Path>) -> anyhow::Res
         }
     }
     Ok(report.intact())
+}
+
+#[derive(Args)]
+pub struct ArchiveArgs {
+    /// Archive whole checkpoints whose rows all occurred before this RFC 3339 time, or this
+    /// long ago (90d).
+    #[arg(long)]
+    before: String,
+    /// The archive file to create (JSON lines; refused if it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// The seal key (PEM), to check the rows before they leave; by default the configuration's
+    /// `audit_seal_key_file`.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Postgres URL of the owner of the audit tables (the migrating role); by default the
+    /// configuration's `database_url`.
+    #[arg(long, env = "CREDBROKER_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+pub async fn archive(args: ArchiveArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
+    let key = seal_key(args.key, config_path)?;
+    let before = crate::audit::query::parse_time(&args.before, OffsetDateTime::now_utc()).map_err(|m| anyhow::anyhow!("--before: {m}"))?;
+    let store = database(args.database_url, config_path)?;
+    let summary = store.archive(&key, before, &args.out).await.with_context(|| format!("archive to {}", args.out.display()))?;
+    println!(
+        "archived checkpoints {} to {} ({} rows) to {} (sha256 {})",
+        summary.first_checkpoint,
+        summary.through_checkpoint,
+        summary.rows,
+        args.out.display(),
+        summary.sha256
+    );
+    if let Some(next) = summary.straddling {
+        println!("checkpoint {next} also holds rows older than the cut; they stay until a later cut takes the whole checkpoint");
+    }
+    Ok(())
 }

@@ -68,6 +68,8 @@ enum AuditCommand {
     Query(Box<audit_log::QueryArgs>),
     /// Check the signed checkpoints: report the first row altered, deleted or out of order.
     Verify(audit_log::VerifyArgs),
+    /// Move whole sealed checkpoints older than a time to a file and out of the database.
+    Archive(audit_log::ArchiveArgs),
 }
 
 #[derive(Args)]
@@ -153,6 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("the audit log does not match its checkpoints")
             }
         }
+        Command::Audit(AuditCommand::Archive(args)) => audit_log::archive(args, config_path).await,
         Command::Dev(DevCommand::Token { claims, job_timeout, audience }) => {
             let config = load_config(config_path)?;
             let overrides = claims.iter().map(|raw| parse_claim_override(raw)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
