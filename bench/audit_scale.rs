@@ -28,6 +28,8 @@ const TARGET_MS: f64 = 200.0;
 struct Question {
     name: &'static str,
     pairs: Vec<(&'static str, String)>,
+    /// The `/audit` page's chart (`issuance_timeline`) rather than a page of rows.
+    chart: bool,
 }
 
 struct Targets {
@@ -103,7 +105,12 @@ async fn targets(store: &PgAudit) -> Targets {
 }
 
 fn questions(t: &Targets) -> Vec<Question> {
-    let q = |name, pairs: &[(&'static str, &str)]| Question { name, pairs: pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect() };
+    let question = |name, pairs: &[(&'static str, &str)], chart| Question {
+        name,
+        pairs: pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+        chart,
+    };
+    let q = |name, pairs: &[(&'static str, &str)]| question(name, pairs, false);
     let group_glob = format!("{}/**", t.busiest_group);
     vec![
         q("project exact, busiest, last 7d", &[("project_path", &t.busiest_project), ("since", "7d")]),
@@ -122,6 +129,11 @@ fn questions(t: &Targets) -> Vec<Question> {
         q("user login, 60d..53d ago", &[("user_login", "user-7"), ("since", "60d"), ("until", "53d")]),
         // The second page is asked with the cursor the first page returned (see `run`).
         q("second page: group/**, last 30d", &[("project_path", &group_glob), ("since", "30d")]),
+        // What the /audit page asks on top: its table unfiltered, and its chart (7 days by
+        // default) over everything and over one project.
+        q("page table: no filter, newest 100", &[]),
+        question("page chart: everything, last 7d", &[], true),
+        question("page chart: busiest project, last 7d", &[("project_path", &t.busiest_project)], true),
     ]
 }
 
@@ -141,11 +153,17 @@ async fn prepare(store: &PgAudit, question: &Question) -> IssuanceFilter {
     parse(&pairs)
 }
 
-/// Milliseconds and rows returned; None when the broker's statement timeout (10 s) cut it off.
-async fn timed_query(store: &PgAudit, filter: &IssuanceFilter) -> Option<(f64, usize)> {
+/// Milliseconds and rows (or chart points) returned; None when the broker's statement timeout
+/// (10 s) cut it off.
+async fn timed_query(store: &PgAudit, filter: &IssuanceFilter, chart: bool) -> Option<(f64, usize)> {
     let started = Instant::now();
-    match store.query_issuances(filter).await {
-        Ok(page) => Some((started.elapsed().as_secs_f64() * 1000.0, page.items.len())),
+    let returned = if chart {
+        store.issuance_timeline(filter, OffsetDateTime::now_utc()).await.map(|timeline| timeline.points.len())
+    } else {
+        store.query_issuances(filter).await.map(|page| page.items.len())
+    };
+    match returned {
+        Ok(returned) => Some((started.elapsed().as_secs_f64() * 1000.0, returned)),
         Err(error) if error.to_string().contains("statement timeout") => None,
         Err(error) => panic!("query: {error}"),
     }
@@ -172,13 +190,13 @@ async fn measure(store: &PgAudit, targets: &Targets, questions: &[Question], rep
     for question in questions {
         let filter = prepare(store, question).await;
         // A question the statement timeout cuts off is reported as such and not repeated.
-        let Some((first_ms, returned)) = timed_query(store, &filter).await else {
+        let Some((first_ms, returned)) = timed_query(store, &filter, question.chart).await else {
             results.push((question, f64::INFINITY, 0, f64::INFINITY, f64::INFINITY));
             continue;
         };
         let mut samples = Vec::with_capacity(repeat);
         for _ in 0..repeat {
-            samples.push(timed_query(store, &filter).await.map_or(f64::INFINITY, |(ms, _)| ms));
+            samples.push(timed_query(store, &filter, question.chart).await.map_or(f64::INFINITY, |(ms, _)| ms));
             baseline.push(timed_baseline(store, targets.baseline_id).await);
         }
         samples.sort_by(f64::total_cmp);
@@ -229,7 +247,7 @@ async fn explain(store: &PgAudit, targets: &Targets, questions: &[Question]) {
         let filter = prepare(store, question).await;
         // Seven runs: the plan Postgres settles on after its five custom plans is the last one logged.
         for _ in 0..7 {
-            if timed_query(store, &filter).await.is_none() {
+            if timed_query(store, &filter, question.chart).await.is_none() {
                 break;
             }
         }
