@@ -297,7 +297,7 @@ pub struct Finding {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
     pub checkpoints: usize,
     pub rows_checked: usize,
@@ -391,15 +391,7 @@ impl PgAudit {
         .bind(since)
         .fetch_all(&mut *transaction)
         .await?;
-        let mut report = VerifyReport {
-            checkpoints: 0,
-            rows_checked: 0,
-            last_checkpoint: None,
-            archived_through: None,
-            unsealed_rows: 0,
-            oldest_unsealed: None,
-            findings: Vec::new(),
-        };
+        let mut report = VerifyReport::default();
         let (decoding, validation) = decoding(key)?;
         let anchor = latest_anchor(&mut transaction).await?;
         if let Some(anchor) = &anchor {
@@ -680,15 +672,7 @@ fn check_anchor(anchor: &Anchor, decoding: &DecodingKey, validation: &Validation
 pub fn verify_archive(key: &SigningKey, path: &Path) -> Result<(VerifyReport, String), SealError> {
     let file = std::io::BufReader::new(std::fs::File::open(path)?);
     let (decoding, validation) = decoding(key)?;
-    let mut report = VerifyReport {
-        checkpoints: 0,
-        rows_checked: 0,
-        last_checkpoint: None,
-        archived_through: None,
-        unsealed_rows: 0,
-        oldest_unsealed: None,
-        findings: Vec::new(),
-    };
+    let mut report = VerifyReport::default();
     let mut lines = file.lines();
     let header: Value = serde_json::from_str(&lines.next().transpose()?.unwrap_or_default()).map_err(|e| SealError::Corrupt(format!("header: {e}")))?;
     if header["format"] != ARCHIVE_FORMAT {
