@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::backend::signing::{SigningKey, SigningKeyError};
+use crate::signing::{SigningKey, SigningKeyError};
 use crate::config::{Config, DevConfig, IssuerConfig, DEV_ISSUER_NAME};
 use crate::types::IssuerName;
 

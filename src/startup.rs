@@ -11,17 +11,18 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::audit::{self, Audit, PgAudit};
-use crate::backend::signing::SigningKey;
+use crate::signing::SigningKey;
 use crate::backend::{self, Backends};
 use crate::broker::Broker;
-use crate::config::{Config, DEV_ISSUER_NAME};
+use crate::config::{Config, ConfigError, DEV_ISSUER_NAME};
 use crate::dev::DevIssuer;
 use crate::events::kafka::{EventsConfig, KafkaSink};
 use crate::events::Publisher;
 use crate::gogs::{Gogs, GogsConfig};
+use crate::http::audit_page::git_links::GitLinks;
 use crate::http::{self, AppState, DevIssuerDocuments};
-use crate::lifecycle::sealed::RevocationKey;
-use crate::lifecycle::Lifecycle;
+use crate::revocation::secret_encryption::RevocationKey;
+use crate::revocation::Revoker;
 use crate::oidc::Verifier;
 use crate::policy::{CompileContext, PolicySet};
 use crate::types::IssuerName;
@@ -157,6 +158,8 @@ impl Application {
             Duration::from_secs(config.jwks_max_age_seconds),
             Duration::from_secs(config.jwks_min_refetch_seconds),
         )?;
+        let audit_links = GitLinks::parse(config.audit_page.as_ref(), &config.issuer_names())
+            .map_err(|error| ConfigError::new(config.source_name(), &error.key, error.message))?;
         let gogs = match &config.gogs {
             Some(table) => {
                 let gogs_config = GogsConfig::parse(table, &config, backends.vault(), dev_state_dir.as_deref())?;
@@ -181,7 +184,7 @@ impl Application {
             backends,
             audit,
             max_uses_per_token: config.max_uses_per_token,
-            lifecycle: Lifecycle::new(Duration::from_secs(config.revocation_poll_seconds), revocation_key),
+            revoker: Revoker::new(Duration::from_secs(config.revocation_poll_seconds), revocation_key),
             gogs,
         };
         let state = AppState {
@@ -192,7 +195,7 @@ impl Application {
                 jwks: Bytes::from(dev.jwks().to_string()),
             }),
             request_timeout: Duration::from_secs(config.request_timeout_seconds),
-            audit_links: Arc::new(config.audit_links.clone()),
+            audit_links: Arc::new(audit_links),
             secure_cookies: config.public_url.starts_with("https://"),
         };
         Ok(Self { listener, state, sealer, publisher })
@@ -210,7 +213,7 @@ impl Application {
         let audit = self.state.broker.audit.clone();
         let flusher = tokio::spawn(flush_unattributed_periodically(audit.clone()));
         // Due revocations, including those that fell due while no broker was running.
-        let revoker = tokio::spawn(self.state.broker.lifecycle.clone().run_worker(self.state.broker.clone()));
+        let revoker = tokio::spawn(self.state.broker.revoker.clone().run_worker(audit.clone(), self.state.broker.backends.clone()));
         let sealer = self.sealer.map(|sealer| tokio::spawn(seal_periodically(audit.store().clone(), sealer)));
         let publisher = self.publisher.map(|events| tokio::spawn(publish_events(events)));
         let router = http::app(self.state);
@@ -264,8 +267,8 @@ async fn seal_periodically(store: PgAudit, sealer: Sealer) {
         // Catch up in checkpoints of bounded size; stop when there is nothing (more) to seal
         // or another replica holds the seal lock.
         loop {
-            match store.seal_next(&sealer.key, &sealed_by, audit::seal::DEFAULT_ROWS_PER_CHECKPOINT).await {
-                Ok(Some(sealed)) if sealed.rows as i64 == audit::seal::DEFAULT_ROWS_PER_CHECKPOINT => continue,
+            match store.seal_next(&sealer.key, &sealed_by, audit::checkpoints::DEFAULT_ROWS_PER_CHECKPOINT).await {
+                Ok(Some(sealed)) if sealed.rows as i64 == audit::checkpoints::DEFAULT_ROWS_PER_CHECKPOINT => continue,
                 Ok(_) => break,
                 Err(error) => {
                     tracing::error!(%error, "could not seal audit rows; will retry");

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use serde::Serialize;
+use time::OffsetDateTime;
 
 /// Names of issuers, roles and backends share one shape: short, lowercase, no surprises
 /// in logs, URLs or SQL filters.
@@ -61,36 +62,9 @@ impl Ttl {
         Ok(Self(seconds as u32))
     }
 
-    /// Accepts `900`, `"900"`, `"90s"`, `"15m"`, `"1h"`, `"1h30m"`, `"2d"`.
+    /// A duration as [`parse_duration`] reads it, within a TTL's bounds.
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let raw = raw.trim();
-        if let Ok(seconds) = raw.parse::<u64>() {
-            return Self::from_seconds(seconds);
-        }
-        let mut total: u64 = 0;
-        let mut digits = String::new();
-        for c in raw.chars() {
-            if c.is_ascii_digit() {
-                digits.push(c);
-                continue;
-            }
-            let unit = match c {
-                's' => 1,
-                'm' => 60,
-                'h' => 3600,
-                'd' => 86400,
-                _ => return Err(format!("invalid duration {raw:?}: unknown unit {c:?} (use s, m, h, d)")),
-            };
-            let value: u64 = digits
-                .parse()
-                .map_err(|_| format!("invalid duration {raw:?}: expected a number before {c:?}"))?;
-            total = total.saturating_add(value.saturating_mul(unit));
-            digits.clear();
-        }
-        if !digits.is_empty() || raw.is_empty() {
-            return Err(format!("invalid duration {raw:?}: expected e.g. 900, 90s, 15m, 1h30m"));
-        }
-        Self::from_seconds(total)
+        Self::from_seconds(parse_duration(raw)?)
     }
 
     pub fn seconds(self) -> u32 {
@@ -119,6 +93,62 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     out
 }
 
+/// The one duration syntax of the whole crate (policies, config, CLI flags, API filters):
+/// plain seconds (`900`) or numbers with units `s`, `m`, `h`, `d`, `w`, largest first or not
+/// (`90s`, `15m`, `1h30m`, `2w`). Returns whole seconds; zero and overflow are refused.
+pub fn parse_duration(raw: &str) -> Result<u64, String> {
+    let raw = raw.trim();
+    let expected = || format!("invalid duration {raw:?}: expected e.g. 900, 90s, 15m, 1h30m, 7d, 2w");
+    if let Ok(seconds) = raw.parse::<u64>() {
+        return if seconds == 0 { Err(expected()) } else { Ok(seconds) };
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in raw.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit: u64 = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return Err(format!("invalid duration {raw:?}: unknown unit {c:?} (use s, m, h, d, w)")),
+        };
+        let value: u64 = digits.parse().map_err(|_| format!("invalid duration {raw:?}: expected a number before {c:?}"))?;
+        total = value.checked_mul(unit).and_then(|part| total.checked_add(part)).ok_or_else(|| format!("invalid duration {raw:?}: too long"))?;
+        digits.clear();
+    }
+    if !digits.is_empty() || total == 0 {
+        return Err(expected());
+    }
+    Ok(total)
+}
+
+/// A claim's value as text, the way identity columns and freezes compare claims: strings as
+/// they are, numbers in decimal, booleans as `true`/`false`; anything else has no text.
+pub fn claim_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(text) => Some(text.clone()),
+        serde_json::Value::Number(number) => Some(number.to_string()),
+        serde_json::Value::Bool(flag) => Some(flag.to_string()),
+        _ => None,
+    }
+}
+
+/// A time as RFC 3339 (`2024-05-10T12:00:00Z`), the one format the broker writes times in.
+pub fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// The issuer name policies use for Gogs delivery tokens; reserved when `[gogs]` is configured.
+pub const GOGS_ISSUER_NAME: &str = "gogs";
+/// The claims of a delivery token a policy can bind (`[role.claims]` of a `gogs` role, or
+/// `[role.delivery]` of a role that also wants the automation's own identity token).
+pub const DELIVERY_CLAIMS: &[&str] = &["repository", "ref", "ref_type", "sha", "pusher", "event", "delivery_id", "hook"];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +160,16 @@ mod tests {
         assert_eq!(Ttl::parse("15m").unwrap().seconds(), 900);
         assert_eq!(Ttl::parse("1h30m").unwrap().seconds(), 5400);
         assert_eq!(Ttl::parse("2d").unwrap().seconds(), 172_800);
+    }
+
+    #[test]
+    fn one_duration_syntax_for_ttls_and_spans() {
+        assert_eq!(parse_duration("2w"), Ok(1_209_600));
+        assert_eq!(parse_duration("1d12h"), Ok(129_600));
+        assert_eq!(parse_duration("900"), parse_duration("15m"));
+        for bad in ["0", "0s", "", "w", "3x", "99999999999999999999w", "18446744073709551615w"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
     }
 
     #[test]
@@ -155,3 +195,4 @@ mod tests {
         );
     }
 }
+

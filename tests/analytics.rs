@@ -104,7 +104,7 @@ async fn every_lookml_field_runs_against_the_views_and_counts_right() {
     }
 
     let views = read_views();
-    assert_eq!(views.keys().collect::<Vec<_>>(), ["denials_recent", "issuance_daily", "long_lived_overshoots"]);
+    assert_eq!(views.keys().collect::<Vec<_>>(), ["credential_lineage", "denials_recent", "issuance_daily", "long_lived_overshoots"]);
     for (name, view) in &views {
         for (field_name, field) in &view.fields {
             if field.kind == "measure" || field.sql.is_some() {
@@ -139,12 +139,38 @@ async fn every_lookml_field_runs_against_the_views_and_counts_right() {
     assert_eq!(value(&pool, denials, "denials").await, Some(2.0));
     assert_eq!(value(&pool, denials, "subjects").await, Some(2.0));
 
+
     // The model includes these views and explores only views it defines.
     let model = std::fs::read_to_string(common::repo_path(&format!("{LOOKML_DIR}/credbroker.model.lkml"))).unwrap();
     assert!(model.contains("include: \"/views/*.view.lkml\""));
     let explores: Vec<&str> = model.lines().filter_map(|line| line.strip_prefix("explore: ")?.strip_suffix(" {")).collect();
-    assert_eq!(explores, ["issuance_daily", "denials_recent", "long_lived_overshoots"]);
+    assert_eq!(explores, ["issuance_daily", "denials_recent", "long_lived_overshoots", "credential_lineage"]);
     // The datagroup's trigger query runs too (as credbroker_auditor may: select on audit_events).
     let trigger = model.split("sql_trigger: ").nth(1).unwrap().split(" ;;").next().unwrap();
     sqlx::query(trigger).fetch_one(&pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn credential_lineage_counts_a_renewed_and_revoked_credential_as_one_chain() {
+    let pool = PgPool::connect(&common::fresh_database().await).await.unwrap();
+    credbroker::audit::migrate(&pool).await.unwrap();
+    let issued = |n: u64| json!({"decision": "issued", "role": "r", "target": "kafka", "credential_sha256": format!("{n:064x}")});
+    let first = seed_audit_row(&pool, issued(1)).await;
+    let other = seed_audit_row(&pool, issued(2)).await;
+    let mut renewal = issued(3);
+    renewal["renews_issuance_id"] = json!(first);
+    let renewal = seed_audit_row(&pool, renewal).await;
+    let revocation = seed_audit_row(&pool, json!({"decision": "revoked", "role": "r", "about_issuance_id": renewal})).await;
+
+    let lineage = &read_views()["credential_lineage"];
+    assert_eq!(value(&pool, lineage, "chains").await, Some(2.0), "two first issuances");
+    assert_eq!(value(&pool, lineage, "renewals").await, Some(1.0));
+    assert_eq!(value(&pool, lineage, "revocations").await, Some(1.0));
+    let chain: Vec<uuid::Uuid> = sqlx::query_scalar("select id from credential_lineage where first_issuance_id = $1 order by occurred_at, id")
+        .bind(first)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(chain.len(), 3, "the first issuance, its renewal and the renewal's revocation");
+    assert!(chain.contains(&revocation) && !chain.contains(&other));
 }

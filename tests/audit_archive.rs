@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::rsa_pem;
-use credbroker::audit::seal::{FindingKind, SealError};
+use credbroker::audit::checkpoints::{FindingKind, SealError};
 use credbroker::audit::PgAudit;
-use credbroker::backend::signing::SigningKey;
+use credbroker::signing::SigningKey;
 use sqlx::PgPool;
 use time::macros::datetime;
 use time::OffsetDateTime;
@@ -163,7 +163,7 @@ async fn archive_leaves_verify_intact_and_the_file_verifies_on_its_own() {
     assert_eq!(report.checkpoints, 1);
 
     // The file on its own, through the CLI too.
-    let (report, previous_root) = credbroker::audit::seal::verify_archive(&log.key, &archive).unwrap();
+    let (report, previous_root) = credbroker::audit::checkpoints::verify_archive(&log.key, &archive).unwrap();
     assert!(report.intact(), "{report:?}");
     assert_eq!((report.checkpoints, report.rows_checked, report.last_checkpoint), (2, 6, Some(2)));
     assert_eq!(previous_root, "0".repeat(64));
@@ -183,7 +183,7 @@ async fn archive_leaves_verify_intact_and_the_file_verifies_on_its_own() {
     let summary = log.store.archive(&log.key, datetime!(2024-05-01 00:00 UTC), &log.file("2024-04.jsonl")).await.unwrap();
     assert_eq!((summary.first_checkpoint, summary.through_checkpoint, summary.rows), (3, 5, 7));
     assert!(log.checkpoints().await.is_empty());
-    let (report, previous_root) = credbroker::audit::seal::verify_archive(&log.key, &log.file("2024-04.jsonl")).unwrap();
+    let (report, previous_root) = credbroker::audit::checkpoints::verify_archive(&log.key, &log.file("2024-04.jsonl")).unwrap();
     assert!(report.intact(), "{report:?}");
     let first_root: Vec<u8> = sqlx::query_scalar("select root from audit_archives where through_checkpoint = 2").fetch_one(&log.pool).await.unwrap();
     assert_eq!(previous_root, hex::encode(first_root), "the second file links to the first");
@@ -262,12 +262,12 @@ async fn tampered_rows_are_not_archived_and_a_tampered_file_is_caught() {
     let needle = "\"user_login\":\"user-4\"";
     assert_eq!(text.matches(needle).count(), 2, "{text}");
     std::fs::write(&file, text.replace(needle, "\"user_login\":\"mallory\"")).unwrap();
-    let (report, _) = credbroker::audit::seal::verify_archive(&log.key, &file).unwrap();
+    let (report, _) = credbroker::audit::checkpoints::verify_archive(&log.key, &file).unwrap();
     assert_eq!((report.findings[0].kind.clone(), report.findings[0].event_id), (FindingKind::Altered, Some(ids[4])), "{report:?}");
     // A checkpoint line dropped from the file.
     let lines: Vec<&str> = text.lines().filter(|line| !line.starts_with("{\"checkpoint\"") || !line.contains("\"number\":2,")).collect();
     std::fs::write(&file, lines.join("\n")).unwrap();
-    let (report, _) = credbroker::audit::seal::verify_archive(&log.key, &file).unwrap();
+    let (report, _) = credbroker::audit::checkpoints::verify_archive(&log.key, &file).unwrap();
     assert!(!report.intact(), "{report:?}");
 }
 

@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{rsa_pem, seed_audit_row as insert, TestApp, POLICIES};
-use credbroker::audit::seal::FindingKind;
-use credbroker::backend::signing::SigningKey;
+use credbroker::audit::checkpoints::FindingKind;
+use credbroker::signing::SigningKey;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgPool};
 use uuid::Uuid;
@@ -257,13 +257,15 @@ async fn one_issuance_with_its_renewal_and_revocation() {
     let first_id = first["issuance_id"].as_str().unwrap().to_owned();
     let (status, _, renewal) = app.exchange(&app.issuer.token(), json!({"role": "orders-producer", "renews": first_id})).await;
     assert_eq!(status, 200, "{renewal}");
-    // The row the lifecycle worker writes for a revocation (src/lifecycle/mod.rs record_attempt).
+    // The row the revocation worker writes (src/revocation/mod.rs record_attempt).
     sqlx::query(
-        "insert into audit_events (id, occurred_at, request_id, decision, detail, job_id) values ($1, now(), $2, 'revoked', $3, '123456')",
+        "insert into audit_events (id, occurred_at, request_id, decision, detail, job_id, about_issuance_id)
+         values ($1, now(), $2, 'revoked', $3, '123456', $4::uuid)",
     )
     .bind(Uuid::new_v4())
-    .bind(format!("revocation:{first_id}"))
+    .bind(Uuid::new_v4().to_string())
     .bind(format!("revoked issuance {first_id} (on_demand), attempt 1"))
+    .bind(&first_id)
     .execute(&app.pool)
     .await
     .unwrap();

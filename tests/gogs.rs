@@ -301,7 +301,7 @@ async fn delivery_tokens_signed_by_vault_transit_verify_against_the_jwks_and_gra
     let signing = format!("signing = {{ vault_transit = \"{TRANSIT_KEY}\", mount = \"transit\", refresh_seconds = 1 }}");
     let gogs = spawn_signing_with(keys, &signing, &vault_tables).await;
     // The RFC 7638 thumbprint of version 1's public key, computed from the key itself.
-    let version_1_kid = credbroker::backend::signing::SigningKey::from_pem(rsa_pem(0).as_bytes()).unwrap().kid().to_owned();
+    let version_1_kid = credbroker::signing::SigningKey::from_pem(rsa_pem(0).as_bytes()).unwrap().kid().to_owned();
 
     let delivery = |git_ref: &'static str| {
         let gogs = &gogs;

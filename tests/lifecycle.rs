@@ -619,7 +619,7 @@ async fn exec_renews_before_expiry_revokes_on_exit_and_propagates_the_exit_code(
     assert_eq!(issued.len(), leases.len());
     let first = issued[0]["id"].as_str().unwrap();
     for renewal in &issued[1..] {
-        assert_eq!(renewal["detail"], format!("renews issuance {first}"), "each renewal links to the first");
+        assert_eq!(renewal["renews_issuance_id"], first, "each renewal links to the first, in its typed column");
     }
     let latest: Value = serde_json::from_str(&std::fs::read_to_string(out.0.join("latest.json")).unwrap()).unwrap();
     assert_ne!(latest["issuance_id"], issued[0]["id"], "the file holds the renewed credential");
@@ -632,6 +632,28 @@ async fn exec_renews_before_expiry_revokes_on_exit_and_propagates_the_exit_code(
         .await
         .unwrap();
     assert!(revoked >= 1);
+}
+
+/// A revocation by the security team ends the chain: the job cannot renew its way back.
+#[tokio::test]
+async fn a_credential_revoked_on_demand_cannot_be_renewed() {
+    let LifecycleApp { app, vault, _secrets } = spawn(None, None).await;
+    let token = app.issuer.token();
+    let (status, _, first) = app.exchange(&token, json!({"role": "snowflake-long"})).await;
+    assert_eq!(status, 200, "{first}");
+    let first = first["issuance_id"].as_str().unwrap().to_owned();
+    let (status, _, renewed) = app.exchange(&token, json!({"role": "snowflake-long", "renews": first})).await;
+    assert_eq!(status, 200, "the same job renews while nothing is revoked: {renewed}");
+    let (status, body) = post(&app, "/v1/revocations", &admin_token(&app), json!({"job": "123456"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(vault.with(|s| s.leases.values().filter(|l| l.revoked_at.is_none()).count()), 0, "every lease of the job revoked");
+
+    let (status, _, problem) = app.exchange(&token, json!({"role": "snowflake-long", "renews": first})).await;
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(problem["code"], "invalid_request");
+    assert!(problem["detail"].as_str().unwrap().contains("revoked by the security team"), "{problem}");
+    let row = app.audit_row(problem["issuance_id"].as_str().unwrap()).await;
+    assert_eq!(row["decision"], "denied");
 }
 
 #[tokio::test]

@@ -26,3 +26,8 @@ explore: long_lived_overshoots {
   label: "Credentials that outlived their job"
   description: "Credentials a role let live past the job's deadline (STS's 900 s floor), and whether the broker ended them"
 }
+
+explore: credential_lineage {
+  label: "Credential lifecycles"
+  description: "Each issued credential with its renewals, releases and revocations, grouped by the chain's first issuance"
+}

@@ -3,13 +3,15 @@
 //! which returns once the row is durably committed. Rows reach Postgres through the
 //! group-commit writer (many per commit) or, with `audit_group_commit = false`, one INSERT each.
 
+pub mod csv;
 pub mod deliveries;
 mod group_commit;
-mod lifecycle;
+mod revocations;
 pub mod outbox;
 mod postgres;
 pub mod query;
-pub mod seal;
+mod record;
+pub mod checkpoints;
 mod unattributed;
 
 use std::sync::Arc;
@@ -21,8 +23,9 @@ use uuid::Uuid;
 use crate::config::AuditWriterConfig;
 
 use group_commit::{GroupCommit, QueueSlot};
-pub use lifecycle::{ClaimedRevocation, Freeze, IssuanceSelector, IssuedCredential, RevocationReason, SELECTOR_LIMIT};
-pub use postgres::{connect, migrate, AuditRow, PgAudit};
+pub use revocations::{project_identities, ClaimedRevocation, Freeze, IssuanceSelector, IssuedCredential, RevocationReason, PROJECT_IDENTITY_CLAIMS, SELECTOR_LIMIT};
+pub use postgres::{connect, migrate, PgAudit};
+pub use record::{AuditRecord, RECORD_FIELDS};
 pub use unattributed::UnattributedLimiter;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +51,8 @@ pub enum Decision {
     Revoked,
     /// An attempt to revoke failed (it is retried until it succeeds or gives up).
     RevokeFailed,
-    /// An authorised request to revoke, freeze or unfreeze: who asked, and for what.
+    /// An authorised request to revoke, freeze or unfreeze, or a job's release of its own
+    /// credential: who asked, and for what.
     AdminRequest,
     /// A read of the audit log through the broker: who, and with which filters.
     AuditRead,
@@ -96,6 +100,12 @@ pub struct AuditEvent {
     pub occurrences: u32,
     /// Seconds an issued credential lives past the job's deadline (a role's `allow_overshoot`).
     pub overshoot_seconds: Option<u32>,
+    /// On an issued renewal: the first issuance of the chain it continues, checked to be the
+    /// same job's.
+    pub renews_issuance: Option<Uuid>,
+    /// On a revocation, release or other row about one issuance: that issuance, set only from
+    /// what the broker verified (its own schedule, the holder's token).
+    pub about_issuance: Option<Uuid>,
 }
 
 impl AuditEvent {
@@ -124,17 +134,14 @@ impl AuditEvent {
             credential_handle: None,
             occurrences: 1,
             overshoot_seconds: None,
+            renews_issuance: None,
+            about_issuance: None,
         }
     }
 
     /// A claim as text for the identity columns: strings as they are, numbers in decimal.
     pub fn claim_text(&self, name: &str) -> Option<String> {
-        match self.claims.as_ref()?.get(name)? {
-            Value::String(value) => Some(value.clone()),
-            Value::Number(value) => Some(value.to_string()),
-            Value::Bool(value) => Some(value.to_string()),
-            _ => None,
-        }
+        crate::types::claim_text(self.claims.as_ref()?.get(name)?)
     }
 }
 

@@ -16,7 +16,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{AuditError, PgAudit};
+use super::record::SELECT_LIST;
+use crate::types::parse_duration;
+use super::{AuditError, AuditRecord, PgAudit};
 
 /// Every filter, as the API's query parameters (the CLI spells them `--project-path` etc.).
 pub const FILTERS: &[&str] = &[
@@ -253,121 +255,25 @@ impl IssuanceFilter {
     }
 }
 
-/// An RFC 3339 time, or a span counted back from now: `90s`, `15m`, `2h`, `7d`, `2w`, `1d12h`.
+/// An RFC 3339 time, or a span counted back from now in the crate's duration syntax
+/// ([`parse_duration`]: `90s`, `15m`, `2h`, `7d`, `2w`, `1d12h`).
 pub fn parse_time(raw: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
     if let Ok(at) = OffsetDateTime::parse(raw, &Rfc3339) {
         return Ok(at);
     }
     let fail = || format!("{raw:?} is neither an RFC 3339 time (2024-05-01T00:00:00Z) nor a span back from now (90m, 2h, 7d, 2w)");
-    let mut seconds: i64 = 0;
-    let mut number = String::new();
-    for c in raw.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 604_800,
-            _ => return Err(fail()),
-        };
-        let count: i64 = number.parse().map_err(|_| fail())?;
-        seconds = count.checked_mul(unit).and_then(|part| seconds.checked_add(part)).ok_or_else(fail)?;
-        number.clear();
-    }
+    let seconds = parse_duration(raw).map_err(|_| fail())?;
     // Ten years back is further than any audit log goes; beyond it is a typo.
-    if !number.is_empty() || seconds == 0 || seconds > 10 * 366 * 86_400 {
+    if seconds > 10 * 366 * 86_400 {
         return Err(fail());
     }
-    Ok(now - time::Duration::seconds(seconds))
+    Ok(now - time::Duration::seconds(seconds as i64))
 }
-
-/// One row as the API, the CLI and the page show it. Never a secret: fingerprints only.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct IssuanceRecord {
-    pub id: Uuid,
-    #[serde(with = "time::serde::rfc3339")]
-    pub occurred_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339")]
-    pub recorded_at: OffsetDateTime,
-    pub decision: String,
-    pub code: Option<String>,
-    pub detail: Option<String>,
-    pub issuer: Option<String>,
-    pub subject: Option<String>,
-    pub project_path: Option<String>,
-    pub namespace_path: Option<String>,
-    pub pipeline_id: Option<String>,
-    pub job_id: Option<String>,
-    #[sqlx(rename = "ref")]
-    #[serde(rename = "ref")]
-    pub git_ref: Option<String>,
-    pub sha: Option<String>,
-    pub user_login: Option<String>,
-    pub environment: Option<String>,
-    pub role: Option<String>,
-    pub target: Option<String>,
-    pub backend: Option<String>,
-    pub requested_ttl_seconds: Option<i32>,
-    pub granted_ttl_seconds: Option<i32>,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub expires_at: Option<OffsetDateTime>,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub job_deadline: Option<OffsetDateTime>,
-    pub overshoot_seconds: Option<i32>,
-    pub credential_sha256: Option<String>,
-    pub credential_handle: Option<String>,
-    pub client_addr: Option<String>,
-    pub occurrences: i32,
-    /// Only in the detail view.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub claims: Option<serde_json::Value>,
-}
-
-/// Column order of CSV output and of the CLI's table.
-pub const RECORD_FIELDS: &[&str] = &[
-    "id",
-    "occurred_at",
-    "recorded_at",
-    "decision",
-    "code",
-    "detail",
-    "issuer",
-    "subject",
-    "project_path",
-    "namespace_path",
-    "pipeline_id",
-    "job_id",
-    "ref",
-    "sha",
-    "user_login",
-    "environment",
-    "role",
-    "target",
-    "backend",
-    "requested_ttl_seconds",
-    "granted_ttl_seconds",
-    "expires_at",
-    "job_deadline",
-    "overshoot_seconds",
-    "credential_sha256",
-    "credential_handle",
-    "client_addr",
-    "occurrences",
-];
-
-const RECORD_COLUMNS: &str = "a.id, a.occurred_at, a.recorded_at, a.decision, a.code, a.detail, a.issuer, a.subject,
-    a.project_path, a.namespace_path, a.pipeline_id, a.job_id, a.ref, a.sha, a.user_login, a.environment,
-    a.role, a.target, a.backend, a.requested_ttl_seconds, a.granted_ttl_seconds, a.expires_at, a.job_deadline,
-    a.overshoot_seconds, a.credential_sha256, a.credential_handle, a.client_addr, a.occurrences";
 
 /// One page, and where the next begins (None: this was the last).
 #[derive(Debug, Clone, Serialize)]
 pub struct IssuancePage {
-    pub items: Vec<IssuanceRecord>,
+    pub items: Vec<AuditRecord>,
     pub next_cursor: Option<String>,
 }
 
@@ -410,8 +316,8 @@ fn bucket_seconds(span: time::Duration) -> i64 {
 
 /// One issuance and what happened to it afterwards.
 #[derive(Debug, Clone, Serialize)]
-pub struct IssuanceLifecycle {
-    pub issuance: IssuanceRecord,
+pub struct IssuanceHistory {
+    pub issuance: AuditRecord,
     /// The issuance this one renews (`credbroker exec`), if it is a renewal.
     pub renews: Option<Uuid>,
     /// issued, renewed, revoked, revoke_failed: oldest first.
@@ -424,6 +330,8 @@ pub struct IssuanceLifecycle {
 pub struct LifecycleStep {
     pub event: String,
     pub id: Uuid,
+    /// The issuance of the chain the step is about: the first one, or one of its renewals.
+    pub about: Uuid,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -442,12 +350,6 @@ pub struct RevocationState {
     pub requested_by: Option<String>,
     pub attempts: i32,
     pub last_error: Option<String>,
-}
-
-/// The issuance a renewal names in its detail ("renews issuance <id>", written by the broker).
-fn renewed_issuance(detail: Option<&str>) -> Option<Uuid> {
-    let rest = detail?.split("renews issuance ").nth(1)?;
-    Uuid::parse_str(rest.get(..36)?).ok()
 }
 
 impl PgAudit {
@@ -472,8 +374,9 @@ impl PgAudit {
     /// that had answered a question five times would answer it the sixth time by scanning.
     pub async fn query_issuances(&self, filter: &IssuanceFilter) -> Result<IssuancePage, AuditError> {
         let mut query = QueryBuilder::new(format!(
-            "select {RECORD_COLUMNS}, null::jsonb as claims, a.tx::text as tx from audit_events a
-             where a.id = any(array(select a.id from audit_events a"
+            "select {}, null::jsonb as claims, a.tx::text as tx from audit_events a
+             where a.id = any(array(select a.id from audit_events a",
+            *SELECT_LIST
         ));
         filter.push_conditions(&mut query);
         query.push(" order by a.tx desc, a.id desc limit ").push_bind(i64::from(filter.limit) + 1);
@@ -482,7 +385,7 @@ impl PgAudit {
         let mut items = Vec::with_capacity(rows.len());
         let mut last = None;
         for row in rows.iter().take(filter.limit as usize) {
-            let record = <IssuanceRecord as sqlx::FromRow<_>>::from_row(row)?;
+            let record = <AuditRecord as sqlx::FromRow<_>>::from_row(row)?;
             let tx: String = row.try_get("tx")?;
             last = Some(Cursor { tx: tx.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?, id: record.id });
             items.push(record);
@@ -509,44 +412,56 @@ impl PgAudit {
         Ok(Timeline { since, until, bucket_seconds: bucket, points })
     }
 
-    /// Any row by id, with claims; for an issued row also its renewals and revocations.
-    pub async fn issuance_lifecycle(&self, id: Uuid) -> Result<Option<IssuanceLifecycle>, AuditError> {
-        let row = sqlx::query_as::<_, IssuanceRecord>(&format!("select {RECORD_COLUMNS}, a.claims from audit_events a where a.id = $1"))
+    /// Any row by id, with claims; for an issued row also its renewals, and the revocations
+    /// and releases of it and of its renewals, found through the typed lineage columns.
+    pub async fn issuance_lifecycle(&self, id: Uuid) -> Result<Option<IssuanceHistory>, AuditError> {
+        let row = sqlx::query_as::<_, AuditRecord>(&format!("select {}, a.claims from audit_events a where a.id = $1", *SELECT_LIST))
             .bind(id)
             .fetch_optional(self.pool())
             .await?;
         let Some(issuance) = row else { return Ok(None) };
-        let renews = renewed_issuance(issuance.detail.as_deref());
+        let renews = issuance.renews_issuance_id;
         let mut lifecycle = Vec::new();
         let mut revocation = None;
         if issuance.decision == "issued" {
             lifecycle.push(LifecycleStep {
                 event: "issued".into(),
                 id: issuance.id,
+                about: issuance.id,
                 at: issuance.occurred_at,
                 expires_at: issuance.expires_at,
                 detail: issuance.detail.clone(),
             });
-            // Renewals come from the same job and name the first issuance in their detail;
-            // the job id (indexed) keeps this from scanning the log.
+            // Rows before migration 0014 keep their links in audit_lineage_backfill.
             let later = sqlx::query(
-                "select id, occurred_at, expires_at, detail, decision from audit_events
-                 where (decision = 'issued' and job_id is not distinct from $2 and issuer is not distinct from $3
-                        and occurred_at >= $4 and detail like '%renews issuance ' || $1::text || '%')
-                    or request_id = 'revocation:' || $1::text
-                 order by occurred_at, id",
+                "with chain as (
+                     select $1::uuid as id
+                     union select id from audit_events where renews_issuance_id = $1
+                     union select id from audit_lineage_backfill where renews_issuance_id = $1
+                 )
+                 select a.id, coalesce(a.about_issuance_id, b.about_issuance_id, a.id) as about,
+                        a.occurred_at, a.expires_at, a.detail, a.decision
+                 from audit_events a left join audit_lineage_backfill b on b.id = a.id
+                 where a.id in (
+                     select id from chain where id <> $1
+                     union select id from audit_events where about_issuance_id in (select id from chain)
+                     union select id from audit_lineage_backfill where about_issuance_id in (select id from chain)
+                 )
+                 order by a.occurred_at, a.id",
             )
             .bind(id)
-            .bind(&issuance.job_id)
-            .bind(&issuance.issuer)
-            .bind(issuance.occurred_at)
             .fetch_all(self.pool())
             .await?;
             for row in later {
                 let decision: String = row.try_get("decision")?;
                 lifecycle.push(LifecycleStep {
-                    event: if decision == "issued" { "renewed".into() } else { decision },
+                    event: match decision.as_str() {
+                        "issued" => "renewed".into(),
+                        "admin_request" => "release_requested".into(),
+                        _ => decision,
+                    },
                     id: row.try_get("id")?,
+                    about: row.try_get("about")?,
                     at: row.try_get("occurred_at")?,
                     expires_at: row.try_get("expires_at")?,
                     detail: row.try_get("detail")?,
@@ -571,7 +486,7 @@ impl PgAudit {
             })
             .transpose()?;
         }
-        Ok(Some(IssuanceLifecycle { issuance, renews, lifecycle, revocation }))
+        Ok(Some(IssuanceHistory { issuance, renews, lifecycle, revocation }))
     }
 }
 
@@ -618,7 +533,9 @@ mod tests {
         assert_eq!(parse_time("1d12h", NOW).unwrap(), datetime!(2024-05-09 00:00 UTC));
         assert_eq!(parse_time("2w", NOW).unwrap(), datetime!(2024-04-26 12:00 UTC));
         assert_eq!(parse_time("2024-05-01T00:00:00Z", NOW).unwrap(), datetime!(2024-05-01 00:00 UTC));
-        assert!(parse_time("7", NOW).is_err());
+        // Plain seconds, as everywhere durations are read.
+        assert_eq!(parse_time("90", NOW).unwrap(), datetime!(2024-05-10 11:58:30 UTC));
+        assert!(parse_time("7x", NOW).is_err());
         assert!(parse_time("0h", NOW).is_err());
     }
 
@@ -654,11 +571,4 @@ mod tests {
         assert_eq!(Cursor::decode(&cursor.encode()), Some(cursor));
     }
 
-    #[test]
-    fn renewals_name_the_first_issuance() {
-        let first = Uuid::new_v4();
-        assert_eq!(renewed_issuance(Some(&format!("renews issuance {first}"))), Some(first));
-        assert_eq!(renewed_issuance(Some(&format!("issued 900s ...; renews issuance {first}"))), Some(first));
-        assert_eq!(renewed_issuance(Some("nothing")), None);
-    }
 }

@@ -10,7 +10,7 @@ use jsonwebtoken::jwk::Jwk;
 use secrecy::SecretString;
 use serde::Serialize;
 
-use super::signing::{LocalSigner, Signer, SigningKey};
+use crate::signing::{LocalSigner, Signer, SigningKey};
 use super::{table_string, Backend, BackendError, BuildContext, Credential, EnvValue, MintRequest};
 use crate::config::ConfigError;
 use crate::policy::ParamSchema;

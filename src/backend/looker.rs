@@ -6,7 +6,7 @@
 //!
 //! Logging out takes the session token itself, so every session is handed to the durable
 //! revocation schedule with the token as its revocation secret: the schedule keeps it only
-//! AES-256-GCM sealed (`lifecycle::sealed`), any replica ends the session at the deadline, a
+//! AES-256-GCM sealed (`revocation::secret_encryption`), any replica ends the session at the deadline, a
 //! restart does not lose it, and the security team can end a session on demand.
 
 use std::collections::HashMap;
@@ -292,7 +292,7 @@ impl Backend for Looker {
             Some(at) if at < request.expires_at => at,
             _ => request.expires_at,
         };
-        let expires_at_text = expires_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        let expires_at_text = crate::types::rfc3339(expires_at);
         let mut credential = Credential::new("access_token", secret.clone())
             .with_public("token_type", token.token_type.unwrap_or_else(|| "Bearer".into()))
             .with_public("expires_at", expires_at_text)

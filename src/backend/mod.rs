@@ -4,7 +4,6 @@
 mod aws_sts;
 mod kafka;
 mod looker;
-pub mod signing;
 mod snowflake_keypair;
 mod vault_database;
 mod vault_kv;
@@ -61,7 +60,7 @@ pub struct Credential {
     /// revokes it (Vault would not shorten the lease): the broker schedules its revocation.
     pub outlives_grant: bool,
     /// What [`Backend::revoke`] will need besides the handle (a Looker session's own token):
-    /// the broker keeps it only sealed in the revocation schedule (`lifecycle::sealed`).
+    /// the broker keeps it only sealed in the revocation schedule (`revocation::secret_encryption`).
     pub revocation_secret: Option<SecretString>,
 }
 
@@ -228,6 +227,8 @@ pub fn all_param_schemas() -> Vec<ParamSchema> {
     KINDS.iter().map(|kind| kind.params).collect()
 }
 
+/// Cheap to clone: every backend is shared.
+#[derive(Clone)]
 pub struct Backends {
     by_name: HashMap<BackendName, (Arc<dyn Backend>, ParamSchema)>,
     vault: Option<Vault>,

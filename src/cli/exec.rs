@@ -24,7 +24,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::exchange::{call, read_token};
-use crate::types::Ttl;
+use crate::types::{rfc3339, Ttl};
 
 #[derive(Args)]
 #[command(after_long_help = "\
@@ -235,7 +235,7 @@ async fn renew(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path, entry
                 "credbroker exec: cannot renew {}: the role's max_uses_per_token does not allow another exchange of this job token \
                  ({message}); the credential ends at {}",
                 entry.role,
-                entry.expires_at.format(&Rfc3339).unwrap_or_default()
+                rfc3339(entry.expires_at)
             );
             entry.renew_at = None;
         }

@@ -2,7 +2,7 @@
 //! to output and an exit code; `anyhow` stops here.
 
 mod admin;
-mod audit_log;
+mod audit;
 mod exchange;
 mod exec;
 mod policy;
@@ -13,7 +13,6 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
-use crate::audit;
 use crate::config::{Config, LogFormat};
 use crate::dev::{parse_claim_override, DevIssuer};
 use crate::startup::{Application, ServeOptions};
@@ -65,11 +64,11 @@ enum AuditCommand {
     /// Print the latest decisions, newest first.
     Tail(TailArgs),
     /// Search the log: who got which credential, what was denied (filters as in GET /v1/issuances).
-    Query(Box<audit_log::QueryArgs>),
+    Query(Box<audit::QueryArgs>),
     /// Check the signed checkpoints: report the first row altered, deleted or out of order.
-    Verify(audit_log::VerifyArgs),
+    Verify(audit::VerifyArgs),
     /// Move whole sealed checkpoints older than a time to a file and out of the database.
-    Archive(audit_log::ArchiveArgs),
+    Archive(audit::ArchiveArgs),
 }
 
 #[derive(Args)]
@@ -140,22 +139,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let config = load_config(config_path)?;
-            let pool = audit::connect(&config.database_url, 1, std::time::Duration::from_secs(10))?;
-            audit::migrate(&pool).await?;
+            let pool = crate::audit::connect(&config.database_url, 1, std::time::Duration::from_secs(10))?;
+            crate::audit::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
         }
         Command::Policy(command) => policy::run(command, config_path),
         Command::Audit(AuditCommand::Tail(args)) => tail(args, config_path).await,
-        Command::Audit(AuditCommand::Query(args)) => audit_log::query(*args, config_path).await,
+        Command::Audit(AuditCommand::Query(args)) => audit::query(*args, config_path).await,
         Command::Audit(AuditCommand::Verify(args)) => {
-            if audit_log::verify(args, config_path).await? {
+            if audit::verify(args, config_path).await? {
                 Ok(())
             } else {
                 bail!("the audit log does not match its checkpoints")
             }
         }
-        Command::Audit(AuditCommand::Archive(args)) => audit_log::archive(args, config_path).await,
+        Command::Audit(AuditCommand::Archive(args)) => audit::archive(args, config_path).await,
         Command::Dev(DevCommand::Token { claims, job_timeout, audience }) => {
             let config = load_config(config_path)?;
             let overrides = claims.iter().map(|raw| parse_claim_override(raw)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
@@ -181,13 +180,17 @@ async fn tail(args: TailArgs, config_path: Option<&Path>) -> anyhow::Result<()> 
         Some(url) => secrecy::SecretString::from(url),
         None => load_config(config_path)?.database_url,
     };
-    let store = audit::PgAudit::connect(&url, 1, std::time::Duration::from_secs(10))?;
+    let store = crate::audit::PgAudit::connect(&url, 1, std::time::Duration::from_secs(10))?;
     let lines = args.lines.clamp(1, 10_000);
-    audit_log::record_direct_read(&store, &format!("audit tail -n {lines}")).await?;
+    audit::record_direct_read(&store, &format!("audit tail -n {lines}")).await?;
     let rows = store.tail(lines).await?;
     for row in rows {
         if args.json {
-            println!("{}", serde_json::to_string(&row)?);
+            // `issuance_id` and `ttl_seconds` are the names `audit tail --json` has always used.
+            let mut json = serde_json::to_value(&row)?;
+            json["issuance_id"] = json["id"].clone();
+            json["ttl_seconds"] = json["granted_ttl_seconds"].clone();
+            println!("{json}");
         } else {
             println!(
                 "{}  {:<7} {:<20} {:<24} {:<24} ttl={:<6} {}",
@@ -196,8 +199,8 @@ async fn tail(args: TailArgs, config_path: Option<&Path>) -> anyhow::Result<()> 
                 row.code.as_deref().unwrap_or("-"),
                 row.role.as_deref().unwrap_or("-"),
                 row.project_path.as_deref().unwrap_or("-"),
-                row.ttl_seconds.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
-                row.issuance_id,
+                row.granted_ttl_seconds.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                row.id,
             );
         }
     }

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::signing::{LocalSigner, Signer, SigningKey};
+use crate::signing::{LocalSigner, Signer, SigningKey};
 use crate::config::{Config, ConfigError};
 use crate::policy::Glob;
 use crate::types::Ttl;

@@ -23,17 +23,13 @@ pub use config::{GogsConfig, HookConfig};
 
 use crate::audit::deliveries::{self, DeliveryRecord, Recorded};
 use crate::audit::AuditError;
-use crate::backend::signing::Signer;
+use crate::signing::Signer;
 use crate::oidc::{VerifiedToken, VerifyError};
-use crate::types::{sha256_hex, IssuerName};
+use crate::types::{rfc3339, sha256_hex, IssuerName};
 
-/// The issuer name policies use for delivery tokens; reserved when `[gogs]` is configured.
-pub const GOGS_ISSUER_NAME: &str = "gogs";
+pub use crate::types::{DELIVERY_CLAIMS, GOGS_ISSUER_NAME};
 /// Where a role that needs both identities expects the delivery token.
 pub const DELIVERY_TOKEN_HEADER: &str = "x-credbroker-delivery";
-/// The claims of a delivery token a policy can bind (`[role.claims]` of a `gogs` role, or
-/// `[role.delivery]` of a role that also wants the automation's own identity token).
-pub const DELIVERY_CLAIMS: &[&str] = &["repository", "ref", "ref_type", "sha", "pusher", "event", "delivery_id", "hook"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -254,7 +250,7 @@ impl Gogs {
             "after": record.after_sha,
             "pusher": record.pusher,
             "delivery_token": token.expose_secret(),
-            "delivery_token_expires_at": expires_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "delivery_token_expires_at": rfc3339(expires_at),
             "payload": original,
         });
         match self.client.post(url.clone()).header(DELIVERY_TOKEN_HEADER, token.expose_secret()).json(&body).send().await {

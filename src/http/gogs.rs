@@ -8,7 +8,8 @@ use axum::Json;
 use secrecy::ExposeSecret;
 use serde_json::json;
 
-use super::{rfc3339, AppState, Problem};
+use super::{AppState, Problem};
+use crate::types::rfc3339;
 use crate::broker::ErrorCode;
 use crate::gogs::HookError;
 

@@ -1,8 +1,8 @@
 //! The HTTP edge: routing, request ids, timeouts, body limits. Handlers only translate
 //! between HTTP and the broker.
 
-mod audit;
-mod audit_page;
+pub mod audit_page;
+mod issuances;
 mod gogs;
 mod problem;
 
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,8 +21,9 @@ use serde_json::{json, Value};
 
 pub use problem::{status as status_for, Problem};
 
-use crate::broker::{Broker, ErrorCode, ExchangeInput};
-use crate::lifecycle;
+use crate::types::rfc3339;
+
+use crate::broker::{admin, release, Broker, ErrorCode, ExchangeInput};
 
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -36,7 +37,7 @@ pub struct AppState {
     pub dev_issuer: Option<DevIssuerDocuments>,
     pub request_timeout: Duration,
     /// Where the `/audit` page links records back to the Git server.
-    pub audit_links: Arc<crate::auditors::links::GitLinks>,
+    pub audit_links: Arc<audit_page::git_links::GitLinks>,
     /// The `/audit` session cookie is `Secure` when `public_url` is https.
     pub secure_cookies: bool,
 }
@@ -51,14 +52,14 @@ pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/v1/credentials", post(create_credential))
         .route("/v1/credentials/{issuance_id}", axum::routing::delete(release_credential))
-        .route("/v1/revocations", post(|state, request| admin(state, request, AdminAction::Revoke)))
+        .route("/v1/revocations", post(|state, parts| admin(state, parts, AdminAction::Revoke)))
         .route(
             "/v1/freezes",
-            post(|state, request| admin(state, request, AdminAction::Freeze))
-                .delete(|state, request| admin(state, request, AdminAction::Unfreeze)),
+            post(|state, parts| admin(state, parts, AdminAction::Freeze))
+                .delete(|state, parts| admin(state, parts, AdminAction::Unfreeze)),
         )
-        .route("/v1/issuances", get(audit::list))
-        .route("/v1/issuances/{issuance_id}", get(audit::one))
+        .route("/v1/issuances", get(issuances::list))
+        .route("/v1/issuances/{issuance_id}", get(issuances::one))
         .route("/v1/hooks/gogs/{hook}", post(gogs::receive))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(openid_configuration))
@@ -109,16 +110,21 @@ async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Respon
 #[derive(Clone)]
 struct RequestId(String);
 
-/// A request taken apart: what [`ExchangeInput`] borrows from.
+/// A request taken apart: what [`ExchangeInput`] borrows from. As an extractor its rejection
+/// (a body over [`MAX_BODY_BYTES`]) is the crate's problem+json like every other refusal.
 pub(crate) struct RequestParts {
     request_id: String,
     client_addr: Option<String>,
     pub(crate) headers: HeaderMap,
-    body: Bytes,
+    /// The URI's query string, empty when there is none.
+    pub(crate) query: String,
+    pub(crate) body: Bytes,
 }
 
-impl RequestParts {
-    pub(crate) async fn read(request: Request) -> Result<Self, Response> {
+impl<S: Send + Sync> FromRequest<S> for RequestParts {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Response> {
         let (parts, body) = request.into_parts();
         let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default();
         let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
@@ -129,9 +135,12 @@ impl RequestParts {
             )
                 .into_response()
         })?;
-        Ok(Self { request_id, client_addr, headers: parts.headers, body })
+        let query = parts.uri.query().unwrap_or_default().to_owned();
+        Ok(Self { request_id, client_addr, headers: parts.headers, query, body })
     }
+}
 
+impl RequestParts {
     pub(crate) fn input(&self) -> ExchangeInput<'_> {
         ExchangeInput {
             request_id: &self.request_id,
@@ -155,15 +164,11 @@ enum AdminAction {
     Unfreeze,
 }
 
-async fn admin(State(state): State<AppState>, request: Request, action: AdminAction) -> Response {
-    let parts = match RequestParts::read(request).await {
-        Ok(parts) => parts,
-        Err(response) => return response,
-    };
+async fn admin(State(state): State<AppState>, parts: RequestParts, action: AdminAction) -> Response {
     let outcome = match action {
-        AdminAction::Revoke => lifecycle::admin::revoke(&state.broker, parts.input()).await,
-        AdminAction::Freeze => lifecycle::admin::freeze(&state.broker, parts.input(), false).await,
-        AdminAction::Unfreeze => lifecycle::admin::freeze(&state.broker, parts.input(), true).await,
+        AdminAction::Revoke => admin::revoke(&state.broker, parts.input()).await,
+        AdminAction::Freeze => admin::freeze(&state.broker, parts.input(), false).await,
+        AdminAction::Unfreeze => admin::freeze(&state.broker, parts.input(), true).await,
     };
     match outcome {
         Ok(body) => Json(body).into_response(),
@@ -172,22 +177,14 @@ async fn admin(State(state): State<AppState>, request: Request, action: AdminAct
 }
 
 /// A job ending its own credential early (`credbroker exec` when its command exits).
-async fn release_credential(State(state): State<AppState>, Path(issuance_id): Path<String>, request: Request) -> Response {
-    let parts = match RequestParts::read(request).await {
-        Ok(parts) => parts,
-        Err(response) => return response,
-    };
-    match lifecycle::release::release(&state.broker, parts.input(), &issuance_id).await {
+async fn release_credential(State(state): State<AppState>, Path(issuance_id): Path<String>, parts: RequestParts) -> Response {
+    match release::release(&state.broker, parts.input(), &issuance_id).await {
         Ok(body) => Json(body).into_response(),
         Err(failure) => Problem::from(failure).into_response(),
     }
 }
 
-async fn create_credential(State(state): State<AppState>, request: Request) -> Response {
-    let parts = match RequestParts::read(request).await {
-        Ok(parts) => parts,
-        Err(response) => return response,
-    };
+async fn create_credential(State(state): State<AppState>, parts: RequestParts) -> Response {
     match state.broker.exchange(parts.input()).await {
         Ok(issued) => {
             let body = json!({
@@ -215,10 +212,6 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
-}
-
-fn rfc3339(at: time::OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 fn json_document(body: &Bytes) -> Response {

@@ -656,7 +656,7 @@ fn compile_role(file: &Path, raw: toml::Table, context: &CompileContext<'_>) -> 
 /// Compiles `[role.delivery]`: bindings on delivery-token claims plus `max_uses`. The
 /// repository must be pinned, or any push to any repository could unlock the role.
 fn compile_delivery(table: &toml::Table, issuer: &IssuerName) -> Result<DeliveryRequirement, (String, String)> {
-    if issuer.as_str() == crate::gogs::GOGS_ISSUER_NAME {
+    if issuer.as_str() == crate::types::GOGS_ISSUER_NAME {
         return Err((
             "delivery".into(),
             "a role whose issuer is gogs binds the delivery token's claims in [role.claims]; [role.delivery] is for roles whose caller presents its own identity token".into(),
@@ -673,8 +673,8 @@ fn compile_delivery(table: &toml::Table, issuer: &IssuerName) -> Result<Delivery
             };
             continue;
         }
-        if !crate::gogs::DELIVERY_CLAIMS.contains(&key.as_str()) {
-            return Err((key_name, format!("not a delivery-token claim; expected one of {:?} or max_uses", crate::gogs::DELIVERY_CLAIMS)));
+        if !crate::types::DELIVERY_CLAIMS.contains(&key.as_str()) {
+            return Err((key_name, format!("not a delivery-token claim; expected one of {:?} or max_uses", crate::types::DELIVERY_CLAIMS)));
         }
         bindings.push((key.clone(), Matcher::parse(value).map_err(|m| (key_name, m))?));
     }

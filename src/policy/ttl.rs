@@ -3,7 +3,7 @@
 
 use time::OffsetDateTime;
 
-use crate::types::Ttl;
+use crate::types::{rfc3339, Ttl};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TtlRequest {
@@ -120,10 +120,6 @@ pub fn grant(
     }
     let ttl = Ttl::from_seconds(granted as u64).map_err(TtlNotSatisfiable)?;
     Ok(GrantedTtl { ttl, expires_at: now + ttl.as_duration(), overshoot_seconds })
-}
-
-fn rfc3339(at: OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 //! responses whose `lease_id` `vaultrs` strips) go through the same client and middleware as a
 //! raw endpoint, so the token, namespace and TLS settings are identical on every path.
 
-mod config;
 pub mod secret_source;
 pub mod transit;
 
@@ -19,7 +18,7 @@ use serde_json::Value;
 use vaultrs::api::EndpointMiddleware;
 use vaultrs::client::{Client, VaultClient, VaultClientSettings, VaultClientSettingsBuilder};
 
-pub use config::{SecretInput, VaultAuth, VaultConfig};
+pub use crate::config::vault::{SecretInput, VaultAuth, VaultConfig};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum VaultError {

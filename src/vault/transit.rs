@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use super::{Vault, VaultError};
-use crate::backend::signing::{public_jwk_from_pem, SignedToken, Signer, SigningKeyError};
+use crate::signing::{public_jwk_from_pem, SignedToken, Signer, SigningKeyError};
 use crate::config::ConfigError;
 
 pub struct TransitSigner {

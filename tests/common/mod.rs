@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use credbroker::backend::signing::SigningKey;
+use credbroker::signing::SigningKey;
 use credbroker::config::Config;
 use credbroker::startup::{Application, ServeOptions};
 use rsa::pkcs8::{EncodePrivateKey, LineEnding};
@@ -56,11 +56,13 @@ pub async fn seed_audit_row(pool: &PgPool, values: Value) -> Uuid {
     let id = Uuid::new_v4();
     sqlx::query(
         "insert into audit_events (id, occurred_at, request_id, decision, code, role, target, backend, issuer, subject,
-             project_path, namespace_path, pipeline_id, job_id, sha, user_login, credential_sha256, expires_at, claims, detail)
+             project_path, namespace_path, pipeline_id, job_id, sha, user_login, credential_sha256, expires_at, claims, detail,
+             renews_issuance_id, about_issuance_id)
          select $1, coalesce(($2->>'occurred_at')::timestamptz, now()), 'seed', coalesce($2->>'decision', 'denied'), $2->>'code',
              $2->>'role', $2->>'target', $2->>'backend', $2->>'issuer', $2->>'subject', $2->>'project_path',
              $2->>'namespace_path', $2->>'pipeline_id', $2->>'job_id', $2->>'sha', $2->>'user_login',
-             $2->>'credential_sha256', case when $2->>'decision' = 'issued' then now() + interval '1 hour' end, $2->'claims', $2->>'detail'",
+             $2->>'credential_sha256', case when $2->>'decision' = 'issued' then now() + interval '1 hour' end, $2->'claims', $2->>'detail',
+             ($2->>'renews_issuance_id')::uuid, ($2->>'about_issuance_id')::uuid",
     )
     .bind(id)
     .bind(&values)

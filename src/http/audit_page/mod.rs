@@ -8,9 +8,10 @@
 //! again on every view: the session ends when the token expires, and a change to `[auditors]`
 //! applies at the next click. Verifying does not spend one of the token's uses.
 
+pub mod git_links;
 mod render;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,7 +21,7 @@ use uuid::Uuid;
 
 use super::{status_for, AppState, RequestParts};
 use crate::audit::query::IssuanceFilter;
-use crate::auditors::{self, AuditRead};
+use crate::broker::audit_read::{self, AuditRead};
 use crate::broker::{ErrorCode, ExchangeFailure};
 
 const SESSION_COOKIE: &str = "credbroker_audit";
@@ -88,7 +89,7 @@ async fn authorize(state: &AppState, parts: &RequestParts, what: &str) -> Result
         return Err(html(StatusCode::OK, render::sign_in(None)));
     };
     let input = crate::broker::ExchangeInput { bearer_token: Some(&token), ..parts.input() };
-    auditors::authorize_read(&state.broker, &input, what).await.map_err(|failure| refusal(state, failure))
+    audit_read::authorize_read(&state.broker, &input, what).await.map_err(|failure| refusal(state, failure))
 }
 
 fn refusal(state: &AppState, failure: ExchangeFailure) -> Response {
@@ -107,12 +108,8 @@ fn refusal(state: &AppState, failure: ExchangeFailure) -> Response {
     }
 }
 
-async fn search(State(state): State<AppState>, request: Request) -> Response {
-    let query = request.uri().query().unwrap_or_default().to_owned();
-    let parts = match RequestParts::read(request).await {
-        Ok(parts) => parts,
-        Err(response) => return response,
-    };
+async fn search(State(state): State<AppState>, parts: RequestParts) -> Response {
+    let query = &parts.query;
     // A GET form sends every field; an empty one means "not filtered on".
     let filters: Vec<(String, String)> =
         form_urlencoded::parse(query.as_bytes()).filter(|(_, value)| !value.trim().is_empty()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
@@ -140,11 +137,7 @@ async fn search(State(state): State<AppState>, request: Request) -> Response {
     html(StatusCode::OK, render::search(&view))
 }
 
-async fn detail(State(state): State<AppState>, Path(issuance_id): Path<String>, request: Request) -> Response {
-    let parts = match RequestParts::read(request).await {
-        Ok(parts) => parts,
-        Err(response) => return response,
-    };
+async fn detail(State(state): State<AppState>, Path(issuance_id): Path<String>, parts: RequestParts) -> Response {
     let read = match authorize(&state, &parts, &format!("GET /audit/issuances/{issuance_id}")).await {
         Ok(read) => read,
         Err(response) => return response,
@@ -166,11 +159,7 @@ async fn detail(State(state): State<AppState>, Path(issuance_id): Path<String>, 
 }
 
 /// Takes the pasted token, and keeps it in the session cookie if `[auditors]` binds it.
-async fn sign_in(State(state): State<AppState>, request: Request) -> Response {
-    let parts = match RequestParts::read(request).await {
-        Ok(parts) => parts,
-        Err(response) => return response,
-    };
+async fn sign_in(State(state): State<AppState>, parts: RequestParts) -> Response {
     // Another site must not be able to sign a browser in under its own token.
     if parts.headers.get("sec-fetch-site").is_some_and(|site| site.as_bytes() == b"cross-site") {
         return html(StatusCode::FORBIDDEN, render::problem(None, "Refused", "sign-in must come from this page"));
@@ -180,7 +169,7 @@ async fn sign_in(State(state): State<AppState>, request: Request) -> Response {
         return html(StatusCode::BAD_REQUEST, render::sign_in(Some("Paste a token first.")));
     };
     let input = crate::broker::ExchangeInput { bearer_token: Some(&token), ..parts.input() };
-    let read = match auditors::authorize_read(&state.broker, &input, "sign in to /audit").await {
+    let read = match audit_read::authorize_read(&state.broker, &input, "sign in to /audit").await {
         Ok(read) => read,
         Err(failure) => return refusal(&state, failure),
     };

@@ -7,8 +7,9 @@ use std::fmt::Write;
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::audit::query::{IssuanceLifecycle, IssuancePage, Timeline, FILTERS, RECORD_FIELDS};
-use crate::auditors::links::Link;
+use crate::audit::query::{IssuanceHistory, IssuancePage, Timeline, FILTERS};
+use crate::audit::RECORD_FIELDS;
+use crate::http::audit_page::git_links::Link;
 
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -228,7 +229,7 @@ fn claim_text(value: &Value) -> String {
     }
 }
 
-pub fn detail(reader: &str, record: &IssuanceLifecycle, links: &[Link]) -> String {
+pub fn detail(reader: &str, record: &IssuanceHistory, links: &[Link]) -> String {
     let issuance = &record.issuance;
     let mut body = format!(
         r#"<p><a href="/audit">← Audit log</a></p><h1 id="title">{} · {}</h1><p class="id">record <code id="record-id">{}</code></p>"#,
@@ -245,7 +246,7 @@ pub fn detail(reader: &str, record: &IssuanceLifecycle, links: &[Link]) -> Strin
     }
     body.push_str(r#"<h2>Record</h2><dl id="fields">"#);
     let fields = serde_json::to_value(issuance).unwrap_or(Value::Null);
-    for name in RECORD_FIELDS {
+    for name in RECORD_FIELDS.iter() {
         let value = match &fields[*name] {
             Value::Null => "—".to_owned(),
             value => escape(&claim_text(value)),

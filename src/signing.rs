@@ -1,7 +1,7 @@
 //! Keys the broker signs with (Kafka tokens, the dev issuer), parsed once at startup.
 //! The private half never leaves this struct; the public half is what `/.well-known/jwks.json` serves.
 //! [`Signer`] hides where a key lives: a local PEM file ([`LocalSigner`]) or a Vault transit
-//! key (`crate::vault::transit::TransitSigner`), so every broker-signed JWT (Kafka tokens today,
+//! key (`TransitSigner` in the Vault module), so every broker-signed JWT (Kafka tokens today,
 //! Snowflake key-pair JWTs and Gogs delivery tokens later) can use either.
 
 use std::path::Path;

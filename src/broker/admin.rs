@@ -10,44 +10,24 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::audit::{AuditError, AuditEvent, AuditSlot, Decision, IssuanceSelector, IssuedCredential, RevocationReason, SELECTOR_LIMIT};
-use crate::broker::{rfc3339, Broker, Caller, ExchangeError, ExchangeFailure, ExchangeInput};
-use crate::types::{BackendName, Ttl};
+use crate::audit::{AuditError, AuditEvent, Decision, IssuanceSelector, IssuedCredential, RevocationReason, SELECTOR_LIMIT};
+use super::{Broker, ExchangeError, ExchangeFailure, ExchangeInput};
+use crate::types::{parse_duration, rfc3339, BackendName};
 
-/// An authorised caller, whose `admin_request` row is still to be written.
-struct Admin {
-    requested_by: String,
-    event: AuditEvent,
-    slot: AuditSlot,
-}
-
-/// Verifies the caller and checks `[admins]`. The 403 is audited with who tried and why.
-async fn authorize(broker: &Broker, input: &ExchangeInput<'_>, action: &str) -> Result<Admin, ExchangeFailure> {
-    let caller = broker.identify_caller(input, action, OffsetDateTime::now_utc()).await?;
+/// Verifies the caller and checks `[admins]`; a refusal names in the row who tried and why.
+/// Returns who asked, as the `admin_request` row names them.
+async fn authorize(broker: &Broker, input: &ExchangeInput<'_>, event: &mut AuditEvent, action: &str, now: OffsetDateTime) -> Result<String, ExchangeError> {
+    let caller = broker.identify_caller(input, event, now).await?;
     if let Err(denial) = broker.policies.authorize_admin(&caller.token.issuer, &caller.token.claims) {
-        return Err(caller.forbid(broker, action, action, "admins", denial).await);
+        return Err(caller.forbidden(event, action, action, "admins", denial));
     }
-    let Caller { name: requested_by, event, slot, .. } = caller;
-    Ok(Admin { requested_by, event, slot })
+    Ok(caller.name)
 }
 
-impl Admin {
-    async fn refuse(self, broker: &Broker, error: ExchangeError) -> ExchangeFailure {
-        broker.refuse(self.slot, self.event, error).await
-    }
-
-    /// Writes the `admin_request` row; only once it is durable does the request take effect.
-    async fn record(mut self, broker: &Broker, detail: String) -> Result<(Uuid, String), ExchangeFailure> {
-        let id = self.event.id;
-        self.event.decision = Decision::AdminRequest;
-        self.event.detail = Some(detail);
-        broker
-            .audit
-            .record_in(self.slot, self.event)
-            .await
-            .map_err(|error| ExchangeFailure { issuance_id: id, error: ExchangeError::AuditUnavailable(error) })?;
-        Ok((id, self.requested_by))
-    }
+/// Marks the row an authorised `admin_request`: once it is durable the request takes effect.
+fn admit(event: &mut AuditEvent, detail: String) {
+    event.decision = Decision::AdminRequest;
+    event.detail = Some(detail);
 }
 
 fn unavailable(id: Uuid, error: AuditError) -> ExchangeFailure {
@@ -64,14 +44,15 @@ fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<O
     }
 }
 
-/// An RFC 3339 time, or a duration (`2h`, `90m`) counted back from (or, for `until`, on from) now.
+/// An RFC 3339 time, or a duration (`2h`, `90m`; [`parse_duration`]) counted back from (or,
+/// for `until`, on from) now.
 fn parse_time(raw: &str, now: OffsetDateTime, past: bool) -> Result<OffsetDateTime, String> {
     if let Ok(at) = OffsetDateTime::parse(raw, &Rfc3339) {
         return Ok(at);
     }
-    let span = Ttl::parse(raw).map_err(|_| format!("{raw:?} is neither an RFC 3339 time nor a duration like \"2h\""))?;
-    let span = time::Duration::seconds(i64::from(span.seconds()));
-    Ok(if past { now - span } else { now + span })
+    let seconds = parse_duration(raw).map_err(|_| format!("{raw:?} is neither an RFC 3339 time nor a duration like \"2h\""))?;
+    let span = time::Duration::seconds(i64::try_from(seconds).map_err(|_| format!("{raw:?} is too long"))?);
+    now.checked_add(if past { -span } else { span }).ok_or_else(|| format!("{raw:?} is too long"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,8 +125,8 @@ fn plan(broker: &Broker, issued: &IssuedCredential) -> Plan {
     if issued.revocation_state.as_deref() == Some("revoked") {
         return Plan::AlreadyRevoked;
     }
-    let backend = issued.backend.as_deref().and_then(|name| BackendName::parse(name).ok()).and_then(|name| broker.backends.get(&name));
-    match (backend, &issued.handle) {
+    let backend = issued.record.backend.as_deref().and_then(|name| BackendName::parse(name).ok()).and_then(|name| broker.backends.get(&name));
+    match (backend, &issued.record.credential_handle) {
         (Some(backend), Some(_)) if backend.can_revoke() => Plan::Revoke,
         (Some(backend), _) => Plan::NotRevocable(format!(
             "a {} credential cannot be ended early by the broker; it stays valid until it expires",
@@ -153,21 +134,24 @@ fn plan(broker: &Broker, issued: &IssuedCredential) -> Plan {
         )),
         (None, _) => Plan::NotRevocable(format!(
             "backend {} is not configured on this broker, so it cannot revoke; the credential stays valid until it expires",
-            issued.backend.as_deref().unwrap_or("(unknown)")
+            issued.record.backend.as_deref().unwrap_or("(unknown)")
         )),
     }
 }
 
 /// `POST /v1/revocations`.
 pub async fn revoke(broker: &Broker, input: ExchangeInput<'_>) -> Result<Value, ExchangeFailure> {
-    let admin = authorize(broker, &input, "revoke").await?;
     let now = OffsetDateTime::now_utc();
-    let (selector, dry_run, echo) = match parse_revocation(input.body, now) {
-        Ok(parsed) => parsed,
-        Err(error) => return Err(admin.refuse(broker, error).await),
-    };
-    let detail = format!("revoke{} by {}: {echo}", if dry_run { " (dry run)" } else { "" }, admin.requested_by);
-    let (request_id, requested_by) = admin.record(broker, detail).await?;
+    let mut row = broker.open_row(&input, now, Some("revoke"))?;
+    let request_id = row.event.id;
+    let decided: Result<_, ExchangeError> = async {
+        let requested_by = authorize(broker, &input, &mut row.event, "revoke", now).await?;
+        let (selector, dry_run, echo) = parse_revocation(input.body, now)?;
+        admit(&mut row.event, format!("revoke{} by {requested_by}: {echo}", if dry_run { " (dry run)" } else { "" }));
+        Ok((selector, dry_run, echo, requested_by))
+    }
+    .await;
+    let (selector, dry_run, echo, requested_by) = broker.record(row, decided).await?;
     let store = broker.audit.store();
     let matched = store.select_live_issued(&selector).await.map_err(|e| unavailable(request_id, e))?;
     if matched.len() as i64 > SELECTOR_LIMIT {
@@ -180,19 +164,19 @@ pub async fn revoke(broker: &Broker, input: ExchangeInput<'_>) -> Result<Value, 
     if !dry_run {
         let mut ids = Vec::new();
         for (issued, plan) in matched.iter().zip(&plans) {
-            if let (Plan::Revoke, Some(backend), Some(handle)) = (plan, &issued.backend, &issued.handle) {
+            if let (Plan::Revoke, Some(backend), Some(handle)) = (plan, &issued.record.backend, &issued.record.credential_handle) {
                 store
-                    .schedule_revocation(issued.issuance_id, backend, handle, now, RevocationReason::OnDemand, Some(&requested_by), None)
+                    .schedule_revocation(issued.issuance_id(), backend, handle, now, RevocationReason::OnDemand, Some(&requested_by), None)
                     .await
                     .map_err(|e| unavailable(request_id, e))?;
-                ids.push(issued.issuance_id);
+                ids.push(issued.issuance_id());
             }
         }
         // Attempted here so the answer can say what happened; what fails is retried by the worker.
         for chunk in ids.chunks(32) {
-            attempts.extend(broker.lifecycle.revoke_due(&broker.audit, &broker.backends, Some(chunk)).await.map_err(|e| unavailable(request_id, e))?);
+            attempts.extend(broker.revoker.revoke_due(&broker.audit, &broker.backends, Some(chunk)).await.map_err(|e| unavailable(request_id, e))?);
         }
-        broker.lifecycle.wake();
+        broker.revoker.wake();
     }
 
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
@@ -205,7 +189,7 @@ pub async fn revoke(broker: &Broker, input: ExchangeInput<'_>) -> Result<Value, 
                 Plan::AlreadyRevoked => ("already_revoked", None),
                 Plan::NotRevocable(reason) => ("not_revocable", Some(reason.clone())),
                 Plan::Revoke if dry_run => ("would_revoke", None),
-                Plan::Revoke => match attempts.iter().find(|a| a.issuance_id == issued.issuance_id) {
+                Plan::Revoke => match attempts.iter().find(|a| a.issuance_id == issued.issuance_id()) {
                     Some(attempt) => match &attempt.result {
                         Ok(()) => ("revoked", None),
                         Err(error) if attempt.will_retry => ("revoke_failed", Some(format!("{error}; the broker keeps retrying"))),
@@ -220,17 +204,17 @@ pub async fn revoke(broker: &Broker, input: ExchangeInput<'_>) -> Result<Value, 
             }
             *counts.entry(outcome).or_default() += 1;
             json!({
-                "issuance_id": issued.issuance_id,
+                "issuance_id": issued.issuance_id(),
                 "outcome": outcome,
                 "detail": detail,
-                "role": issued.role,
-                "backend": issued.backend,
-                "handle": issued.handle,
-                "subject": issued.subject,
-                "project_path": issued.project_path,
-                "pipeline_id": issued.pipeline_id,
-                "job_id": issued.job_id,
-                "issued_at": rfc3339(issued.occurred_at),
+                "role": issued.record.role,
+                "backend": issued.record.backend,
+                "handle": issued.record.credential_handle,
+                "subject": issued.record.subject,
+                "project_path": issued.record.project_path,
+                "pipeline_id": issued.record.pipeline_id,
+                "job_id": issued.record.job_id,
+                "issued_at": rfc3339(issued.record.occurred_at),
                 "valid_until": rfc3339(issued.expires_at),
             })
         })
@@ -270,9 +254,34 @@ fn freeze_scope(request: &FreezeRequest) -> Result<(&'static str, String), Excha
 /// `POST /v1/freezes` (freeze) and `DELETE /v1/freezes` (unfreeze).
 pub async fn freeze(broker: &Broker, input: ExchangeInput<'_>, lift: bool) -> Result<Value, ExchangeFailure> {
     let action = if lift { "unfreeze" } else { "freeze" };
-    let admin = authorize(broker, &input, action).await?;
     let now = OffsetDateTime::now_utc();
-    let parsed = serde_json::from_slice::<FreezeRequest>(input.body)
+    let mut row = broker.open_row(&input, now, Some(action))?;
+    let request_id = row.event.id;
+    let decided: Result<_, ExchangeError> = async {
+        let requested_by = authorize(broker, &input, &mut row.event, action, now).await?;
+        let (scope, value, until) = parse_freeze(broker, input.body, lift, now)?;
+        let until_text = until.map(|until| format!(" until {}", rfc3339(until))).unwrap_or_default();
+        admit(&mut row.event, format!("{action} {scope} {value}{until_text} by {requested_by}"));
+        Ok((scope, value, until, requested_by))
+    }
+    .await;
+    let (scope, value, until, requested_by) = broker.record(row, decided).await?;
+    let store = broker.audit.store();
+    if lift {
+        let lifted = store.unfreeze(scope, &value, &requested_by).await.map_err(|e| unavailable(request_id, e))?;
+        Ok(json!({ "request_id": request_id, "scope": scope, "value": value, "lifted": lifted, "lifted_by": requested_by }))
+    } else {
+        store.freeze(scope, &value, &requested_by, until).await.map_err(|e| unavailable(request_id, e))?;
+        Ok(json!({
+            "request_id": request_id, "scope": scope, "value": value,
+            "until": until.map(rfc3339), "frozen_by": requested_by,
+        }))
+    }
+}
+
+/// `(scope, value, until)` of a freeze or unfreeze request.
+fn parse_freeze(broker: &Broker, body: &[u8], lift: bool, now: OffsetDateTime) -> Result<(&'static str, String, Option<OffsetDateTime>), ExchangeError> {
+    serde_json::from_slice::<FreezeRequest>(body)
         .map_err(|e| ExchangeError::InvalidRequest(format!("request body must be a JSON object with project, role or all: {e}")))
         .and_then(|request| {
             let (scope, value) = freeze_scope(&request)?;
@@ -288,25 +297,7 @@ pub async fn freeze(broker: &Broker, input: ExchangeInput<'_>, lift: bool) -> Re
                 return Err(ExchangeError::InvalidRequest("until must be in the future".into()));
             }
             Ok((scope, value, until))
-        });
-    let (scope, value, until) = match parsed {
-        Ok(parsed) => parsed,
-        Err(error) => return Err(admin.refuse(broker, error).await),
-    };
-    let until_text = until.map(|until| format!(" until {}", rfc3339(until))).unwrap_or_default();
-    let detail = format!("{action} {scope} {value}{until_text} by {}", admin.requested_by);
-    let (request_id, requested_by) = admin.record(broker, detail).await?;
-    let store = broker.audit.store();
-    if lift {
-        let lifted = store.unfreeze(scope, &value, &requested_by).await.map_err(|e| unavailable(request_id, e))?;
-        Ok(json!({ "request_id": request_id, "scope": scope, "value": value, "lifted": lifted, "lifted_by": requested_by }))
-    } else {
-        store.freeze(scope, &value, &requested_by, until).await.map_err(|e| unavailable(request_id, e))?;
-        Ok(json!({
-            "request_id": request_id, "scope": scope, "value": value,
-            "until": until.map(rfc3339), "frozen_by": requested_by,
-        }))
-    }
+        })
 }
 
 #[cfg(test)]

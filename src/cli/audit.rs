@@ -7,15 +7,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::exchange::read_token;
 use super::load_config;
-use crate::audit::query::{IssuanceFilter, IssuancePage, IssuanceRecord};
+use crate::audit::query::{IssuanceFilter, IssuancePage};
+use crate::audit::AuditRecord;
+use crate::types::rfc3339;
 use crate::audit::PgAudit;
-use crate::auditors::csv;
-use crate::backend::signing::SigningKey;
+use crate::audit::csv;
+use crate::signing::SigningKey;
 
 #[derive(Args)]
 pub struct QueryArgs {
@@ -148,55 +149,12 @@ impl Source {
                 if !status.is_success() {
                     bail!("{}: {}", body["code"].as_str().unwrap_or("error"), body["detail"].as_str().unwrap_or(""));
                 }
-                let items: Vec<ApiRecord> = serde_json::from_value(body["items"].clone()).context("unexpected answer")?;
+                let items: Vec<AuditRecord> = serde_json::from_value(body["items"].clone()).context("unexpected answer")?;
                 Ok(IssuancePage {
-                    items: items.into_iter().map(ApiRecord::into_record).collect(),
+                    items,
                     next_cursor: body["next_cursor"].as_str().map(str::to_owned),
                 })
             }
-        }
-    }
-}
-
-/// A record as the API sends it (the JSON form of [`IssuanceRecord`]).
-#[derive(serde::Deserialize)]
-struct ApiRecord(serde_json::Map<String, serde_json::Value>);
-
-impl ApiRecord {
-    fn into_record(self) -> IssuanceRecord {
-        let text = |name: &str| self.0.get(name).and_then(|v| v.as_str()).map(str::to_owned);
-        let number = |name: &str| self.0.get(name).and_then(|v| v.as_i64()).map(|n| n as i32);
-        let at = |name: &str| text(name).and_then(|t| OffsetDateTime::parse(&t, &Rfc3339).ok());
-        IssuanceRecord {
-            id: text("id").and_then(|id| uuid::Uuid::parse_str(&id).ok()).unwrap_or_default(),
-            occurred_at: at("occurred_at").unwrap_or(OffsetDateTime::UNIX_EPOCH),
-            recorded_at: at("recorded_at").unwrap_or(OffsetDateTime::UNIX_EPOCH),
-            decision: text("decision").unwrap_or_default(),
-            code: text("code"),
-            detail: text("detail"),
-            issuer: text("issuer"),
-            subject: text("subject"),
-            project_path: text("project_path"),
-            namespace_path: text("namespace_path"),
-            pipeline_id: text("pipeline_id"),
-            job_id: text("job_id"),
-            git_ref: text("ref"),
-            sha: text("sha"),
-            user_login: text("user_login"),
-            environment: text("environment"),
-            role: text("role"),
-            target: text("target"),
-            backend: text("backend"),
-            requested_ttl_seconds: number("requested_ttl_seconds"),
-            granted_ttl_seconds: number("granted_ttl_seconds"),
-            expires_at: at("expires_at"),
-            job_deadline: at("job_deadline"),
-            overshoot_seconds: number("overshoot_seconds"),
-            credential_sha256: text("credential_sha256"),
-            credential_handle: text("credential_handle"),
-            client_addr: text("client_addr"),
-            occurrences: number("occurrences").unwrap_or(1),
-            claims: None,
         }
     }
 }
@@ -220,11 +178,11 @@ pub(crate) async fn record_direct_read(store: &PgAudit, what: &str) -> anyhow::R
     })
 }
 
-fn table_line(record: &IssuanceRecord) -> String {
+fn table_line(record: &AuditRecord) -> String {
     let dash = |value: &Option<String>| value.clone().unwrap_or_else(|| "-".into());
     format!(
         "{}  {:<13} {:<20} {:<20} {:<28} {:<10} {:<10} {:<8} ttl={:<6} {}",
-        record.occurred_at.format(&Rfc3339).unwrap_or_default(),
+        rfc3339(record.occurred_at),
         record.decision,
         dash(&record.code),
         dash(&record.role),
@@ -320,7 +278,7 @@ fn seal_key(key: Option<PathBuf>, config_path: Option<&Path>) -> anyhow::Result<
 pub async fn verify(args: VerifyArgs, config_path: Option<&Path>) -> anyhow::Result<bool> {
     let key = seal_key(args.key, config_path)?;
     if let Some(path) = &args.archive {
-        let (report, previous_root) = crate::audit::seal::verify_archive(&key, path).with_context(|| format!("--archive {}", path.display()))?;
+        let (report, previous_root) = crate::audit::checkpoints::verify_archive(&key, path).with_context(|| format!("--archive {}", path.display()))?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "report": report, "previous_root": previous_root }))?);
         } else {
@@ -369,7 +327,7 @@ pub async fn verify(args: VerifyArgs, config_path: Option<&Path>) -> anyhow::Res
             }
         }
         if report.unsealed_rows > 0 {
-            let oldest = report.oldest_unsealed.and_then(|at| at.format(&Rfc3339).ok()).unwrap_or_default();
+            let oldest = report.oldest_unsealed.map(rfc3339).unwrap_or_default();
             println!("{} rows are not sealed yet (oldest {oldest}); rows unsealed long after the seal interval mean the sealer is not running or checkpoints were removed", report.unsealed_rows);
         }
     }

@@ -1,14 +1,14 @@
-//! SQL of the credential lifecycle: the durable revocation schedule, the issued rows an
+//! SQL of what happens to a credential after it is issued: the durable revocation schedule, the issued rows an
 //! on-demand revocation selects, and freezes.
 
 use std::time::Duration;
 
-use serde_json::{Map, Value};
 use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{AuditError, PgAudit};
+use super::record::SELECT_LIST;
+use super::{AuditError, AuditEvent, AuditRecord, PgAudit};
 
 /// Why a revocation was scheduled (the `reason` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,31 +47,45 @@ pub struct ClaimedRevocation {
     pub requested_by: Option<String>,
     /// Including this one.
     pub attempts: u32,
-    /// The secret the revocation needs, sealed (see `lifecycle::sealed`).
+    /// The secret the revocation needs, sealed (see `revocation::secret_encryption`).
     pub sealed_secret: Option<Vec<u8>>,
 }
 
 /// An issued row, with what the lifecycle knows about it.
 #[derive(Debug, Clone)]
 pub struct IssuedCredential {
-    pub issuance_id: Uuid,
-    pub occurred_at: OffsetDateTime,
-    pub issuer: Option<String>,
-    pub subject: Option<String>,
-    pub claims: Option<Map<String, Value>>,
-    pub role: Option<String>,
-    pub target: Option<String>,
-    pub backend: Option<String>,
-    pub credential_sha256: Option<String>,
-    pub job_token_sha256: Option<String>,
-    pub handle: Option<String>,
+    /// With its claims.
+    pub record: AuditRecord,
+    /// Every issued row has one (a check constraint of migration 0001).
     pub expires_at: OffsetDateTime,
-    pub job_deadline: Option<OffsetDateTime>,
-    pub project_path: Option<String>,
-    pub pipeline_id: Option<String>,
-    pub job_id: Option<String>,
     /// `pending`, `revoked` or `failed` when a revocation is scheduled.
     pub revocation_state: Option<String>,
+}
+
+impl IssuedCredential {
+    pub fn issuance_id(&self) -> Uuid {
+        self.record.id
+    }
+}
+
+/// The claims that name a token's project or namespace, by path or by id. A freeze or a
+/// revocation by project matches a token carrying the value in any of them: a fork's merge
+/// request pipeline names the upstream project only in `job_project_path`, and generic issuers
+/// may send no `project_path` at all.
+pub const PROJECT_IDENTITY_CLAIMS: &[&str] = &[
+    "project_path",
+    "job_project_path",
+    "namespace_path",
+    "job_namespace_path",
+    "project_id",
+    "job_project_id",
+    "namespace_id",
+    "job_namespace_id",
+];
+
+/// The values of [`PROJECT_IDENTITY_CLAIMS`] a token carries, as text.
+pub fn project_identities(event: &AuditEvent) -> Vec<String> {
+    PROJECT_IDENTITY_CLAIMS.iter().filter_map(|claim| event.claim_text(claim)).collect()
 }
 
 /// Which issued credentials an on-demand revocation is about. Every set field must match.
@@ -99,34 +113,19 @@ pub struct Freeze {
 /// Most credentials one selector may touch: a larger match is refused, not truncated.
 pub const SELECTOR_LIMIT: i64 = 10_000;
 
-const ISSUED_COLUMNS: &str = "a.id, a.occurred_at, a.issuer, a.subject, a.claims, a.role, a.target, a.backend,
-    a.credential_sha256, a.job_token_sha256, a.credential_handle, a.expires_at, a.job_deadline, a.project_path, a.pipeline_id, a.job_id,
-    r.state as revocation_state";
-
 fn issued_from_row(row: &sqlx::postgres::PgRow) -> Result<IssuedCredential, sqlx::Error> {
-    let claims: Option<Value> = row.try_get("claims")?;
+    let record = <AuditRecord as sqlx::FromRow<_>>::from_row(row)?;
     Ok(IssuedCredential {
-        issuance_id: row.try_get("id")?,
-        occurred_at: row.try_get("occurred_at")?,
-        issuer: row.try_get("issuer")?,
-        subject: row.try_get("subject")?,
-        claims: claims.and_then(|claims| match claims {
-            Value::Object(map) => Some(map),
-            _ => None,
-        }),
-        role: row.try_get("role")?,
-        target: row.try_get("target")?,
-        backend: row.try_get("backend")?,
-        credential_sha256: row.try_get("credential_sha256")?,
-        job_token_sha256: row.try_get("job_token_sha256")?,
-        handle: row.try_get("credential_handle")?,
-        expires_at: row.try_get("expires_at")?,
-        job_deadline: row.try_get("job_deadline")?,
-        project_path: row.try_get("project_path")?,
-        pipeline_id: row.try_get("pipeline_id")?,
-        job_id: row.try_get("job_id")?,
+        expires_at: record.expires_at.ok_or_else(|| sqlx::Error::ColumnNotFound("expires_at".into()))?,
         revocation_state: row.try_get("revocation_state")?,
+        record,
     })
+}
+
+/// `project` of a selector against every project identity an issued row's token carried.
+fn project_condition(parameter: &str) -> String {
+    let claims: Vec<String> = PROJECT_IDENTITY_CLAIMS.iter().map(|claim| format!("a.claims->>'{claim}'")).collect();
+    format!("{parameter} in ({})", claims.join(", "))
 }
 
 impl PgAudit {
@@ -241,8 +240,9 @@ impl PgAudit {
     /// The issued row of one issuance, if it was written.
     pub async fn issued_credential(&self, issuance_id: Uuid) -> Result<Option<IssuedCredential>, AuditError> {
         let row = sqlx::query(&format!(
-            "select {ISSUED_COLUMNS} from audit_events a left join revocations r on r.issuance_id = a.id
-             where a.id = $1 and a.decision = 'issued'"
+            "select {}, a.claims, r.state as revocation_state from audit_events a left join revocations r on r.issuance_id = a.id
+             where a.id = $1 and a.decision = 'issued'",
+            *SELECT_LIST
         ))
         .bind(issuance_id)
         .fetch_optional(self.pool())
@@ -254,17 +254,19 @@ impl PgAudit {
     /// most [`SELECTOR_LIMIT`] + 1 rows, so the caller can tell the limit was passed.
     pub async fn select_live_issued(&self, selector: &IssuanceSelector) -> Result<Vec<IssuedCredential>, AuditError> {
         let rows = sqlx::query(&format!(
-            "select {ISSUED_COLUMNS} from audit_events a left join revocations r on r.issuance_id = a.id
+            "select {}, a.claims, r.state as revocation_state from audit_events a left join revocations r on r.issuance_id = a.id
              where a.decision = 'issued' and a.expires_at > now()
                and ($1::uuid is null or a.id = $1)
                and ($2::text is null or a.job_id = $2)
                and ($3::text is null or a.pipeline_id = $3)
-               and ($4::text is null or a.project_path = $4)
+               and ($4::text is null or {})
                and ($5::text is null or a.subject = $5)
                and ($6::timestamptz is null or a.occurred_at >= $6)
                and ($7::text is null or a.role = $7)
              order by a.occurred_at, a.id
-             limit $8"
+             limit $8",
+            *SELECT_LIST,
+            project_condition("$4")
         ))
         .bind(selector.issuance)
         .bind(&selector.job)
@@ -277,6 +279,25 @@ impl PgAudit {
         .fetch_all(self.pool())
         .await?;
         rows.iter().map(issued_from_row).collect::<Result<_, sqlx::Error>>().map_err(AuditError::from)
+    }
+
+    /// Whether the security team revoked (`on_demand`) the issuance `first` or any renewal
+    /// that continues it. Renewals written before migration 0014 are found through the backfill.
+    pub async fn chain_revoked_on_demand(&self, first: Uuid) -> Result<bool, AuditError> {
+        Ok(sqlx::query_scalar(
+            "select exists (
+                 select from revocations r
+                 where r.reason = 'on_demand'
+                   and r.issuance_id in (
+                       select $1
+                       union select id from audit_events where renews_issuance_id = $1
+                       union select id from audit_lineage_backfill where renews_issuance_id = $1
+                   )
+             )",
+        )
+        .bind(first)
+        .fetch_one(self.pool())
+        .await?)
     }
 
     pub async fn freeze(&self, scope: &str, value: &str, frozen_by: &str, until: Option<OffsetDateTime>) -> Result<(), AuditError> {
@@ -305,17 +326,18 @@ impl PgAudit {
         Ok(done.rows_affected())
     }
 
-    /// The freeze that stops an exchange for this role and project, if any (the earliest).
-    pub async fn active_freeze(&self, role: &str, project_path: Option<&str>) -> Result<Option<Freeze>, AuditError> {
+    /// The freeze that stops an exchange for this role or any of the token's project
+    /// identities ([`project_identities`]), if any (the earliest).
+    pub async fn active_freeze(&self, role: &str, project_identities: &[String]) -> Result<Option<Freeze>, AuditError> {
         let row = sqlx::query(
             "select scope, value, frozen_by, frozen_at, until from freezes
              where lifted_at is null and (until is null or until > now())
-               and (scope = 'all' or (scope = 'role' and value = $1) or (scope = 'project' and value = $2))
+               and (scope = 'all' or (scope = 'role' and value = $1) or (scope = 'project' and value = any($2)))
              order by frozen_at
              limit 1",
         )
         .bind(role)
-        .bind(project_path)
+        .bind(project_identities)
         .fetch_optional(self.pool())
         .await?;
         row.map(|row| {

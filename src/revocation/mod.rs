@@ -7,9 +7,7 @@
 //! `PgAudit::claim_due_revocations`), so a row is attempted by one replica at a time, and
 //! every attempt writes a `revoked` or `revoke_failed` audit row.
 
-pub mod admin;
-pub mod release;
-pub mod sealed;
+pub mod secret_encryption;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +19,8 @@ use uuid::Uuid;
 
 use crate::audit::{Audit, AuditError, AuditEvent, ClaimedRevocation, Decision, RevocationReason};
 use crate::backend::{Backend, Backends, Credential};
-use crate::broker::Broker;
 use crate::types::BackendName;
-use sealed::RevocationKey;
+use secret_encryption::RevocationKey;
 
 /// After this many failed attempts a revocation is given up (a final `revoke_failed` row
 /// says so): with the backoff below that is about 8 minutes of trying.
@@ -35,7 +32,7 @@ const BATCH: i64 = 32;
 
 /// The worker's settings and its doorbell, shared by everything that schedules.
 #[derive(Clone)]
-pub struct Lifecycle {
+pub struct Revoker {
     wake: Arc<Notify>,
     pub poll_interval: Duration,
     /// Seals and opens the secrets revocations need (`revocation_secret_key`).
@@ -50,7 +47,7 @@ pub struct Attempt {
     pub will_retry: bool,
 }
 
-impl Lifecycle {
+impl Revoker {
     pub fn new(poll_interval: Duration, key: Option<RevocationKey>) -> Self {
         Self { wake: Arc::new(Notify::new()), poll_interval, key: key.map(Arc::new) }
     }
@@ -108,10 +105,10 @@ impl Lifecycle {
 
     /// Runs until the process ends: wakes every `poll_interval` (or when woken) and works
     /// through every due row.
-    pub async fn run_worker(self, broker: Arc<Broker>) {
+    pub async fn run_worker(self, audit: Audit, backends: Backends) {
         loop {
             loop {
-                match self.revoke_due(&broker.audit, &broker.backends, None).await {
+                match self.revoke_due(&audit, &backends, None).await {
                     Ok(attempts) if attempts.len() as i64 == BATCH => continue,
                     Ok(_) => break,
                     Err(error) => {
@@ -139,7 +136,7 @@ impl Lifecycle {
                 handle: handle.clone(),
                 secret: credential.revocation_secret.clone(),
                 issuance_id,
-                lifecycle: self.clone(),
+                revoker: self.clone(),
             }),
             _ => None,
         };
@@ -155,17 +152,24 @@ fn backoff(attempts: u32) -> Duration {
 /// security team finds it with the same filters (project, job, subject).
 async fn record_attempt(audit: &Audit, revocation: &ClaimedRevocation, result: &Result<(), String>, retry_in: Option<Duration>) {
     let decision = if result.is_ok() { Decision::Revoked } else { Decision::RevokeFailed };
-    let mut event = AuditEvent::new(Uuid::new_v4(), decision, OffsetDateTime::now_utc(), &format!("revocation:{}", revocation.issuance_id));
+    let id = Uuid::new_v4();
+    // No client request behind the worker's rows: the row's own id is its correlation id.
+    let mut event = AuditEvent::new(id, decision, OffsetDateTime::now_utc(), &id.to_string());
+    event.about_issuance = Some(revocation.issuance_id);
     match audit.store().issued_credential(revocation.issuance_id).await {
         Ok(Some(issued)) => {
-            event.issuer = issued.issuer;
-            event.subject = issued.subject;
-            event.claims = issued.claims;
-            event.role = issued.role;
-            event.target = issued.target;
+            let record = issued.record;
+            event.issuer = record.issuer;
+            event.subject = record.subject;
+            event.claims = record.claims.and_then(|claims| match claims {
+                serde_json::Value::Object(map) => Some(map),
+                _ => None,
+            });
+            event.role = record.role;
+            event.target = record.target;
             event.expires_at = Some(issued.expires_at);
-            event.job_deadline = issued.job_deadline;
-            event.credential_sha256 = issued.credential_sha256;
+            event.job_deadline = record.job_deadline;
+            event.credential_sha256 = record.credential_sha256;
         }
         Ok(None) => {}
         Err(error) => tracing::warn!(%error, "issued row not readable; the revocation row carries no identity"),
@@ -186,7 +190,7 @@ async fn record_attempt(audit: &Audit, revocation: &ClaimedRevocation, result: &
     }
 }
 
-/// See [`Lifecycle::guard_undelivered`].
+/// See [`Revoker::guard_undelivered`].
 #[must_use = "a dropped guard revokes the credential"]
 pub struct Undelivered(Option<UndeliveredCredential>);
 
@@ -197,7 +201,7 @@ struct UndeliveredCredential {
     handle: String,
     secret: Option<SecretString>,
     issuance_id: Uuid,
-    lifecycle: Lifecycle,
+    revoker: Revoker,
 }
 
 impl Undelivered {
@@ -225,7 +229,7 @@ impl UndeliveredCredential {
     async fn revoke(self) {
         let now = OffsetDateTime::now_utc();
         let store = self.audit.store();
-        let sealed = match (&self.secret, &self.lifecycle.key) {
+        let sealed = match (&self.secret, &self.revoker.key) {
             (Some(secret), Some(key)) => match key.seal(self.issuance_id, secret).await {
                 Ok(sealed) => Some(sealed),
                 // Without its secret the schedule could not end it: end it now, while we hold it.
@@ -239,7 +243,7 @@ impl UndeliveredCredential {
         match scheduled {
             Ok(()) => {
                 tracing::warn!(issuance_id = %self.issuance_id, "credential minted but not delivered; revoking it");
-                self.lifecycle.wake();
+                self.revoker.wake();
             }
             Err(error) => self.revoke_directly(&error.to_string()).await,
         }

@@ -3,14 +3,11 @@
 //! whether they may read. Every read is recorded (an `audit_read` row with the filters) before
 //! any row is returned, and every refusal as a `denied` row.
 
-pub mod csv;
-pub mod links;
-
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::audit::Decision;
-use crate::broker::{Broker, Caller, ExchangeError, ExchangeFailure, ExchangeInput};
+use super::{Broker, ExchangeError, ExchangeFailure, ExchangeInput};
 
 /// A read that was allowed and recorded.
 #[derive(Debug, Clone)]
@@ -26,18 +23,18 @@ pub struct AuditRead {
 /// Verifies the caller, checks `[auditors]` and records the read (`what`: the request, with its
 /// filters).
 pub async fn authorize_read(broker: &Broker, input: &ExchangeInput<'_>, what: &str) -> Result<AuditRead, ExchangeFailure> {
-    let caller = broker.identify_caller(input, "audit_log", OffsetDateTime::now_utc()).await?;
-    if let Err(denial) = broker.policies.authorize_auditor(&caller.token.issuer, &caller.token.claims) {
-        return Err(caller.forbid(broker, what, "read the audit log", "auditors", denial).await);
+    let now = OffsetDateTime::now_utc();
+    let mut row = broker.open_row(input, now, Some("audit_log"))?;
+    let id = row.event.id;
+    let decided: Result<AuditRead, ExchangeError> = async {
+        let caller = broker.identify_caller(input, &mut row.event, now).await?;
+        if let Err(denial) = broker.policies.authorize_auditor(&caller.token.issuer, &caller.token.claims) {
+            return Err(caller.forbidden(&mut row.event, what, "read the audit log", "auditors", denial));
+        }
+        row.event.decision = Decision::AuditRead;
+        row.event.detail = Some(format!("{}: {what}", caller.name));
+        Ok(AuditRead { id, reader: caller.name, token_expires_at: caller.token.job_deadline })
     }
-    let Caller { name: reader, mut event, slot, token } = caller;
-    let id = event.id;
-    event.decision = Decision::AuditRead;
-    event.detail = Some(format!("{reader}: {what}"));
-    broker
-        .audit
-        .record_in(slot, event)
-        .await
-        .map_err(|error| ExchangeFailure { issuance_id: id, error: ExchangeError::AuditUnavailable(error) })?;
-    Ok(AuditRead { id, reader, token_expires_at: token.job_deadline })
+    .await;
+    broker.record(row, decided).await
 }

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::audit::query::{IssuanceRecord, RECORD_FIELDS};
+use crate::audit::{AuditRecord, RECORD_FIELDS};
 
 pub fn cell(value: &str) -> String {
     let neutralised = match value.chars().next() {
@@ -24,7 +24,7 @@ pub fn header() -> String {
     line(RECORD_FIELDS.iter().map(|field| cell(field)))
 }
 
-pub fn record(record: &IssuanceRecord) -> String {
+pub fn record(record: &AuditRecord) -> String {
     let value = serde_json::to_value(record).unwrap_or(Value::Null);
     line(RECORD_FIELDS.iter().map(|field| match &value[*field] {
         Value::Null => String::new(),
@@ -33,7 +33,7 @@ pub fn record(record: &IssuanceRecord) -> String {
     }))
 }
 
-pub fn document(records: &[IssuanceRecord]) -> String {
+pub fn document(records: &[AuditRecord]) -> String {
     let mut out = header();
     for item in records {
         out.push_str(&record(item));

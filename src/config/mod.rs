@@ -9,7 +9,8 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use url::Url;
 
-use crate::types::{BackendName, IssuerName};
+use crate::types::{BackendName, IssuerName, GOGS_ISSUER_NAME};
+use vault::VaultConfig;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{source_name}: {}{message}", key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
@@ -65,18 +66,18 @@ pub struct Config {
     pub migrate_on_start: bool,
     /// `revocation_secret_key = { file = ".." }` (or `env`, `vault_kv`): the AES-256 key that
     /// seals secrets a revocation needs (a Looker session token); parsed at startup by
-    /// `lifecycle::sealed::RevocationKey::load` (it may need the Vault connection).
+    /// `revocation::secret_encryption::RevocationKey::load` (it may need the Vault connection).
     pub revocation_secret_key: Option<toml::Value>,
     pub issuers: Vec<IssuerConfig>,
     /// Each backend's table is parsed by the backend itself (`backend::build`).
     pub backends: Vec<(BackendName, toml::Table)>,
     /// The broker's own Vault connection, for Vault-backed backends and signing.
-    pub vault: Option<crate::vault::VaultConfig>,
+    pub vault: Option<VaultConfig>,
     /// `[gogs]`, parsed at startup by `gogs::GogsConfig::parse` (it needs the Vault connection).
     pub gogs: Option<toml::Table>,
-    /// `[audit_page.links.<issuer>]`: where the `/audit` page links a record's commit,
-    /// pipeline and user on the Git server.
-    pub audit_links: crate::auditors::links::GitLinks,
+    /// `[audit_page]`, parsed at startup by `GitLinks::parse`: where the `/audit` page links a
+    /// record's commit, pipeline and user on the Git server.
+    pub audit_page: Option<toml::Table>,
     /// `[events]`, the event stream's Kafka sink and publisher, parsed at startup by
     /// `events::kafka::EventsConfig::parse` (its password may come from Vault).
     pub events: Option<toml::Table>,
@@ -221,6 +222,8 @@ struct RawDev {
     state_dir: Option<PathBuf>,
 }
 
+pub mod vault;
+
 mod defaults {
     use super::LogFormat;
     pub fn clock_skew_seconds() -> u64 {
@@ -277,6 +280,18 @@ mod defaults {
 }
 
 impl Config {
+    /// Every issuer name a policy or the `/audit` page may refer to, the reserved ones included.
+    pub fn issuer_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.issuers.iter().map(|issuer| issuer.name.as_str()).collect();
+        if self.gogs.is_some() {
+            names.push(GOGS_ISSUER_NAME);
+        }
+        if self.dev.is_some() {
+            names.push(DEV_ISSUER_NAME);
+        }
+        names
+    }
+
     /// Reads the file and applies `CREDBROKER_<KEY>` overrides from the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -404,16 +419,7 @@ impl Config {
             };
             backends.push((backend_name, table));
         }
-        let vault = raw.vault.map(|table| crate::vault::VaultConfig::parse(&table, file, &base_dir)).transpose()?;
-        let mut issuer_names: Vec<&str> = issuers.iter().map(|issuer| issuer.name.as_str()).collect();
-        if raw.gogs.is_some() {
-            issuer_names.push(crate::gogs::GOGS_ISSUER_NAME);
-        }
-        if raw.dev.is_some() {
-            issuer_names.push(DEV_ISSUER_NAME);
-        }
-        let audit_links = crate::auditors::links::GitLinks::parse(raw.audit_page.as_ref(), &issuer_names)
-            .map_err(|error| err(&error.key, error.message))?;
+        let vault = raw.vault.map(|table| VaultConfig::parse(&table, file, &base_dir)).transpose()?;
         let dev = raw.dev.map(|dev| DevConfig {
             state_dir: base_dir.join(dev.state_dir.unwrap_or_else(|| PathBuf::from(".credbroker-dev"))),
         });
@@ -443,7 +449,7 @@ impl Config {
             backends,
             vault,
             gogs: raw.gogs,
-            audit_links,
+            audit_page: raw.audit_page,
             events: raw.events,
             dev,
             base_dir,

@@ -1,7 +1,7 @@
 //! `GET /v1/issuances` (filtered, paged; JSON or `Accept: text/csv`) and
 //! `GET /v1/issuances/{id}` (one record with its lifecycle), for `[auditors]`.
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use super::{AppState, Problem, RequestParts};
 use crate::audit::query::IssuanceFilter;
-use crate::auditors::{self, csv};
+use crate::audit::csv;
+use crate::broker::audit_read;
 use crate::broker::ErrorCode;
 
 /// The header carrying the next page's cursor on CSV responses (JSON has `next_cursor`).
@@ -30,14 +31,10 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
-pub async fn list(State(state): State<AppState>, request: Request) -> Response {
-    let query = request.uri().query().unwrap_or_default().to_owned();
-    let parts = match RequestParts::read(request).await {
-        Ok(parts) => parts,
-        Err(response) => return response,
-    };
+pub async fn list(State(state): State<AppState>, parts: RequestParts) -> Response {
+    let query = &parts.query;
     let what = format!("GET /v1/issuances?{query}");
-    if let Err(failure) = auditors::authorize_read(&state.broker, &parts.input(), &what).await {
+    if let Err(failure) = audit_read::authorize_read(&state.broker, &parts.input(), &what).await {
         return Problem::from(failure).into_response();
     }
     let filter = match IssuanceFilter::parse(form_urlencoded::parse(query.as_bytes()), OffsetDateTime::now_utc()) {
@@ -61,13 +58,9 @@ pub async fn list(State(state): State<AppState>, request: Request) -> Response {
     no_store(Json(page).into_response())
 }
 
-pub async fn one(State(state): State<AppState>, Path(issuance_id): Path<String>, request: Request) -> Response {
-    let parts = match RequestParts::read(request).await {
-        Ok(parts) => parts,
-        Err(response) => return response,
-    };
+pub async fn one(State(state): State<AppState>, Path(issuance_id): Path<String>, parts: RequestParts) -> Response {
     let what = format!("GET /v1/issuances/{issuance_id}");
-    if let Err(failure) = auditors::authorize_read(&state.broker, &parts.input(), &what).await {
+    if let Err(failure) = audit_read::authorize_read(&state.broker, &parts.input(), &what).await {
         return Problem::from(failure).into_response();
     }
     let Ok(id) = Uuid::parse_str(&issuance_id) else {

@@ -1,0 +1,154 @@
+//! The columns of `audit_events`, declared once. The list below drives the INSERT the writers
+//! run, the SELECT list of every read, the API's JSON and the CSV header, so a new column is
+//! a migration plus one line here (README, "Adding an audit column").
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::Postgres;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::AuditEvent;
+
+/// `column: type = "sql array element type", from event => value;` for every written column
+/// but `claims`, which is written always and read only where a single record is shown.
+macro_rules! audit_columns {
+    ($( $(#[$meta:meta])* $field:ident $column:literal : $type:ty = $sql:literal, |$event:ident| $value:expr; )*) => {
+        /// One row as the API, the CLI, the page and the lifecycle read it. Never a secret:
+        /// credentials and job tokens appear only as SHA-256 fingerprints.
+        #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+        pub struct AuditRecord {
+            $(
+                $(#[$meta])*
+                #[serde(rename = $column)]
+                #[sqlx(rename = $column)]
+                pub $field: $type,
+            )*
+            /// Set by Postgres when the row is inserted.
+            #[serde(with = "time::serde::rfc3339")]
+            pub recorded_at: OffsetDateTime,
+            /// Only where one record is shown in full (the detail view, the lifecycle).
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub claims: Option<Value>,
+        }
+
+        /// The written columns, in the order of [`ColumnArrays`]'s binds.
+        const WRITTEN: &[(&str, &str)] = &[$(($column, $sql)),*];
+
+        /// Many events as one array per column, so a batch of any size is one statement with
+        /// a fixed shape, which Postgres plans once per connection.
+        #[derive(Default)]
+        struct ColumnArrays {
+            $( $field: Vec<$type>, )*
+            claims: Vec<Option<Value>>,
+        }
+
+        impl ColumnArrays {
+            fn push(&mut self, row: &AuditEvent) {
+                $( { let $event = row; self.$field.push($value); } )*
+                self.claims.push(row.claims.clone().map(Value::Object));
+            }
+
+            fn bind(self, query: Query<'_, Postgres, PgArguments>) -> Query<'_, Postgres, PgArguments> {
+                query $( .bind(self.$field) )* .bind(self.claims)
+            }
+        }
+    };
+}
+
+audit_columns! {
+    id "id": Uuid = "uuid", |event| event.id;
+    #[serde(with = "time::serde::rfc3339")]
+    occurred_at "occurred_at": OffsetDateTime = "timestamptz", |event| event.occurred_at;
+    decision "decision": String = "text", |event| event.decision.as_str().to_owned();
+    code "code": Option<String> = "text", |event| event.code.clone();
+    detail "detail": Option<String> = "text", |event| event.detail.clone();
+    issuer "issuer": Option<String> = "text", |event| event.issuer.clone();
+    subject "subject": Option<String> = "text", |event| event.subject.clone();
+    project_path "project_path": Option<String> = "text", |event| event.claim_text("project_path");
+    job_project_path "job_project_path": Option<String> = "text", |event| event.claim_text("job_project_path");
+    namespace_path "namespace_path": Option<String> = "text", |event| event.claim_text("namespace_path");
+    pipeline_id "pipeline_id": Option<String> = "text", |event| event.claim_text("pipeline_id");
+    job_id "job_id": Option<String> = "text", |event| event.claim_text("job_id");
+    git_ref "ref": Option<String> = "text", |event| event.claim_text("ref");
+    ref_type "ref_type": Option<String> = "text", |event| event.claim_text("ref_type");
+    sha "sha": Option<String> = "text", |event| event.claim_text("sha");
+    user_login "user_login": Option<String> = "text", |event| event.claim_text("user_login");
+    environment "environment": Option<String> = "text", |event| event.claim_text("environment");
+    runner_id "runner_id": Option<i64> = "bigint", |event| event.claim_text("runner_id").and_then(|id| id.parse().ok());
+    role "role": Option<String> = "text", |event| event.role.clone();
+    target "target": Option<String> = "text", |event| event.target.clone();
+    backend "backend": Option<String> = "text", |event| event.backend.clone();
+    requested_ttl_seconds "requested_ttl_seconds": Option<i32> = "integer", |event| event.requested_ttl_seconds.map(|s| s as i32);
+    granted_ttl_seconds "granted_ttl_seconds": Option<i32> = "integer", |event| event.granted_ttl_seconds.map(|s| s as i32);
+    #[serde(with = "time::serde::rfc3339::option")]
+    expires_at "expires_at": Option<OffsetDateTime> = "timestamptz", |event| event.expires_at;
+    #[serde(with = "time::serde::rfc3339::option")]
+    job_deadline "job_deadline": Option<OffsetDateTime> = "timestamptz", |event| event.job_deadline;
+    overshoot_seconds "overshoot_seconds": Option<i32> = "integer", |event| event.overshoot_seconds.map(|s| s as i32);
+    credential_sha256 "credential_sha256": Option<String> = "text", |event| event.credential_sha256.clone();
+    credential_handle "credential_handle": Option<String> = "text", |event| event.credential_handle.clone();
+    job_token_sha256 "job_token_sha256": Option<String> = "text", |event| event.job_token_sha256.clone();
+    renews_issuance_id "renews_issuance_id": Option<Uuid> = "uuid", |event| event.renews_issuance;
+    about_issuance_id "about_issuance_id": Option<Uuid> = "uuid", |event| event.about_issuance;
+    request_id "request_id": String = "text", |event| event.request_id.clone();
+    client_addr "client_addr": Option<String> = "text", |event| event.client_addr.clone();
+    user_agent "user_agent": Option<String> = "text", |event| event.user_agent.clone();
+    occurrences "occurrences": i32 = "integer", |event| event.occurrences as i32;
+}
+
+/// Column order of CSV output (and the fields the page's detail view lists).
+pub static RECORD_FIELDS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    let mut fields: Vec<&str> = WRITTEN.iter().map(|(column, _)| *column).collect();
+    fields.insert(2, "recorded_at");
+    fields
+});
+
+/// What a read selects for [`AuditRecord`], from `audit_events a`, without `claims`. Rows
+/// written before migration 0014 keep their lineage in `audit_lineage_backfill`.
+pub static SELECT_LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut list: Vec<String> = WRITTEN
+        .iter()
+        .map(|(column, _)| match *column {
+            "renews_issuance_id" | "about_issuance_id" => {
+                format!("coalesce(a.{column}, (select b.{column} from audit_lineage_backfill b where b.id = a.id)) as {column}")
+            }
+            column => format!("a.{column}"),
+        })
+        .collect();
+    list.push("a.recorded_at".into());
+    list.join(", ")
+});
+
+/// One INSERT for any number of rows: every written column as an array, unnested.
+static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let columns: Vec<&str> = WRITTEN.iter().map(|(column, _)| *column).chain(["claims"]).collect();
+    let arrays: Vec<String> =
+        WRITTEN.iter().map(|(_, sql)| *sql).chain(["jsonb"]).enumerate().map(|(n, sql)| format!("${}::{sql}[]", n + 1)).collect();
+    format!("insert into audit_events ({}) select * from unnest({})", columns.join(", "), arrays.join(", "))
+});
+
+/// The INSERT of these events, ready to run.
+pub(super) fn insert<'a>(events: impl Iterator<Item = &'a AuditEvent>) -> Query<'static, Postgres, PgArguments> {
+    let mut columns = ColumnArrays::default();
+    for event in events {
+        columns.push(event);
+    }
+    columns.bind(sqlx::query(INSERT.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_insert_binds_one_array_per_column() {
+        let binds = INSERT.matches("::").count();
+        assert_eq!(binds, WRITTEN.len() + 1, "{}", *INSERT);
+        assert!(INSERT.contains(&format!("${}::jsonb[]", WRITTEN.len() + 1)));
+        let names: std::collections::HashSet<_> = RECORD_FIELDS.iter().collect();
+        assert_eq!(names.len(), RECORD_FIELDS.len(), "no column is declared twice");
+    }
+}
