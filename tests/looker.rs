@@ -203,8 +203,8 @@ async fn assert_revoked_and_forgotten(pool: &sqlx::PgPool, issuance_id: &str) {
         assert!(started.elapsed() < Duration::from_secs(10), "not marked revoked: {row}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let revoked: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'revoked' and request_id = $1")
-        .bind(format!("revocation:{issuance_id}"))
+    let revoked: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'revoked' and about_issuance_id = $1::uuid")
+        .bind(issuance_id)
         .fetch_all(pool)
         .await
         .unwrap();
