@@ -5,6 +5,7 @@
 
 pub mod csv;
 pub mod deliveries;
+mod filter;
 mod group_commit;
 mod revocations;
 pub mod outbox;
