@@ -3,6 +3,10 @@
 //! row as it goes and returns a result; [`Broker::record`] alone turns that result into the
 //! row, so there is exactly one row per request and no exit can forget it.
 
+pub mod admin;
+pub mod audit_read;
+pub mod release;
+
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -11,9 +15,9 @@ use uuid::Uuid;
 
 use crate::audit::{project_identities, Audit, AuditError, AuditEvent, AuditSlot, Decision, RevocationReason, TokenUse};
 use crate::backend::{BackendError, Backends, Credential, MintRequest};
-use crate::revocation::{Revoker, Undelivered};
 use crate::oidc::{Verifier, VerifiedToken, VerifyError};
 use crate::policy::{self, PolicySet, TtlRequest};
+use crate::revocation::{Revoker, Undelivered};
 use crate::types::{claim_text, rfc3339, Ttl};
 
 /// The stable, machine-readable vocabulary of failures (`code` in problem+json).
@@ -183,10 +187,6 @@ impl Caller {
         ExchangeError::AccessDenied { role: String::new(), reason, client_may_see: true }
     }
 }
-
-pub mod admin;
-pub mod audit_read;
-pub mod release;
 
 pub struct Broker {
     pub verifier: Verifier,
