@@ -31,8 +31,12 @@ pub enum ErrorCode {
     NotFound,
     /// A Gogs delivery whose X-Gogs-Signature is missing or wrong.
     InvalidSignature,
-    /// A Gogs delivery id seen before.
+    /// A Gogs delivery id, or a payload, seen before.
     DeliveryReplayed,
+    /// A request body over the size limit.
+    PayloadTooLarge,
+    /// A request body in a content type the endpoint does not read.
+    UnsupportedMediaType,
 }
 
 impl ErrorCode {
@@ -52,6 +56,8 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::InvalidSignature => "invalid_signature",
             ErrorCode::DeliveryReplayed => "delivery_replayed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
         }
     }
 }
@@ -523,7 +529,7 @@ pub(crate) fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
-fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
+pub(crate) fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
     tracing::error!(
         issuance_id = %event.id,
         decision = event.decision.as_str(),

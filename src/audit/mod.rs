@@ -52,6 +52,9 @@ pub enum Decision {
     AdminRequest,
     /// A read of the audit log through the broker: who, and with which filters.
     AuditRead,
+    /// A signed Gogs delivery stored without a delivery token (an event not acted on, or a
+    /// hook that neither forwards nor returns tokens).
+    Recorded,
 }
 
 impl Decision {
@@ -64,6 +67,7 @@ impl Decision {
             Decision::RevokeFailed => "revoke_failed",
             Decision::AdminRequest => "admin_request",
             Decision::AuditRead => "audit_read",
+            Decision::Recorded => "recorded",
         }
     }
 }
