@@ -143,6 +143,54 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
+/// The stable, machine-readable vocabulary of failures (`code` in problem+json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidRequest,
+    InvalidToken,
+    UntrustedIssuer,
+    AccessDenied,
+    TokenReplayed,
+    TtlNotSatisfiable,
+    RateLimited,
+    BackendFailed,
+    AuditUnavailable,
+    IssuerUnavailable,
+    RequestTimeout,
+    NotFound,
+    /// A Gogs delivery whose X-Gogs-Signature is missing or wrong.
+    InvalidSignature,
+    /// A Gogs delivery id, or a payload, seen before.
+    DeliveryReplayed,
+    /// A request body over the size limit.
+    PayloadTooLarge,
+    /// A request body in a content type the endpoint does not read.
+    UnsupportedMediaType,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::UntrustedIssuer => "untrusted_issuer",
+            ErrorCode::AccessDenied => "access_denied",
+            ErrorCode::TokenReplayed => "token_replayed",
+            ErrorCode::TtlNotSatisfiable => "ttl_not_satisfiable",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::BackendFailed => "backend_failed",
+            ErrorCode::AuditUnavailable => "audit_unavailable",
+            ErrorCode::IssuerUnavailable => "issuer_unavailable",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::InvalidSignature => "invalid_signature",
+            ErrorCode::DeliveryReplayed => "delivery_replayed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+        }
+    }
+}
+
 /// The issuer name policies use for Gogs delivery tokens; reserved when `[gogs]` is configured.
 pub const GOGS_ISSUER_NAME: &str = "gogs";
 /// The claims of a delivery token a policy can bind (`[role.claims]` of a `gogs` role, or

@@ -186,14 +186,16 @@ impl Stream {
         (body["issuance_id"].as_str().unwrap().to_owned(), body["credential"]["token"].as_str().unwrap().to_owned())
     }
 
-    /// A push delivery signed as Gogs signs it; returns its delivery id.
-    async fn deliver_push(&self) -> String {
+    /// A push delivery signed as Gogs signs it; returns its delivery id and the id of its audit
+    /// row (the delivery token's `credential.issued`). Each push is a different one: the broker
+    /// accepts a body once.
+    async fn deliver_push(&self) -> (String, String) {
         let id = uuid::Uuid::new_v4().to_string();
         let payload = serde_json::to_string_pretty(&json!({
             "ref": "refs/heads/main",
             "before": "1111111111111111111111111111111111111111",
             "after": MAIN_SHA,
-            "commits": [],
+            "commits": [{ "id": MAIN_SHA, "message": format!("run {id}") }],
             "repository": { "id": 17, "name": "warehouse", "full_name": "data/warehouse", "owner": { "username": "data" } },
             "pusher": { "name": "alice", "username": "alice", "email": "alice@example.com" },
             "sender": { "login": "alice", "id": 5 }
@@ -213,8 +215,9 @@ impl Stream {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-        id
+        assert_eq!(response.status(), 200);
+        let answer: serde_json::Value = response.json().await.unwrap();
+        (id, answer["issuance_id"].as_str().unwrap().to_owned())
     }
 
     async fn outbox(&self) -> Vec<OutboxRow> {
@@ -251,16 +254,20 @@ async fn issued_and_delivery_events_reach_kafka_and_survive_a_kafka_outage() {
     assert!(enabled, "[events] turns queueing on");
 
     let (first_id, first_token) = stream.issue().await;
-    let delivery_id = stream.deliver_push().await;
+    let (delivery_id, delivery_row_id) = stream.deliver_push().await;
     let (second_id, _) = stream.issue().await;
     // A denial is not an event for the stream.
     let (status, _, _) = stream.app.exchange("garbage", json!({"role": "orders-producer"})).await;
     assert_eq!(status, 401);
 
-    stream.wait_for("3 events delivered", Duration::from_secs(20), |rows| rows.len() == 3 && rows.iter().all(|row| row.4)).await;
+    stream.wait_for("4 events delivered", Duration::from_secs(20), |rows| rows.len() == 4 && rows.iter().all(|row| row.4)).await;
     let records = tansu.read_topic().await;
     let by_key: BTreeMap<&str, &TopicRecord> = records.iter().map(|r| (r.1.as_str(), r)).collect();
-    assert_eq!(by_key.keys().copied().collect::<BTreeSet<_>>(), BTreeSet::from([first_id.as_str(), second_id.as_str(), delivery_id.as_str()]), "{records:?}");
+    assert_eq!(
+        by_key.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([first_id.as_str(), second_id.as_str(), delivery_id.as_str(), delivery_row_id.as_str()]),
+        "{records:?}"
+    );
 
     let (_, _, issued, headers) = by_key[first_id.as_str()];
     assert_eq!(issued["kind"], "credential.issued");
@@ -284,14 +291,20 @@ async fn issued_and_delivery_events_reach_kafka_and_survive_a_kafka_outage() {
     assert_eq!(delivery["ref"], "refs/heads/main");
     assert_eq!(delivery["after"], MAIN_SHA);
     assert_eq!(delivery["pusher"], "alice");
+    // The delivery token is a credential the broker issued.
+    let (_, _, token, _) = by_key[delivery_row_id.as_str()];
+    assert_eq!(token["kind"], "credential.issued");
+    assert_eq!((token["issuer"].as_str(), token["backend"].as_str()), (Some("gogs"), Some("gogs")));
 
     // Kafka goes away. Events keep committing with their rows and wait in the outbox.
     tansu.stop();
-    let mut during_outage = vec![stream.issue().await.0, stream.deliver_push().await, stream.issue().await.0];
+    let issued_during_outage = stream.issue().await.0;
+    let (outage_delivery, outage_delivery_row) = stream.deliver_push().await;
+    let mut during_outage = vec![issued_during_outage, outage_delivery, outage_delivery_row, stream.issue().await.0];
     stream
         .wait_for("the outage events to fail at least once", Duration::from_secs(20), |rows| {
             let pending: Vec<_> = rows.iter().filter(|row| during_outage.contains(&row.0)).collect();
-            pending.len() == 3 && pending.iter().all(|row| !row.4 && row.2 > 0 && row.3.is_some())
+            pending.len() == 4 && pending.iter().all(|row| !row.4 && row.2 > 0 && row.3.is_some())
         })
         .await;
     let rows = stream.outbox().await;
@@ -305,14 +318,14 @@ async fn issued_and_delivery_events_reach_kafka_and_survive_a_kafka_outage() {
     stream
         .wait_for("a second attempt at every outage event", Duration::from_secs(20), |rows| {
             let pending: Vec<_> = rows.iter().filter(|row| during_outage.contains(&row.0)).collect();
-            pending.len() == 3 && pending.iter().all(|row| !row.4 && row.2 >= 2)
+            pending.len() == 4 && pending.iter().all(|row| !row.4 && row.2 >= 2)
         })
         .await;
 
     // Kafka comes back (in-memory storage: a fresh cluster, so the topic is made again).
     tansu.restart().await;
     tansu.create_topic().await;
-    stream.wait_for("every event delivered after the outage", Duration::from_secs(30), |rows| rows.len() == 6 && rows.iter().all(|row| row.4)).await;
+    stream.wait_for("every event delivered after the outage", Duration::from_secs(30), |rows| rows.len() == 8 && rows.iter().all(|row| row.4)).await;
     let keys: BTreeSet<String> = tansu.read_topic().await.into_iter().map(|record| record.1).collect();
     during_outage.sort();
     for key in &during_outage {

@@ -225,7 +225,7 @@ async fn invalid_requests_are_rejected_and_recorded() {
         .await
         .unwrap();
     assert_eq!(oversized.status(), 413);
-    assert_eq!(oversized.json::<Value>().await.unwrap()["code"], "invalid_request");
+    assert_eq!(oversized.json::<Value>().await.unwrap()["code"], "payload_too_large");
 }
 
 #[tokio::test]

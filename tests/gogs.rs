@@ -20,7 +20,14 @@ use serde_json::{json, Value};
 const SECRET: &str = "gogs-hook-secret-0123";
 const MAIN_SHA: &str = "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeed";
 
+const AUDITOR_PROJECT: &str = "security/audit";
+
 const POLICIES: &str = r#"
+[auditors]
+issuer = "gitlab"
+[auditors.claims]
+project_path = "security/audit"
+
 [[role]]
 name = "warehouse-deploy"
 backend = "kafka"
@@ -93,6 +100,11 @@ async fn spawn() -> Gogs {
 /// `signing`: the `[gogs]` line that chooses the signing key; `tables`: more config tables
 /// (e.g. `[vault]`). `keys` holds the files the configuration names.
 async fn spawn_signing_with(keys: TempDir, signing: &str, tables: &str) -> Gogs {
+    spawn_configured(keys, "", signing, tables).await
+}
+
+/// As [`spawn_signing_with`], with top-level configuration lines (`extra`).
+async fn spawn_configured(keys: TempDir, extra: &str, signing: &str, tables: &str) -> Gogs {
     let automation = automation().await;
     let secret_file = keys.0.join("hook-secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
@@ -118,11 +130,13 @@ respond_with_token = true
         secret = secret_file.display(),
         forward = automation.url,
     );
-    let app = TestApp::spawn_full("", &tables, POLICIES, None).await;
+    let app = TestApp::spawn_full(extra, &tables, POLICIES, None).await;
     Gogs { app, automation, _keys: keys }
 }
 
 /// A push as Gogs 0.13 sends it (fields per REFERENCE.md), indented the way Gogs marshals it.
+/// Each call is a different push (its commit message differs), as real pushes' bodies are: the
+/// broker accepts a body once per hook.
 fn push_payload(git_ref: &str, after: &str, pusher: &str) -> String {
     let payload = json!({
         "ref": git_ref,
@@ -131,7 +145,7 @@ fn push_payload(git_ref: &str, after: &str, pusher: &str) -> String {
         "compare_url": "https://gogs.example.com/data/warehouse/compare/1111111...f00dfee",
         "commits": [{
             "id": after,
-            "message": "Load orders nightly\n",
+            "message": format!("Load orders nightly (run {})\n", new_id()),
             "url": format!("https://gogs.example.com/data/warehouse/commit/{after}"),
             "author": { "name": "Alice", "email": "alice@example.com", "username": pusher },
             "committer": { "name": "Alice", "email": "alice@example.com", "username": pusher },
@@ -427,8 +441,8 @@ async fn bad_missing_and_replayed_signatures_unknown_hooks_and_oversized_bodies_
     let oversized = format!("{{\"padding\":\"{}\"}}", "x".repeat(70_000)).into_bytes();
     let signature = gogs_signature(SECRET, &oversized);
     let sent = gogs.deliver("relay", "push", &new_id(), "application/json", oversized, Some(signature)).await;
-    assert_eq!(sent.status, 413, "{}", sent.body);
-    assert_eq!(gogs.delivery_count().await, 0, "nothing refused is recorded");
+    assert_eq!((sent.status, sent.body["code"].as_str()), (413, Some("payload_too_large")), "{}", sent.body);
+    assert_eq!(gogs.delivery_count().await, 0, "nothing refused is recorded as a delivery");
 
     // Replay: the same delivery id again, correctly signed, is refused and not recorded twice.
     let id = new_id();
@@ -444,6 +458,295 @@ async fn bad_missing_and_replayed_signatures_unknown_hooks_and_oversized_bodies_
     let sent = gogs.push("warehouse", &new_id(), &other).await;
     assert_eq!(sent.status, 403, "{}", sent.body);
     assert_eq!(gogs.delivery_count().await, 1);
+}
+
+/// A create as Gogs sends it: `ref` short, `ref_type`, the new ref's commit; no `pusher_type`.
+fn create_payload(branch: &str) -> String {
+    serde_json::to_string_pretty(&json!({
+        "ref": branch,
+        "ref_type": "branch",
+        "sha": MAIN_SHA,
+        "default_branch": "main",
+        "repository": { "id": 17, "name": "warehouse", "full_name": "data/warehouse", "owner": { "username": "data" } },
+        "sender": { "id": 5, "login": "alice", "username": "alice" }
+    }))
+    .unwrap()
+}
+
+/// An `issues` event: not acted on.
+fn issues_payload() -> String {
+    serde_json::to_string_pretty(&json!({
+        "action": "opened",
+        "number": 4,
+        "issue": { "id": 9, "number": 4, "title": format!("Loader is slow ({})", new_id()) },
+        "repository": { "id": 17, "name": "warehouse", "full_name": "data/warehouse" },
+        "sender": { "id": 5, "login": "alice", "username": "alice" }
+    }))
+    .unwrap()
+}
+
+impl Gogs {
+    async fn signed(&self, hook: &str, event: &str, delivery_id: &str, payload: &str) -> Sent {
+        let signature = gogs_signature(SECRET, payload.as_bytes());
+        self.deliver(hook, event, delivery_id, "application/json", payload.as_bytes().to_vec(), Some(signature)).await
+    }
+
+    /// `GET /v1/issuances` as an auditor, waiting until `count` rows are visible (rows show once
+    /// every older transaction on the cluster has finished).
+    async fn issuances(&self, query: &str, count: usize) -> Vec<Value> {
+        let token = self.app.issuer.token_with(json!({"project_path": AUDITOR_PROJECT}));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let response = self.app.client.get(format!("{}/v1/issuances?{query}&limit=1000", self.app.url)).bearer_auth(&token).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let page: Value = response.json().await.unwrap();
+            let items = page["items"].as_array().unwrap().clone();
+            if items.len() >= count || std::time::Instant::now() > deadline {
+                return items;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn gogs_rows(&self, decision: &str) -> i64 {
+        sqlx::query_scalar("select count(*) from audit_events where issuer = 'gogs' and decision = $1")
+            .bind(decision)
+            .fetch_one(&self.app.pool)
+            .await
+            .unwrap()
+    }
+}
+
+/// Defect: replay protection keyed only on X-Gogs-Delivery, which Gogs does not sign, so a
+/// captured body sent again under a fresh id got a second delivery token (and the automation
+/// ran again with it). Now the payload itself is accepted once per hook.
+#[tokio::test]
+async fn a_signed_body_sent_again_under_a_fresh_delivery_id_is_refused_and_gets_no_token() {
+    let gogs = spawn().await;
+    let payload = push_payload("refs/heads/main", MAIN_SHA, "alice");
+    let first_id = new_id();
+    let first = gogs.push("warehouse", &first_id, &payload).await;
+    assert_eq!((first.status, first.body["forward_status"].as_str()), (200, Some("200")), "{}", first.body);
+
+    for _ in 0..2 {
+        let replay = gogs.push("warehouse", &new_id(), &payload).await;
+        assert_eq!(replay.status, 409, "{}", replay.body);
+        assert_eq!(replay.body["code"], "delivery_replayed");
+        assert!(replay.body["detail"].as_str().unwrap().contains(&first_id), "names the delivery that brought it: {}", replay.body);
+        assert!(replay.body.get("delivery_token").is_none());
+    }
+    let relayed = gogs.push("relay", &new_id(), &payload).await;
+    assert_eq!(relayed.status, 200, "another hook has its own record: {}", relayed.body);
+    let replay = gogs.push("relay", &new_id(), &payload).await;
+    assert_eq!(replay.status, 409, "{}", replay.body);
+    assert!(replay.body.get("delivery_token").is_none());
+
+    assert_eq!(gogs.automation.received.lock().unwrap().len(), 1, "the automation ran once");
+    assert_eq!(gogs.delivery_count().await, 2);
+    assert_eq!(gogs.gogs_rows("issued").await, 2, "one delivery token per hook");
+    assert_eq!(gogs.gogs_rows("denied").await, 3);
+}
+
+/// Defect: X-Gogs-Event is not signed, so a create delivery sent as `delete` got a token with
+/// `event=delete`, and a push under an event the broker ignores was recorded as that event.
+#[tokio::test]
+async fn an_event_header_that_disagrees_with_the_body_is_refused() {
+    let gogs = spawn().await;
+    let create = create_payload("feature");
+    let sent = gogs.signed("relay", "delete", &new_id(), &create).await;
+    assert_eq!(sent.status, 400, "{}", sent.body);
+    assert_eq!(sent.body["code"], "invalid_request");
+    assert!(sent.body["detail"].as_str().unwrap().contains("looks like a create event"), "{}", sent.body);
+    assert!(sent.body.get("delivery_token").is_none());
+
+    let push = push_payload("refs/heads/main", MAIN_SHA, "alice");
+    for event in ["issues", "create", "release"] {
+        let sent = gogs.signed("relay", event, &new_id(), &push).await;
+        assert_eq!(sent.status, 400, "push body as {event}: {}", sent.body);
+        assert!(sent.body["detail"].as_str().unwrap().contains("looks like a push event"), "{}", sent.body);
+    }
+    let sent = gogs.signed("relay", "push", &new_id(), &issues_payload()).await;
+    assert_eq!(sent.status, 400, "{}", sent.body);
+    assert_eq!(gogs.delivery_count().await, 0, "nothing refused is recorded as a delivery");
+
+    // Under its own name the same create body is accepted, and the token says create.
+    let sent = gogs.signed("relay", "create", &new_id(), &create).await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    let token = sent.body["delivery_token"].as_str().unwrap();
+    let claims: Value = serde_json::from_slice(&base64_url_decode(token.split('.').nth(1).unwrap())).unwrap();
+    assert_eq!((claims["event"].as_str(), claims["ref"].as_str()), (Some("create"), Some("refs/heads/feature")));
+}
+
+fn base64_url_decode(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).unwrap()
+}
+
+/// Concurrent deliveries of one body under different ids (Gogs' redelivery racing a replay, or
+/// two replicas): the payload's key in Postgres lets exactly one through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deliveries_of_one_body_accept_exactly_one() {
+    let gogs = spawn().await;
+    let payload = push_payload("refs/heads/main", MAIN_SHA, "alice");
+    let signature = gogs_signature(SECRET, payload.as_bytes());
+    let sends: Vec<_> = (0..8)
+        .map(|_| {
+            let request = gogs
+                .app
+                .client
+                .post(format!("{}/v1/hooks/gogs/relay", gogs.app.url))
+                .header("content-type", "application/json")
+                .header("x-gogs-event", "push")
+                .header("x-gogs-delivery", new_id())
+                .header("x-gogs-signature", &signature)
+                .body(payload.clone());
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                (response.status().as_u16(), response.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for send in sends {
+        let (status, body) = send.await.unwrap();
+        assert_eq!(status == 200, body.get("delivery_token").is_some(), "{body}");
+        statuses.push(status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 409, 409, 409, 409, 409, 409, 409]);
+    assert_eq!(gogs.delivery_count().await, 1);
+    assert_eq!(gogs.gogs_rows("issued").await, 1);
+    assert_eq!(gogs.gogs_rows("denied").await, 7);
+}
+
+/// What is sent (name, hook, event, delivery id, content type, body, signature) and what must
+/// come of it (status, decision, code).
+type Case<'a> = (&'a str, &'a str, &'a str, String, &'a str, String, Option<String>, u16, &'a str, Option<&'a str>);
+
+/// Defect: refused deliveries left no row, and accepted ones lived only in gogs_deliveries.
+/// Now each delivery, whatever became of it, is one row of audit_events that auditors read
+/// through `GET /v1/issuances` and `credbroker audit query`, and the answer names it.
+#[tokio::test]
+async fn every_delivery_accepted_or_refused_is_one_audit_row_auditors_can_read() {
+    let gogs = spawn().await;
+    let accepted = push_payload("refs/heads/main", MAIN_SHA, "alice");
+    let accepted_id = new_id();
+    let other_push = || push_payload("refs/heads/main", MAIN_SHA, "alice");
+    let json = "application/json";
+    let signed = |payload: &str| Some(gogs_signature(SECRET, payload.as_bytes()));
+    let oversized = format!("{{\"padding\":\"{}\"}}", "x".repeat(70_000));
+    let elsewhere = other_push().replace("data/warehouse", "ops/secrets");
+    let (push_a, push_b, push_c) = (other_push(), other_push(), other_push());
+    let (issues, create) = (issues_payload(), create_payload("x"));
+    let cases: Vec<Case> = vec![
+        ("accepted", "relay", "push", accepted_id.clone(), json, accepted.clone(), signed(&accepted), 200, "issued", None),
+        ("ignored", "warehouse", "issues", new_id(), json, issues.clone(), signed(&issues), 200, "recorded", None),
+        ("bad signature", "relay", "push", new_id(), json, push_a.clone(), Some(gogs_signature("wrong", push_a.as_bytes())), 401, "denied", Some("invalid_signature")),
+        ("unsigned", "relay", "push", new_id(), json, push_b, None, 401, "denied", Some("invalid_signature")),
+        ("unknown hook", "nope", "push", new_id(), json, push_c.clone(), signed(&push_c), 404, "denied", Some("not_found")),
+        ("too large", "relay", "push", new_id(), json, oversized.clone(), signed(&oversized), 413, "denied", Some("payload_too_large")),
+        ("malformed delivery id", "relay", "push", "not a uuid".into(), json, accepted.clone(), signed(&accepted), 400, "denied", Some("invalid_request")),
+        ("other content type", "relay", "push", new_id(), "text/plain", accepted.clone(), signed(&accepted), 415, "denied", Some("unsupported_media_type")),
+        ("not JSON", "relay", "push", new_id(), json, "not json".into(), signed("not json"), 400, "denied", Some("invalid_request")),
+        ("event mismatch", "relay", "delete", new_id(), json, create.clone(), signed(&create), 400, "denied", Some("invalid_request")),
+        ("repository", "warehouse", "push", new_id(), json, elsewhere.clone(), signed(&elsewhere), 403, "denied", Some("access_denied")),
+        ("same delivery id", "relay", "push", accepted_id.clone(), json, accepted.clone(), signed(&accepted), 409, "denied", Some("delivery_replayed")),
+        ("same body", "relay", "push", new_id(), json, accepted.clone(), signed(&accepted), 409, "denied", Some("delivery_replayed")),
+    ];
+    let mut expected = std::collections::BTreeMap::new();
+    let mut token = None;
+    for (what, hook, event, id, content_type, body, signature, status, decision, code) in cases {
+        let sent = gogs.deliver(hook, event, &id, content_type, body.into_bytes(), signature).await;
+        assert_eq!(sent.status, status, "{what}: {}", sent.body);
+        assert_eq!(sent.body["code"].as_str(), code, "{what}: {}", sent.body);
+        if what == "accepted" {
+            token = sent.body["delivery_token"].as_str().map(str::to_owned);
+        }
+        let audit_id = sent.body["issuance_id"].as_str().unwrap_or_else(|| panic!("{what}: the answer names its row: {}", sent.body)).to_owned();
+        assert!(expected.insert(audit_id, (what, decision, code)).is_none());
+    }
+
+    let rows = gogs.issuances("issuer=gogs", expected.len()).await;
+    assert_eq!(rows.len(), expected.len(), "one row per delivery: {rows:#?}");
+    for row in &rows {
+        let (what, decision, code) = expected[row["id"].as_str().unwrap()];
+        assert_eq!(row["decision"], decision, "{what}: {row}");
+        assert_eq!(row["code"].as_str(), code, "{what}: {row}");
+        assert_eq!((row["backend"].as_str(), row["target"].as_str()), (Some("gogs"), Some("gogs")), "{what}");
+        if what == "accepted" {
+            let token = token.as_deref().unwrap();
+            assert_eq!(row["credential_sha256"], credbroker::types::sha256_hex(token.as_bytes()));
+            assert_eq!(row["subject"], "repo:data/warehouse:ref:refs/heads/main");
+            assert_eq!((row["ref"].as_str(), row["sha"].as_str()), (Some("refs/heads/main"), Some(MAIN_SHA)));
+            assert!(row["expires_at"].is_string());
+        }
+    }
+    // Claims name the delivery, never its payload or token; an unsigned request names nothing.
+    for (id, (what, _, _)) in &expected {
+        let row = gogs.app.audit_row(id).await;
+        let text = row.to_string();
+        assert!(!text.contains("Load orders nightly") && !text.contains("eyJ"), "{what}: {text}");
+        match *what {
+            "accepted" => {
+                assert_eq!(row["claims"]["delivery_id"], accepted_id);
+                assert_eq!(row["claims"]["event"], "push");
+                assert_eq!(row["claims"]["hook"], "relay");
+                assert_eq!(row["claims"]["pusher"], "alice");
+                assert_eq!(row["claims"]["payload_sha256"], credbroker::types::sha256_hex(accepted.as_bytes()));
+            }
+            "ignored" => assert_eq!((row["claims"]["event"].as_str(), row["subject"].as_str()), (Some("issues"), Some("repo:data/warehouse"))),
+            "same delivery id" | "same body" | "repository" | "event mismatch" | "not JSON" => assert!(row["claims"]["delivery_id"].is_string(), "{what}: {row}"),
+            _ => assert!(row["claims"].is_null() && row["subject"].is_null(), "{what}: unverified claims are not claims: {row}"),
+        }
+    }
+
+    // The same rows through the CLI, reading the database.
+    let url = gogs.app.database_url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["audit", "query", "--database-url", &url, "--issuer", "gogs", "--json"])
+            .env_remove("CREDBROKER_CONFIG")
+            .env_remove("CREDBROKER_DATABASE_URL")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let listed: std::collections::BTreeSet<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, expected.keys().cloned().collect::<std::collections::BTreeSet<_>>());
+}
+
+/// Refusals before the signature matched cannot be held against anyone: they share the budget
+/// of unattributed denials (per client address and minute) with bad job tokens, and the rest
+/// are counted into one aggregated row.
+#[tokio::test]
+async fn a_flood_of_bad_signatures_shares_the_unattributed_budget_and_is_aggregated() {
+    let keys = temp_dir();
+    let key_file = keys.0.join("gogs.pem");
+    std::fs::write(&key_file, rsa_pem(1)).unwrap();
+    let signing = format!("signing_key_file = \"{}\"", key_file.display());
+    let gogs = spawn_configured(keys, "unattributed_denials_per_minute = 2", &signing, "").await;
+    assert_eq!(gogs.app.exchange("garbage", json!({"role": "warehouse-deploy"})).await.0, 401);
+    let payload = push_payload("refs/heads/main", MAIN_SHA, "alice");
+    for _ in 0..5 {
+        let sent = gogs.deliver("relay", "push", &new_id(), "application/json", payload.clone().into_bytes(), Some("0".repeat(64))).await;
+        assert_eq!((sent.status, sent.body["code"].as_str()), (401, Some("invalid_signature")), "{}", sent.body);
+    }
+    assert_eq!(gogs.app.audit_count().await, 2, "the budget of two full rows is shared with the bad job token");
+    gogs.app.state.broker.audit.flush_unattributed().await.unwrap();
+    let (rows, occurrences): (i64, i64) =
+        sqlx::query_as("select count(*), sum(occurrences)::bigint from audit_events where code = 'invalid_signature'")
+            .fetch_one(&gogs.app.pool)
+            .await
+            .unwrap();
+    assert_eq!((rows, occurrences), (2, 5), "one full row plus one aggregate of four");
+    // A signed delivery is never subject to that budget.
+    assert_eq!(gogs.push("relay", &new_id(), &payload).await.status, 200);
+    assert_eq!(gogs.gogs_rows("issued").await, 1);
 }
 
 #[tokio::test]
@@ -555,6 +858,8 @@ async fn outbox_keeps_issued_and_delivery_events_through_a_sink_outage() {
 
     let id = new_id();
     let sent = gogs.push("relay", &id, &push_payload("refs/heads/main", MAIN_SHA, "alice")).await;
+    // The delivery token is a credential the broker issued: its audit row is an event too.
+    let delivery_row_id = sent.body["issuance_id"].as_str().unwrap().to_owned();
     let (status, _, body) = gogs.app.exchange(sent.body["delivery_token"].as_str().unwrap(), json!({"role": "warehouse-deploy"})).await;
     assert_eq!(status, 200, "{body}");
     let issuance_id = body["issuance_id"].as_str().unwrap().to_owned();
@@ -566,7 +871,7 @@ async fn outbox_keeps_issued_and_delivery_events_through_a_sink_outage() {
     sink.down.store(true, Ordering::SeqCst);
     let settings = PublisherSettings { backoff_base: std::time::Duration::from_millis(500), ..PublisherSettings::default() };
     let publisher = Publisher::new(pool.clone(), sink.clone(), settings);
-    assert_eq!(publisher.run_once().await.unwrap(), Pass::Failed(2));
+    assert_eq!(publisher.run_once().await.unwrap(), Pass::Failed(3));
     // Backed off: not due again at once.
     assert_eq!(publisher.run_once().await.unwrap(), Pass::Idle);
     let (attempts, error): (i32, String) =
@@ -575,11 +880,15 @@ async fn outbox_keeps_issued_and_delivery_events_through_a_sink_outage() {
 
     sink.down.store(false, Ordering::SeqCst);
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    assert_eq!(publisher.run_once().await.unwrap(), Pass::Delivered(2));
+    assert_eq!(publisher.run_once().await.unwrap(), Pass::Delivered(3));
     assert_eq!(
         *sink.published.lock().unwrap(),
-        vec![("gogs.delivery".to_owned(), id), ("credential.issued".to_owned(), issuance_id)],
-        "both events, once each, in commit order"
+        vec![
+            ("gogs.delivery".to_owned(), id),
+            ("credential.issued".to_owned(), delivery_row_id),
+            ("credential.issued".to_owned(), issuance_id)
+        ],
+        "every event, once each, in commit order"
     );
     assert_eq!(publisher.run_once().await.unwrap(), Pass::Idle);
     let pending: i64 = sqlx::query_scalar("select count(*) from event_outbox where delivered_at is null").fetch_one(&pool).await.unwrap();
@@ -602,11 +911,12 @@ async fn two_publishers_never_claim_the_same_event() {
         while publisher.run_once().await.unwrap() != Pass::Idle {}
     });
     futures_join_all(drains).await;
+    // Each delivery: its gogs.delivery event and its delivery token's credential.issued.
     let mut keys: Vec<String> = sink.published.lock().unwrap().iter().map(|(_, key)| key.clone()).collect();
-    assert_eq!(keys.len(), 20);
+    assert_eq!(keys.len(), 40);
     keys.sort();
     keys.dedup();
-    assert_eq!(keys.len(), 20, "no event published twice");
+    assert_eq!(keys.len(), 40, "no event published twice");
 }
 
 async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
@@ -784,7 +1094,8 @@ async fn the_example_automation_receives_the_forwarded_push_exchanges_and_runs_i
     assert_eq!(delivery["forward_status"], "202");
     assert_eq!(delivery["after_sha"], MAIN_SHA);
     assert_eq!(delivery["payload_sha256"], credbroker::types::sha256_hex(payload.as_bytes()));
-    let issued: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'issued'").fetch_all(&app.pool).await.unwrap();
+    let issued: Vec<Value> =
+        sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'issued' and issuer <> 'gogs'").fetch_all(&app.pool).await.unwrap();
     assert_eq!(issued.len(), 1, "{issued:?}");
     let issued = &issued[0];
     assert_eq!(issued["role"], "warehouse-loader");
@@ -810,6 +1121,13 @@ async fn the_example_automation_receives_the_forwarded_push_exchanges_and_runs_i
     // base64url of its header, `{"typ"...` or `{"alg"...`).
     assert!(!everything.contains("eyJ0eXAi") && !everything.contains("eyJhbGci"), "no token of any kind is stored");
     assert_eq!(delivery_token_sha.len(), 64);
+    // The delivery's own row: the delivery token, by fingerprint, and what the delivery said.
+    let delivery_row: Value = sqlx::query_scalar("select to_jsonb(a) from audit_events a where issuer = 'gogs'").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(delivery_row["decision"], "issued");
+    assert_eq!(delivery_row["credential_sha256"], delivery_token_sha.as_str());
+    assert_eq!(delivery_row["claims"]["delivery_id"], id);
+    assert_eq!(delivery_row["sha"], MAIN_SHA);
+    assert_eq!(delivery["audit_id"], delivery_row["id"]);
 
     // Gogs' "Redeliver" of the same delivery is refused and the job does not run again.
     let replay = app

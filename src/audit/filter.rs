@@ -33,7 +33,8 @@ pub const FILTERS: &[&str] = &[
 pub const DEFAULT_LIMIT: u32 = 100;
 pub const MAX_LIMIT: u32 = 1000;
 const MAX_VALUE_CHARS: usize = 512;
-const DECISIONS: &[&str] = &["issued", "denied", "failed", "revoked", "revoke_failed", "admin_request", "audit_read"];
+/// Every decision a row can hold: the `decision` filter's choices, in the API and on the page.
+pub const DECISIONS: &[&str] = &["issued", "denied", "failed", "revoked", "revoke_failed", "admin_request", "audit_read", "recorded"];
 
 /// A bad filter: `parameter` is what the caller must fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

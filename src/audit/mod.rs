@@ -57,6 +57,9 @@ pub enum Decision {
     AdminRequest,
     /// A read of the audit log through the broker: who, and with which filters.
     AuditRead,
+    /// A signed Gogs delivery stored without a delivery token (an event not acted on, or a
+    /// hook that neither forwards nor returns tokens).
+    Recorded,
 }
 
 impl Decision {
@@ -69,6 +72,7 @@ impl Decision {
             Decision::RevokeFailed => "revoke_failed",
             Decision::AdminRequest => "admin_request",
             Decision::AuditRead => "audit_read",
+            Decision::Recorded => "recorded",
         }
     }
 }
@@ -144,6 +148,22 @@ impl AuditEvent {
     pub fn claim_text(&self, name: &str) -> Option<String> {
         crate::types::claim_text(self.claims.as_ref()?.get(name)?)
     }
+}
+
+/// The last resort for a row that could not be written: the error log, so it is not lost.
+pub fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
+    tracing::error!(
+        issuance_id = %event.id,
+        decision = event.decision.as_str(),
+        code = event.code.as_deref().unwrap_or_default(),
+        detail = event.detail.as_deref().unwrap_or_default(),
+        issuer = event.issuer.as_deref().unwrap_or_default(),
+        subject = event.subject.as_deref().unwrap_or_default(),
+        role = event.role.as_deref().unwrap_or_default(),
+        client_addr = event.client_addr.as_deref().unwrap_or_default(),
+        error = %error,
+        "audit row could not be written"
+    );
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

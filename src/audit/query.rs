@@ -13,7 +13,7 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-pub use super::filter::{parse_time, Cursor, FilterError, IssuanceFilter, DEFAULT_LIMIT, FILTERS, MAX_LIMIT};
+pub use super::filter::{parse_time, Cursor, FilterError, IssuanceFilter, DECISIONS, DEFAULT_LIMIT, FILTERS, MAX_LIMIT};
 use super::filter::ProjectPath;
 use super::record::SELECT_LIST;
 use super::{AuditError, AuditRecord, PgAudit};

@@ -13,54 +13,14 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::audit::{project_identities, Audit, AuditError, AuditEvent, AuditSlot, Decision, RevocationReason, TokenUse};
+use crate::audit::{log_unrecorded, project_identities, Audit, AuditError, AuditEvent, AuditSlot, Decision, RevocationReason, TokenUse};
 use crate::backend::{BackendError, Backends, Credential, MintRequest};
 use crate::oidc::{Verifier, VerifiedToken, VerifyError};
 use crate::policy::{self, PolicySet, TtlRequest};
 use crate::revocation::{Revoker, Undelivered};
 use crate::types::{claim_text, rfc3339, Ttl};
 
-/// The stable, machine-readable vocabulary of failures (`code` in problem+json).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    InvalidRequest,
-    InvalidToken,
-    UntrustedIssuer,
-    AccessDenied,
-    TokenReplayed,
-    TtlNotSatisfiable,
-    RateLimited,
-    BackendFailed,
-    AuditUnavailable,
-    IssuerUnavailable,
-    RequestTimeout,
-    NotFound,
-    /// A Gogs delivery whose X-Gogs-Signature is missing or wrong.
-    InvalidSignature,
-    /// A Gogs delivery id seen before.
-    DeliveryReplayed,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidRequest => "invalid_request",
-            ErrorCode::InvalidToken => "invalid_token",
-            ErrorCode::UntrustedIssuer => "untrusted_issuer",
-            ErrorCode::AccessDenied => "access_denied",
-            ErrorCode::TokenReplayed => "token_replayed",
-            ErrorCode::TtlNotSatisfiable => "ttl_not_satisfiable",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::BackendFailed => "backend_failed",
-            ErrorCode::AuditUnavailable => "audit_unavailable",
-            ErrorCode::IssuerUnavailable => "issuer_unavailable",
-            ErrorCode::RequestTimeout => "request_timeout",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::InvalidSignature => "invalid_signature",
-            ErrorCode::DeliveryReplayed => "delivery_replayed",
-        }
-    }
-}
+pub use crate::types::ErrorCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
@@ -513,20 +473,6 @@ impl Broker {
     }
 }
 
-fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
-    tracing::error!(
-        issuance_id = %event.id,
-        decision = event.decision.as_str(),
-        code = event.code.as_deref().unwrap_or_default(),
-        detail = event.detail.as_deref().unwrap_or_default(),
-        issuer = event.issuer.as_deref().unwrap_or_default(),
-        subject = event.subject.as_deref().unwrap_or_default(),
-        role = event.role.as_deref().unwrap_or_default(),
-        client_addr = event.client_addr.as_deref().unwrap_or_default(),
-        error = %error,
-        "audit row could not be written"
-    );
-}
 
 struct ParsedRequest {
     role: String,

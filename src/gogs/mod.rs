@@ -3,6 +3,10 @@
 //! the broker verifies the delivery, records it, and mints a short-lived delivery token of its
 //! own (issuer `<public_url>/gogs`, trusted under the reserved issuer name `gogs`) that roles
 //! bind like any job token, alone or together with the automation's own identity token.
+//!
+//! [`Gogs::receive`] reads top to bottom: reserve the audit row → check and claim the
+//! delivery (`Gogs::accept`, which records nothing) → write the one audit row
+//! (`Gogs::settle`) → only then hand the token over (forward or response).
 
 mod config;
 pub mod payload;
@@ -16,14 +20,15 @@ use jsonwebtoken::{DecodingKey, Validation};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Map, Value};
 use sha2::Sha256;
-use sqlx::PgPool;
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 pub use config::{GogsConfig, HookConfig};
 
 use crate::audit::deliveries::{self, DeliveryRecord, Recorded};
-use crate::audit::AuditError;
+use crate::audit::{log_unrecorded, Audit, AuditError, AuditEvent, AuditSlot, Decision, PgAudit};
 use crate::signing::Signer;
+use crate::types::ErrorCode;
 use crate::oidc::{VerifiedToken, VerifyError};
 use crate::types::{rfc3339, sha256_hex, IssuerName};
 
@@ -35,6 +40,8 @@ pub const DELIVERY_TOKEN_HEADER: &str = "x-credbroker-delivery";
 pub enum HookError {
     #[error("no Gogs hook named {0:?} is configured")]
     UnknownHook(String),
+    #[error("request body exceeds {0} bytes (max_payload_bytes)")]
+    TooLarge(usize),
     #[error("missing header {0}")]
     MissingHeader(&'static str),
     #[error("header {0} is malformed")]
@@ -53,26 +60,61 @@ pub enum HookError {
     RepositoryNotAccepted(String),
     #[error("delivery {0} was already received")]
     Replayed(String),
+    #[error("this payload was already accepted by this hook as delivery {first_delivery_id}; delivery {delivery_id} repeats it")]
+    PayloadReplayed { delivery_id: String, first_delivery_id: String },
     #[error("the hook's secret cannot be read: {0}")]
     Secret(String),
     #[error("cannot sign the delivery token: {0}")]
     Signing(String),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error("the broker is at capacity: {0}; redeliver shortly")]
+    Overloaded(#[source] AuditError),
 }
 
-/// The transport-level parts of a delivery, as the HTTP edge found them.
-pub struct IncomingDelivery<'a> {
-    pub hook: &'a str,
-    pub delivery_id: Option<&'a str>,
-    pub event: Option<&'a str>,
-    pub signature: Option<&'a str>,
-    pub content_type: Option<&'a str>,
-    pub body: &'a [u8],
+impl HookError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            HookError::UnknownHook(_) => ErrorCode::NotFound,
+            HookError::TooLarge(_) => ErrorCode::PayloadTooLarge,
+            HookError::UnsupportedContentType(_) => ErrorCode::UnsupportedMediaType,
+            HookError::MissingHeader(_) | HookError::MalformedHeader(_) | HookError::MissingFormPayload | HookError::Payload(_) => {
+                ErrorCode::InvalidRequest
+            }
+            HookError::Unsigned | HookError::BadSignature => ErrorCode::InvalidSignature,
+            HookError::RepositoryNotAccepted(_) => ErrorCode::AccessDenied,
+            HookError::Replayed(_) | HookError::PayloadReplayed { .. } => ErrorCode::DeliveryReplayed,
+            HookError::Secret(_) | HookError::Signing(_) => ErrorCode::BackendFailed,
+            HookError::Audit(_) => ErrorCode::AuditUnavailable,
+            HookError::Overloaded(_) => ErrorCode::RateLimited,
+        }
+    }
+
+    /// The broker's own failure rather than the delivery's fault.
+    pub fn is_server_side(&self) -> bool {
+        matches!(self, HookError::Secret(_) | HookError::Signing(_) | HookError::Audit(_) | HookError::Overloaded(_))
+    }
+}
+
+/// The transport-level parts of a delivery, as the HTTP edge found them. Owned, so that
+/// handling can run to its end on a task of its own.
+pub struct IncomingDelivery {
+    pub hook: String,
+    pub request_id: String,
+    pub client_addr: Option<String>,
+    pub user_agent: Option<String>,
+    pub delivery_id: Option<String>,
+    pub event: Option<String>,
+    pub signature: Option<String>,
+    pub content_type: Option<String>,
+    /// `None` when the body was longer than [`Gogs::max_payload_bytes`].
+    pub body: Option<Vec<u8>>,
 }
 
 /// What happened to an accepted delivery.
 pub struct Received {
+    /// The delivery's row in `audit_events`.
+    pub audit_id: Uuid,
     pub delivery_id: String,
     pub event: String,
     pub acted_on: bool,
@@ -80,6 +122,33 @@ pub struct Received {
     pub token_for_response: Option<(SecretString, OffsetDateTime)>,
     /// The automation's HTTP status (or the error) when the hook forwards deliveries.
     pub forward_status: Option<String>,
+}
+
+/// A refused delivery and the id of its audit row (absent when the row was aggregated with
+/// other unattributed refusals, or could not be written).
+#[derive(Debug)]
+pub struct Refused {
+    pub audit_id: Uuid,
+    pub error: HookError,
+}
+
+/// A delivery that passed every check and is claimed, but not yet recorded in the audit log.
+struct Accepted<'a> {
+    hook: &'a HookConfig,
+    record: DeliveryRecord,
+    acted_on: bool,
+    token: Option<(SecretString, OffsetDateTime)>,
+    payload: Vec<u8>,
+}
+
+/// The audit row of a delivery, filled in as its checks pass.
+struct Facts {
+    row: AuditEvent,
+    /// The signature matched: from here on the row names a verified delivery, and a refusal is
+    /// written in full instead of sharing the unattributed budget.
+    signed: bool,
+    /// How the row's detail names the delivery.
+    summary: String,
 }
 
 pub struct Gogs {
@@ -127,44 +196,87 @@ impl Gogs {
         self.signer.start().await;
     }
 
-    /// Checks, records and acts on one delivery. Nothing is acted on before the signature
-    /// matched and the delivery id was recorded for the first time.
-    #[tracing::instrument(skip_all, fields(hook = incoming.hook, delivery_id, event))]
-    pub async fn receive(&self, incoming: IncomingDelivery<'_>, store: &PgPool) -> Result<Received, HookError> {
+    /// Checks, records and acts on one delivery: every delivery, accepted or refused, gets
+    /// exactly one audit row, written here and nowhere else.
+    #[tracing::instrument(skip_all, fields(hook = %incoming.hook, delivery_id, event))]
+    pub async fn receive(&self, incoming: IncomingDelivery, audit: &Audit) -> Result<Received, Refused> {
         let received_at = OffsetDateTime::now_utc();
-        let hook = self.config.hooks.get(incoming.hook).ok_or_else(|| HookError::UnknownHook(incoming.hook.chars().take(64).collect()))?;
-        let signature = incoming.signature.filter(|s| !s.is_empty()).ok_or(HookError::Unsigned)?;
-        let delivery_id = incoming.delivery_id.ok_or(HookError::MissingHeader("X-Gogs-Delivery"))?;
+        let mut row = AuditEvent::new(Uuid::new_v4(), Decision::Denied, received_at, &incoming.request_id);
+        row.issuer = Some(GOGS_ISSUER_NAME.to_owned());
+        row.backend = Some(GOGS_ISSUER_NAME.to_owned());
+        row.target = Some(GOGS_ISSUER_NAME.to_owned());
+        row.client_addr = incoming.client_addr.clone();
+        row.user_agent = incoming.user_agent.clone();
+        // The row's place is taken first, so an overloaded broker refuses before any work.
+        let slot = match audit.reserve() {
+            Ok(slot) => slot,
+            Err(error @ AuditError::Overloaded { .. }) => {
+                let error = HookError::Overloaded(error);
+                row.code = Some(error.code().as_str().to_owned());
+                audit.count_refused(&row);
+                return Err(Refused { audit_id: row.id, error });
+            }
+            Err(error) => return Err(Refused { audit_id: row.id, error: HookError::Audit(error) }),
+        };
+        let mut facts = Facts { row, signed: false, summary: delivery_summary(&incoming) };
+        let result = self.accept(&incoming, &mut facts, audit.store(), received_at).await;
+        self.settle(audit, slot, facts, result).await
+    }
+
+    /// The checks, in order; nothing is acted on before the signature matched and the delivery
+    /// and its payload were claimed for the first time. Records nothing in the audit log.
+    async fn accept<'h>(&'h self, incoming: &IncomingDelivery, facts: &mut Facts, store: &PgAudit, received_at: OffsetDateTime) -> Result<Accepted<'h>, HookError> {
+        let hook_name = incoming.hook.as_str();
+        let hook = self.config.hooks.get(hook_name).ok_or_else(|| HookError::UnknownHook(hook_name.chars().take(64).collect()))?;
+        let body = incoming.body.as_deref().ok_or(HookError::TooLarge(self.config.max_payload_bytes))?;
+        let signature = incoming.signature.as_deref().filter(|s| !s.is_empty()).ok_or(HookError::Unsigned)?;
+        let delivery_id = incoming.delivery_id.as_deref().ok_or(HookError::MissingHeader("X-Gogs-Delivery"))?;
         if delivery_id.is_empty() || delivery_id.len() > 128 || !delivery_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             return Err(HookError::MalformedHeader("X-Gogs-Delivery"));
         }
-        let event = incoming.event.ok_or(HookError::MissingHeader("X-Gogs-Event"))?;
+        let event = incoming.event.as_deref().ok_or(HookError::MissingHeader("X-Gogs-Event"))?;
         if event.is_empty() || event.len() > 64 || !event.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
             return Err(HookError::MalformedHeader("X-Gogs-Event"));
         }
         tracing::Span::current().record("delivery_id", delivery_id).record("event", event);
 
-        let payload = signed_payload(incoming.content_type, incoming.body)?;
+        let payload = signed_payload(incoming.content_type.as_deref(), body)?;
         let secret = hook.secret.read().await.map_err(|e| HookError::Secret(e.to_string()))?;
         verify_signature(secret.expose_secret().as_bytes(), &payload, signature)?;
 
+        // Signed from here on: the row names the delivery. The headers are not signed, so the
+        // event is trusted only once the payload's shape agrees with it (payload::parse).
+        let payload_sha256 = sha256_hex(&payload);
+        facts.signed = true;
+        let claims = facts.row.claims.insert(Map::new());
+        claims.insert("hook".into(), json!(hook_name));
+        claims.insert("delivery_id".into(), json!(delivery_id));
+        claims.insert("event".into(), json!(event));
+        claims.insert("payload_sha256".into(), json!(payload_sha256));
         let delivery = payload::parse(event, &payload)?;
+        for (name, value) in delivery_claims(&delivery) {
+            if let Some(value) = value {
+                claims.insert(name.into(), json!(value));
+            }
+        }
         let repository = delivery.repository.clone().unwrap_or_default();
+        facts.row.subject = delivery.repository.as_ref().map(|_| subject(&delivery));
         if !hook.repositories.iter().any(|pattern| pattern.matches(&repository)) {
             return Err(HookError::RepositoryNotAccepted(repository));
         }
         let acted_on = payload::ACTED_ON.contains(&event);
 
-        // The token is signed before the row is written so the row can carry its fingerprint;
-        // it leaves the broker only after the row committed, and never if the id was seen before.
+        // The token is signed before the delivery is claimed so both rows can carry its
+        // fingerprint; it leaves the broker only after the audit row committed.
         let wants_token = acted_on && (hook.respond_with_token || hook.forward_url.is_some());
         let token = match wants_token {
-            true => Some(self.mint_token(incoming.hook, delivery_id, event, &delivery, received_at).await?),
+            true => Some(self.mint_token(hook_name, delivery_id, event, &delivery, received_at).await?),
             false => None,
         };
         let record = DeliveryRecord {
             delivery_id: delivery_id.to_owned(),
-            hook: incoming.hook.to_owned(),
+            audit_id: facts.row.id,
+            hook: hook_name.to_owned(),
             event: event.to_owned(),
             acted_on,
             repository: delivery.repository.clone(),
@@ -173,21 +285,92 @@ impl Gogs {
             before_sha: delivery.before.clone(),
             after_sha: delivery.after.clone(),
             pusher: delivery.pusher.clone(),
-            payload_sha256: sha256_hex(&payload),
+            payload_sha256,
             received_at,
             token_sha256: token.as_ref().map(|(token, _)| sha256_hex(token.expose_secret().as_bytes())),
             token_expires_at: token.as_ref().map(|(_, expires_at)| *expires_at),
             forward_url: hook.forward_url.as_ref().filter(|_| acted_on).map(|url| url.to_string()),
         };
-        if deliveries::record_delivery(store, &record).await? == Recorded::Duplicate {
-            return Err(HookError::Replayed(delivery_id.to_owned()));
+        match deliveries::record_delivery(store.pool(), &record).await? {
+            Recorded::New => {}
+            Recorded::DuplicateDelivery => return Err(HookError::Replayed(delivery_id.to_owned())),
+            Recorded::DuplicatePayload { first_delivery_id } => {
+                return Err(HookError::PayloadReplayed { delivery_id: delivery_id.to_owned(), first_delivery_id })
+            }
         }
-        tracing::info!(repository = %repository, git_ref = delivery.git_ref.as_deref().unwrap_or_default(), acted_on, "Gogs delivery accepted");
+        Ok(Accepted { hook, record, acted_on, token, payload })
+    }
+
+    /// The one place a delivery's audit row is written. An accepted delivery's row commits
+    /// before its token is forwarded or returned; if it cannot be written the delivery is
+    /// withdrawn, so nothing was handed out and Gogs may redeliver it. Refusals of deliveries
+    /// whose signature did not match share the unattributed budget (see `Audit::record_unattributed`).
+    async fn settle(&self, audit: &Audit, slot: AuditSlot, facts: Facts, result: Result<Accepted<'_>, HookError>) -> Result<Received, Refused> {
+        let Facts { mut row, signed, summary } = facts;
+        let audit_id = row.id;
+        let accepted = match result {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                let (decision, outcome) = match error.is_server_side() {
+                    true => (Decision::Failed, "failed"),
+                    false => (Decision::Denied, "refused"),
+                };
+                row.decision = decision;
+                row.code = Some(error.code().as_str().to_owned());
+                row.detail = Some(format!("{summary}{outcome}: {error}"));
+                let written = match signed {
+                    true => audit.record_in(slot, row.clone()).await,
+                    false => audit.record_unattributed(slot, row.clone()).await,
+                };
+                if let Err(audit_error) = written {
+                    log_unrecorded(&row, &audit_error);
+                }
+                match decision {
+                    Decision::Failed => tracing::error!(code = error.code().as_str(), %error, "Gogs delivery failed"),
+                    _ => tracing::warn!(code = error.code().as_str(), %error, "Gogs delivery refused"),
+                }
+                return Err(Refused { audit_id, error });
+            }
+        };
+        let Accepted { hook, record, acted_on, token, payload } = accepted;
+        let what = match (&token, acted_on) {
+            (Some(_), _) => {
+                row.decision = Decision::Issued;
+                "accepted: delivery token minted"
+            }
+            (None, true) => {
+                row.decision = Decision::Recorded;
+                "accepted: recorded only (the hook neither forwards nor returns tokens)"
+            }
+            (None, false) => {
+                row.decision = Decision::Recorded;
+                "recorded and ignored (the broker does not act on this event)"
+            }
+        };
+        row.detail = Some(format!("{summary}{what}"));
+        if let Some((secret, expires_at)) = &token {
+            row.credential_sha256 = Some(sha256_hex(secret.expose_secret().as_bytes()));
+            row.expires_at = Some(*expires_at);
+            row.granted_ttl_seconds = Some(self.config.token_lifetime.seconds());
+        }
+        if let Err(audit_error) = audit.record_in(slot, row.clone()).await {
+            log_unrecorded(&row, &audit_error);
+            if let Err(error) = deliveries::withdraw_delivery(audit.store().pool(), &record.delivery_id).await {
+                tracing::error!(%error, "delivery not withdrawn: Gogs' redelivery of it will be refused as a replay");
+            }
+            return Err(Refused { audit_id, error: HookError::Audit(audit_error) });
+        }
+        tracing::info!(
+            repository = record.repository.as_deref().unwrap_or_default(),
+            git_ref = record.git_ref.as_deref().unwrap_or_default(),
+            acted_on,
+            "Gogs delivery accepted"
+        );
 
         let forward_status = match (&hook.forward_url, &token) {
             (Some(url), Some((token, expires_at))) => {
                 let status = self.forward(url, &record, token, *expires_at, &payload).await;
-                if let Err(error) = deliveries::record_forward_status(store, delivery_id, &status).await {
+                if let Err(error) = deliveries::record_forward_status(audit.store().pool(), &record.delivery_id, &status).await {
                     tracing::error!(%error, forward_status = %status, "forward status not recorded");
                 }
                 Some(status)
@@ -195,13 +378,15 @@ impl Gogs {
             _ => None,
         };
         Ok(Received {
-            delivery_id: delivery_id.to_owned(),
-            event: event.to_owned(),
+            audit_id,
+            delivery_id: record.delivery_id,
+            event: record.event,
             acted_on,
             token_for_response: token.filter(|_| hook.respond_with_token),
             forward_status,
         })
     }
+
 
     async fn mint_token(
         &self,
@@ -212,26 +397,22 @@ impl Gogs {
         now: OffsetDateTime,
     ) -> Result<(SecretString, OffsetDateTime), HookError> {
         let expires_at = now + self.config.token_lifetime.as_duration();
-        let repository = delivery.repository.as_deref().unwrap_or_default();
-        let git_ref = delivery.git_ref.as_deref().unwrap_or_default();
-        let claims = json!({
+        let mut claims = json!({
             "iss": self.issuer_url,
             "aud": self.audience,
-            "sub": format!("repo:{repository}:ref:{git_ref}"),
+            "sub": subject(delivery),
             "iat": now.unix_timestamp(),
             "nbf": now.unix_timestamp(),
             "exp": expires_at.unix_timestamp(),
             // The delivery id: one delivery, one token, and replay protection per role keys on it.
             "jti": delivery_id,
-            "repository": repository,
-            "ref": git_ref,
-            "ref_type": delivery.ref_type.as_deref().unwrap_or_default(),
-            "sha": delivery.after.as_deref().unwrap_or_default(),
-            "pusher": delivery.pusher.as_deref().unwrap_or_default(),
             "event": event,
             "delivery_id": delivery_id,
             "hook": hook,
         });
+        for (name, value) in delivery_claims(delivery) {
+            claims[name] = json!(value.unwrap_or_default());
+        }
         let signed = self.signer.sign(&claims).await.map_err(|e| HookError::Signing(e.to_string()))?;
         Ok((SecretString::from(signed.token), expires_at))
     }
@@ -337,6 +518,38 @@ fn verify_signature(secret: &[u8], payload: &[u8], signature: &str) -> Result<()
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts keys of any length");
     mac.update(payload);
     mac.verify_slice(&expected).map_err(|_| HookError::BadSignature)
+}
+
+/// The delivery token's `sub`, and the audit row's subject.
+fn subject(delivery: &payload::Delivery) -> String {
+    let repository = delivery.repository.as_deref().unwrap_or_default();
+    match &delivery.git_ref {
+        Some(git_ref) => format!("repo:{repository}:ref:{git_ref}"),
+        None => format!("repo:{repository}"),
+    }
+}
+
+/// What the payload says, as the delivery token's claims and the audit row's claims name it.
+fn delivery_claims(delivery: &payload::Delivery) -> [(&'static str, Option<&str>); 5] {
+    [
+        ("repository", delivery.repository.as_deref()),
+        ("ref", delivery.git_ref.as_deref()),
+        ("ref_type", delivery.ref_type.as_deref()),
+        ("sha", delivery.after.as_deref()),
+        ("pusher", delivery.pusher.as_deref()),
+    ]
+}
+
+/// How a row's detail names the delivery. Before the signature matched these are only what
+/// the request claimed, quoted and cut short.
+fn delivery_summary(incoming: &IncomingDelivery) -> String {
+    let quoted = |value: Option<&str>| value.map_or_else(|| "(none)".to_owned(), |v| format!("{:?}", v.chars().take(64).collect::<String>()));
+    format!(
+        "Gogs delivery {} (event {}) to hook {}: ",
+        quoted(incoming.delivery_id.as_deref()),
+        quoted(incoming.event.as_deref()),
+        quoted(Some(&incoming.hook))
+    )
 }
 
 #[cfg(test)]

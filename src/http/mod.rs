@@ -128,13 +128,9 @@ impl<S: Send + Sync> FromRequest<S> for RequestParts {
         let (parts, body) = request.into_parts();
         let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default();
         let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
-        let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
-            (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Problem::new(ErrorCode::InvalidRequest, format!("request body exceeds {MAX_BODY_BYTES} bytes")),
-            )
-                .into_response()
-        })?;
+        let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+            .await
+            .map_err(|_| Problem::new(ErrorCode::PayloadTooLarge, format!("request body exceeds {MAX_BODY_BYTES} bytes")).into_response())?;
         let query = parts.uri.query().unwrap_or_default().to_owned();
         Ok(Self { request_id, client_addr, headers: parts.headers, query, body })
     }

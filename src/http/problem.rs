@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::broker::{ErrorCode, ExchangeFailure};
 
+/// The status of every code, for every endpoint: a code always means the same status.
 pub fn status(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
@@ -15,6 +16,8 @@ pub fn status(code: ErrorCode) -> StatusCode {
         ErrorCode::DeliveryReplayed => StatusCode::CONFLICT,
         ErrorCode::AccessDenied => StatusCode::FORBIDDEN,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::TokenReplayed => StatusCode::CONFLICT,
         ErrorCode::TtlNotSatisfiable => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::audit::query::{IssuanceHistory, IssuancePage, Timeline, FILTERS};
+use crate::audit::query::{IssuanceHistory, IssuancePage, Timeline, DECISIONS, FILTERS};
 use crate::audit::RECORD_FIELDS;
 use crate::http::audit_page::git_links::Link;
 
@@ -110,8 +110,6 @@ pub struct Search<'a> {
     pub timeline: Option<&'a Timeline>,
 }
 
-const DECISION_CHOICES: &[&str] = &["issued", "denied", "failed", "revoked", "revoke_failed", "admin_request", "audit_read"];
-
 fn filter_form(filters: &[(String, String)]) -> String {
     let value = |name: &str| filters.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()).unwrap_or("");
     let mut form = String::from(r#"<form method="get" action="/audit" id="filters" class="filters">"#);
@@ -121,7 +119,7 @@ fn filter_form(filters: &[(String, String)]) -> String {
         if name == "decision" {
             let _ = write!(form, r#"<label>{label}<select name="decision" id="filter-decision"><option value="">any</option>"#);
             let mut known = false;
-            for choice in DECISION_CHOICES {
+            for choice in DECISIONS {
                 let selected = if *choice == current { known = true; " selected" } else { "" };
                 let _ = write!(form, r#"<option{selected}>{choice}</option>"#);
             }
