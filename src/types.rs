@@ -61,34 +61,37 @@ impl Ttl {
         Ok(Self(seconds as u32))
     }
 
-    /// Accepts `900`, `"900"`, `"90s"`, `"15m"`, `"1h"`, `"1h30m"`, `"2d"`.
+    /// Accepts `900`, `"900"`, `"90s"`, `"15m"`, `"1h"`, `"1h30m"`, `"2d"`, and what `Display`
+    /// writes (`"900 s"`): spaces may follow a number or a unit, but never split a number.
     pub fn parse(raw: &str) -> Result<Self, String> {
         let raw = raw.trim();
-        if let Ok(seconds) = raw.parse::<u64>() {
-            return Self::from_seconds(seconds);
+        let expected = || format!("invalid duration {raw:?}: expected e.g. 900, 90s, 15m, 1h30m");
+        if raw.is_empty() {
+            return Err(expected());
+        }
+        // Too many digits for a u64 is longer than a week all the same.
+        let number = |digits: &str| digits.parse::<u64>().unwrap_or(u64::MAX);
+        if raw.bytes().all(|b| b.is_ascii_digit()) {
+            return Self::from_seconds(number(raw));
         }
         let mut total: u64 = 0;
-        let mut digits = String::new();
-        for c in raw.chars() {
-            if c.is_ascii_digit() {
-                digits.push(c);
-                continue;
-            }
-            let unit = match c {
+        let mut rest = raw;
+        while !rest.is_empty() {
+            let (digits, after) = rest.split_at(rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len());
+            let after = after.trim_start();
+            let Some(unit) = after.chars().next() else { return Err(expected()) };
+            let seconds_per_unit = match unit {
                 's' => 1,
                 'm' => 60,
                 'h' => 3600,
                 'd' => 86400,
-                _ => return Err(format!("invalid duration {raw:?}: unknown unit {c:?} (use s, m, h, d)")),
+                _ => return Err(format!("invalid duration {raw:?}: unknown unit {unit:?} (use s, m, h, d)")),
             };
-            let value: u64 = digits
-                .parse()
-                .map_err(|_| format!("invalid duration {raw:?}: expected a number before {c:?}"))?;
-            total = total.saturating_add(value.saturating_mul(unit));
-            digits.clear();
-        }
-        if !digits.is_empty() || raw.is_empty() {
-            return Err(format!("invalid duration {raw:?}: expected e.g. 900, 90s, 15m, 1h30m"));
+            if digits.is_empty() {
+                return Err(format!("invalid duration {raw:?}: expected a number before {unit:?}"));
+            }
+            total = total.saturating_add(number(digits).saturating_mul(seconds_per_unit));
+            rest = after[unit.len_utf8()..].trim_start();
         }
         Self::from_seconds(total)
     }
@@ -136,6 +139,55 @@ mod tests {
     fn ttl_rejects_zero_garbage_and_trailing_digits() {
         for bad in ["0", "", "15x", "m", "10m5", "-5", "8d"] {
             assert!(Ttl::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn ttl_reads_what_it_writes_and_spaces_around_units() {
+        assert_eq!(Ttl::parse("900 s").unwrap().seconds(), 900);
+        assert_eq!(Ttl::parse("1h 30m").unwrap().seconds(), 5400);
+        for bad in ["1 5m", "+900", "15 x", "1h 5"] {
+            assert!(Ttl::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ttl_parse_never_panics(raw in proptest::prelude::any::<String>()) {
+            let _ = Ttl::parse(&raw);
+        }
+
+        #[test]
+        fn ttl_parse_round_trips_what_ttl_formats(seconds in 1..=u64::from(Ttl::MAX_SECONDS)) {
+            let ttl = Ttl::from_seconds(seconds).unwrap();
+            proptest::prop_assert_eq!(Ttl::parse(&ttl.to_string()), Ok(ttl));
+            let (days, hours, minutes, rest) = (seconds / 86400, seconds % 86400 / 3600, seconds % 3600 / 60, seconds % 60);
+            proptest::prop_assert_eq!(Ttl::parse(&format!("{days}d{hours}h{minutes}m{rest}s")), Ok(ttl));
+            proptest::prop_assert_eq!(Ttl::parse(&seconds.to_string()), Ok(ttl));
+        }
+
+        #[test]
+        fn ttl_parse_rejects_anything_but_numbers_units_and_spaces(
+            head in "[0-9smhd ]{0,6}",
+            garbage in "[^0-9smhd\\s]",
+            tail in "[0-9smhd ]{0,6}",
+        ) {
+            let raw = format!("{head}{garbage}{tail}");
+            proptest::prop_assert!(Ttl::parse(&raw).is_err(), "{:?} accepted", raw);
+        }
+
+        #[test]
+        fn ttl_parse_multiplies_a_number_by_its_unit_within_a_week(
+            number in 0u64..2_000_000,
+            (unit, seconds_per_unit) in proptest::sample::select(vec![("", 1u64), ("s", 1), (" s", 1), ("m", 60), ("h", 3600), ("d", 86400)]),
+        ) {
+            let seconds = number * seconds_per_unit;
+            let parsed = Ttl::parse(&format!("{number}{unit}")).map(Ttl::seconds);
+            if (1..=u64::from(Ttl::MAX_SECONDS)).contains(&seconds) {
+                proptest::prop_assert_eq!(parsed, Ok(seconds as u32));
+            } else {
+                proptest::prop_assert!(parsed.is_err());
+            }
         }
     }
 
