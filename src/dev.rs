@@ -33,6 +33,7 @@ impl DevIssuer {
             issuer: self.issuer_url.clone(),
             jwks_uri: None,
             algorithms: None,
+            require_nbf: true,
         }
     }
 
@@ -43,7 +44,7 @@ impl DevIssuer {
             "authorization_endpoint": format!("{}/authorize", self.issuer_url),
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": ["RS256"],
+            "id_token_signing_alg_values_supported": [self.key.algorithm()],
         })
     }
 

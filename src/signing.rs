@@ -1,14 +1,15 @@
-//! Keys the broker signs with (Kafka tokens, the dev issuer), parsed once at startup.
-//! The private half never leaves this struct; the public half is what `/.well-known/jwks.json` serves.
+//! Keys the broker signs with (Kafka tokens, Gogs delivery tokens, the dev issuer, Snowflake
+//! key-pair JWTs), parsed once and used through `ring` only: the `rsa` crate's private-key
+//! operations are not constant-time (RUSTSEC-2023-0071), so no secret key ever reaches it.
+//! The private half never leaves these structs; the public half is what `/.well-known/jwks.json` serves.
 //! [`Signer`] hides where a key lives: a local PEM file ([`LocalSigner`]) or a Vault transit
-//! key (`TransitSigner` in the Vault module), so every broker-signed JWT (Kafka tokens today,
-//! Snowflake key-pair JWTs and Gogs delivery tokens later) can use either.
+//! key (`TransitSigner` in the Vault module), so every broker-signed JWT can use either.
 
 use std::path::Path;
 
 use async_trait::async_trait;
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse, ThumbprintHash};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, Header};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::Serialize;
@@ -23,8 +24,6 @@ pub enum SigningKeyError {
     Write { path: String, source: std::io::Error },
     #[error("cannot generate a key: {0}")]
     Generate(String),
-    #[error("signing failed: {0}")]
-    Sign(#[from] jsonwebtoken::errors::Error),
     /// A signer outside this process (Vault transit) failed; the message is safe to show.
     #[error("{0}")]
     Remote(String),
@@ -66,37 +65,48 @@ impl Signer for LocalSigner {
 /// A public JWK for a key held elsewhere, with its RFC 7638 thumbprint as `kid` (the same rule
 /// local keys follow). Accepts SPKI PEM (`BEGIN PUBLIC KEY`) for RSA and EC P-256.
 pub fn public_jwk_from_pem(pem: &str) -> Option<(Jwk, Algorithm)> {
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine;
-    use rsa::pkcs8::DecodePublicKey;
-    use rsa::traits::PublicKeyParts;
-    let (mut jwk, algorithm) = if let Ok(key) = rsa::RsaPublicKey::from_public_key_pem(pem) {
-        let jwk = serde_json::json!({
-            "kty": "RSA",
-            "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
-            "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
-        });
-        (serde_json::from_value::<Jwk>(jwk).ok()?, Algorithm::RS256)
-    } else {
-        use p256::elliptic_curve::sec1::ToEncodedPoint;
-        let key = p256::PublicKey::from_public_key_pem(pem).ok()?;
-        let point = key.to_encoded_point(false);
-        let jwk = serde_json::json!({
-            "kty": "EC",
-            "crv": "P-256",
-            "x": URL_SAFE_NO_PAD.encode(point.x()?),
-            "y": URL_SAFE_NO_PAD.encode(point.y()?),
-        });
-        (serde_json::from_value::<Jwk>(jwk).ok()?, Algorithm::ES256)
-    };
-    let kid = jwk.thumbprint(ThumbprintHash::SHA256);
-    jwk.common.key_id = Some(kid);
+    use p256::pkcs8::DecodePublicKey;
+    use spki::der::{Decode, Document};
+    if let Ok(key) = p256::PublicKey::from_public_key_pem(pem) {
+        return Some(published_jwk(ec_jwk(&key)?, Algorithm::ES256));
+    }
+    let (label, document) = Document::from_pem(pem).ok()?;
+    let info = spki::SubjectPublicKeyInfoRef::from_der(document.as_bytes()).ok().filter(|_| label == "PUBLIC KEY")?;
+    if info.algorithm.oid != pkcs1::ALGORITHM_OID {
+        return None;
+    }
+    let key = pkcs1::RsaPublicKey::from_der(info.subject_public_key.as_bytes()?).ok()?;
+    Some(published_jwk(rsa_jwk(key.modulus.as_bytes(), key.public_exponent.as_bytes())?, Algorithm::RS256))
+}
+
+/// `n` and `e`: big-endian, without leading zeros (RFC 7518 section 6.3.1).
+fn rsa_jwk(modulus: &[u8], exponent: &[u8]) -> Option<Jwk> {
+    let jwk = serde_json::json!({ "kty": "RSA", "n": URL_SAFE_NO_PAD.encode(modulus), "e": URL_SAFE_NO_PAD.encode(exponent) });
+    serde_json::from_value(jwk).ok()
+}
+
+fn ec_jwk(key: &p256::PublicKey) -> Option<Jwk> {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    let point = key.to_encoded_point(false);
+    let jwk = serde_json::json!({
+        "kty": "EC",
+        "crv": "P-256",
+        "x": URL_SAFE_NO_PAD.encode(point.x()?),
+        "y": URL_SAFE_NO_PAD.encode(point.y()?),
+    });
+    serde_json::from_value(jwk).ok()
+}
+
+/// The JWK as the JWKS serves it: `kid` is its RFC 7638 thumbprint, so the same key always
+/// gets the same `kid`, wherever it is held.
+fn published_jwk(mut jwk: Jwk, algorithm: Algorithm) -> (Jwk, Algorithm) {
+    jwk.common.key_id = Some(jwk.thumbprint(ThumbprintHash::SHA256));
     jwk.common.public_key_use = Some(PublicKeyUse::Signature);
     jwk.common.key_algorithm = Some(match algorithm {
         Algorithm::ES256 => KeyAlgorithm::ES256,
         _ => KeyAlgorithm::RS256,
     });
-    Some((jwk, algorithm))
+    (jwk, algorithm)
 }
 
 pub struct SigningKey {
@@ -123,33 +133,21 @@ impl SigningKey {
         Self::from_pem(&pem).ok_or_else(|| SigningKeyError::Unsupported { path: path.display().to_string() })
     }
 
-    /// Loads the key, generating an RSA key at `path` first when it is missing and `generate` is
-    /// set (dev mode only: production keys are provisioned, never conjured).
+    /// Loads the key, generating one at `path` first when it is missing and `generate` is set
+    /// (dev mode only: production keys are provisioned, never conjured).
     pub fn load_or_generate(path: &Path, generate: bool) -> Result<Self, SigningKeyError> {
         if generate && !path.exists() {
-            write_new_rsa_key(path)?;
+            write_new_key(path)?;
         }
         Self::from_pem_file(path)
     }
 
+    /// A PKCS#8 (`BEGIN PRIVATE KEY`, RSA or EC P-256), PKCS#1 (`BEGIN RSA PRIVATE KEY`) or
+    /// SEC1 (`BEGIN EC PRIVATE KEY`) PEM key.
     pub fn from_pem(pem: &[u8]) -> Option<Self> {
-        let text = std::str::from_utf8(pem).ok()?;
-        let (encoding, algorithm) = if let Ok(key) = EncodingKey::from_rsa_pem(pem) {
-            (key, Algorithm::RS256)
-        } else if text.contains("BEGIN PRIVATE KEY") || text.contains("BEGIN EC PRIVATE KEY") {
-            (EncodingKey::from_ec_pem(pem).ok()?, Algorithm::ES256)
-        } else {
-            return None;
-        };
-        let private = PrivateKey::from_pem(text, algorithm)?;
-        let mut public_jwk = Jwk::from_encoding_key(&encoding, algorithm).ok()?;
-        let kid = public_jwk.thumbprint(ThumbprintHash::SHA256);
-        public_jwk.common.key_id = Some(kid.clone());
-        public_jwk.common.public_key_use = Some(PublicKeyUse::Signature);
-        public_jwk.common.key_algorithm = Some(match algorithm {
-            Algorithm::ES256 => KeyAlgorithm::ES256,
-            _ => KeyAlgorithm::RS256,
-        });
+        let private = PrivateKey::from_pem(std::str::from_utf8(pem).ok()?).ok()?;
+        let (public_jwk, algorithm) = published_jwk(private.public_jwk()?, private.algorithm());
+        let kid = public_jwk.common.key_id.clone()?;
         let mut header = Header::new(algorithm);
         header.kid = Some(kid.clone());
         header.typ = Some("JWT".into());
@@ -170,15 +168,64 @@ impl SigningKey {
     }
 
     pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, SigningKeyError> {
-        let claims = serde_json::to_vec(claims).map_err(|e| SigningKeyError::Remote(format!("claims: {e}")))?;
-        let mut token = String::with_capacity(self.header_prefix.len() + claims.len() * 4 / 3 + 400);
-        token.push_str(&self.header_prefix);
-        URL_SAFE_NO_PAD.encode_string(&claims, &mut token);
-        let signature = self.private.sign(token.as_bytes())?;
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature, &mut token);
-        Ok(token)
+        compact_jws(&self.header_prefix, claims, |message| self.private.sign(message))
     }
+}
+
+/// `header_prefix` (`base64url(header) + "."`), the claims, and the signature over both.
+fn compact_jws<T: Serialize>(
+    header_prefix: &str,
+    claims: &T,
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, SigningKeyError>,
+) -> Result<String, SigningKeyError> {
+    let claims = serde_json::to_vec(claims).map_err(|e| SigningKeyError::Remote(format!("claims: {e}")))?;
+    let mut token = String::with_capacity(header_prefix.len() + claims.len() * 4 / 3 + 400);
+    token.push_str(header_prefix);
+    URL_SAFE_NO_PAD.encode_string(&claims, &mut token);
+    let signature = sign(token.as_bytes())?;
+    token.push('.');
+    URL_SAFE_NO_PAD.encode_string(signature, &mut token);
+    Ok(token)
+}
+
+/// An RSA private key that signs RS256 (RSASSA-PKCS1-v1_5 with SHA-256) through `ring`, for
+/// JWTs whose header a peer prescribes (Snowflake's key-pair JWT has no `kid`).
+pub struct RsaSigningKey {
+    key: ring::signature::RsaKeyPair,
+    header_prefix: String,
+}
+
+impl RsaSigningKey {
+    /// A PKCS#8 (`BEGIN PRIVATE KEY`) or PKCS#1 (`BEGIN RSA PRIVATE KEY`) PEM RSA key; the
+    /// error says what the PEM is instead ("is not a PEM file").
+    pub fn from_pem(pem: &str) -> Result<Self, String> {
+        let PrivateKey::Rsa(key) = PrivateKey::from_pem(pem)? else { return Err("is an EC key, not an RSA key".into()) };
+        let header = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&Header::new(Algorithm::RS256)).map_err(|e| e.to_string())?);
+        Ok(Self { key, header_prefix: format!("{header}.") })
+    }
+
+    /// The public key as a DER SubjectPublicKeyInfo (what `openssl rsa -pubout -outform DER` prints).
+    pub fn public_key_der(&self) -> Option<Vec<u8>> {
+        use spki::der::Encode;
+        let info = spki::SubjectPublicKeyInfoRef {
+            algorithm: pkcs1::ALGORITHM_ID,
+            subject_public_key: spki::der::asn1::BitStringRef::from_bytes(self.key.public().as_ref()).ok()?,
+        };
+        info.to_der().ok()
+    }
+
+    /// A JWT with header `{"typ":"JWT","alg":"RS256"}`.
+    pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, SigningKeyError> {
+        compact_jws(&self.header_prefix, claims, |message| sign_rs256(&self.key, message))
+    }
+}
+
+/// PKCS#1 v1.5 padding is deterministic: the same key and message always give the same signature.
+fn sign_rs256(key: &ring::signature::RsaKeyPair, message: &[u8]) -> Result<Vec<u8>, SigningKeyError> {
+    let mut signature = vec![0; key.public().modulus_len()];
+    key.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), message, &mut signature)
+        .map_err(|_| SigningKeyError::Remote("the signing key refused to sign".into()))?;
+    Ok(signature)
 }
 
 enum PrivateKey {
@@ -187,50 +234,75 @@ enum PrivateKey {
 }
 
 impl PrivateKey {
-    fn from_pem(text: &str, algorithm: Algorithm) -> Option<Self> {
-        let random = ring::rand::SystemRandom::new();
-        match algorithm {
-            Algorithm::ES256 => {
-                use p256::elliptic_curve::sec1::ToEncodedPoint;
-                use p256::pkcs8::DecodePrivateKey;
-                let key = p256::SecretKey::from_pkcs8_pem(text).or_else(|_| p256::SecretKey::from_sec1_pem(text)).ok()?;
-                let public = key.public_key().to_encoded_point(false);
-                ring::signature::EcdsaKeyPair::from_private_key_and_public_key(
-                    &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-                    &key.to_bytes(),
-                    public.as_bytes(),
-                    &random,
-                )
-                .ok()
-                .map(PrivateKey::Ecdsa)
+    /// Parsed by `ring` (RSA) and `p256` (EC); the PEM armour by `der`, into memory that is
+    /// wiped when dropped. The error says what the PEM is instead.
+    fn from_pem(text: &str) -> Result<Self, String> {
+        use p256::pkcs8::DecodePrivateKey;
+        use ring::signature::RsaKeyPair;
+        let (label, document) = spki::der::SecretDocument::from_pem(text).map_err(|_| "is not a PEM file".to_owned())?;
+        let der = document.as_bytes();
+        let unusable = |rejected: ring::error::KeyRejected| {
+            format!("is not a key this broker signs with ({rejected}): RSA of 2048 to 4096 bits, or EC P-256")
+        };
+        match label {
+            "PRIVATE KEY" => match p256::SecretKey::from_pkcs8_der(der) {
+                Ok(key) => Self::ecdsa(&key).map_err(unusable),
+                Err(_) => RsaKeyPair::from_pkcs8(der).map(PrivateKey::Rsa).map_err(unusable),
+            },
+            "RSA PRIVATE KEY" => RsaKeyPair::from_der(der).map(PrivateKey::Rsa).map_err(unusable),
+            "EC PRIVATE KEY" => {
+                Self::ecdsa(&p256::SecretKey::from_sec1_der(der).map_err(|_| "is not an EC P-256 key".to_owned())?).map_err(unusable)
             }
-            _ => {
-                use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
-                use rsa::pkcs8::DecodePrivateKey;
-                let key = rsa::RsaPrivateKey::from_pkcs8_pem(text).or_else(|_| rsa::RsaPrivateKey::from_pkcs1_pem(text)).ok()?;
-                let der = key.to_pkcs1_der().ok()?;
-                ring::signature::RsaKeyPair::from_der(der.as_bytes()).ok().map(PrivateKey::Rsa)
+            other => Err(format!("holds a {other:?}, not a private key")),
+        }
+    }
+
+    fn ecdsa(key: &p256::SecretKey) -> Result<Self, ring::error::KeyRejected> {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let public = key.public_key().to_encoded_point(false);
+        ring::signature::EcdsaKeyPair::from_private_key_and_public_key(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key.to_bytes(),
+            public.as_bytes(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .map(PrivateKey::Ecdsa)
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        match self {
+            PrivateKey::Ecdsa(_) => Algorithm::ES256,
+            PrivateKey::Rsa(_) => Algorithm::RS256,
+        }
+    }
+
+    fn public_jwk(&self) -> Option<Jwk> {
+        use ring::signature::KeyPair;
+        match self {
+            PrivateKey::Ecdsa(key) => ec_jwk(&p256::PublicKey::from_sec1_bytes(key.public_key().as_ref()).ok()?),
+            PrivateKey::Rsa(key) => {
+                let components = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(key.public());
+                rsa_jwk(&components.n, &components.e)
             }
         }
     }
 
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SigningKeyError> {
-        let random = ring::rand::SystemRandom::new();
-        let failed = |_| SigningKeyError::Remote("the signing key refused to sign".into());
         match self {
-            PrivateKey::Ecdsa(key) => Ok(key.sign(&random, message).map_err(failed)?.as_ref().to_vec()),
-            PrivateKey::Rsa(key) => {
-                let mut signature = vec![0; key.public().modulus_len()];
-                key.sign(&ring::signature::RSA_PKCS1_SHA256, &random, message, &mut signature).map_err(failed)?;
-                Ok(signature)
-            }
+            PrivateKey::Ecdsa(key) => Ok(key
+                .sign(&ring::rand::SystemRandom::new(), message)
+                .map_err(|_| SigningKeyError::Remote("the signing key refused to sign".into()))?
+                .as_ref()
+                .to_vec()),
+            PrivateKey::Rsa(key) => sign_rs256(key, message),
         }
     }
 }
 
-fn write_new_rsa_key(path: &Path) -> Result<(), SigningKeyError> {
-    use rsa::pkcs8::{EncodePrivateKey, LineEnding};
-    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).map_err(|e| SigningKeyError::Generate(e.to_string()))?;
+/// An EC P-256 key (ES256): `ring` cannot generate RSA keys, and nothing in dev mode needs RSA.
+fn write_new_key(path: &Path) -> Result<(), SigningKeyError> {
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    let key = p256::SecretKey::random(&mut rand::rngs::OsRng);
     let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| SigningKeyError::Generate(e.to_string()))?;
     let write_error = |source| SigningKeyError::Write { path: path.display().to_string(), source };
     if let Some(parent) = path.parent() {
@@ -250,4 +322,82 @@ fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         options.mode(0o600);
     }
     options.open(path)?.write_all(contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::jwk::ThumbprintHash;
+    use jsonwebtoken::EncodingKey;
+
+    use super::*;
+
+    /// What jsonwebtoken makes of the same private key, as the JWKS showed it before keys were
+    /// parsed without the `rsa` crate: a key keeps its `kid` across the change.
+    fn jsonwebtoken_kid(pem: &str, algorithm: Algorithm) -> String {
+        let encoding = match algorithm {
+            Algorithm::ES256 => EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+            _ => EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+        };
+        Jwk::from_encoding_key(&encoding, algorithm).unwrap().thumbprint(ThumbprintHash::SHA256)
+    }
+
+    #[test]
+    fn every_key_format_keeps_its_kid_and_its_public_pem_gives_the_same_jwk() {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        crate::oidc::install_crypto_provider();
+        let rsa_key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
+        let rsa_public = rsa_key.to_public_key().to_public_key_pem(LineEnding::LF).unwrap();
+        let ec_key = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let ec_public = ec_key.public_key().to_public_key_pem(LineEnding::LF).unwrap();
+        let ec_sec1 = ec_key.to_sec1_pem(LineEnding::LF).unwrap();
+        let rsa_pkcs8 = rsa_key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string();
+        let ec_pkcs8 = ec_key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string();
+        let (rsa_kid, ec_kid) = (jsonwebtoken_kid(&rsa_pkcs8, Algorithm::RS256), jsonwebtoken_kid(&ec_pkcs8, Algorithm::ES256));
+        let cases = [
+            (rsa_pkcs8.clone(), Algorithm::RS256, &rsa_kid, &rsa_public),
+            (rsa_key.to_pkcs1_pem(LineEnding::LF).unwrap().to_string(), Algorithm::RS256, &rsa_kid, &rsa_public),
+            (ec_pkcs8.clone(), Algorithm::ES256, &ec_kid, &ec_public),
+            (ec_sec1.to_string(), Algorithm::ES256, &ec_kid, &ec_public),
+        ];
+        for (pem, algorithm, kid, public_pem) in cases {
+            let key = SigningKey::from_pem(pem.as_bytes()).unwrap();
+            assert_eq!(key.algorithm(), algorithm);
+            assert_eq!(key.kid(), kid, "{pem}");
+            let (from_public, public_algorithm) = public_jwk_from_pem(public_pem).unwrap();
+            assert_eq!((&from_public, public_algorithm), (key.public_jwk(), algorithm));
+            // Signed by ring, checked by jsonwebtoken against the published JWK.
+            let token = key.sign(&serde_json::json!({"sub": "job", "exp": 4_000_000_000u64})).unwrap();
+            let mut validation = jsonwebtoken::Validation::new(algorithm);
+            validation.validate_aud = false;
+            let decoding = jsonwebtoken::DecodingKey::from_jwk(key.public_jwk()).unwrap();
+            jsonwebtoken::decode::<serde_json::Value>(&token, &decoding, &validation).unwrap();
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_usable_private_key_is_refused() {
+        use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        let small = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).unwrap();
+        let public = small.to_public_key().to_public_key_pem(LineEnding::LF).unwrap();
+        for pem in [small.to_pkcs8_pem(LineEnding::LF).unwrap().to_string(), public, "garbage".into(), String::new()] {
+            assert!(SigningKey::from_pem(pem.as_bytes()).is_none(), "{pem}");
+        }
+        assert!(public_jwk_from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").is_none());
+    }
+
+    #[test]
+    fn generated_dev_keys_are_private_p256_keys() {
+        let dir = std::env::temp_dir().join(format!("credbroker-signing-{}", uuid::Uuid::new_v4().simple()));
+        let path = dir.join("keys/dev.pem");
+        let key = SigningKey::load_or_generate(&path, true).unwrap();
+        assert_eq!(key.algorithm(), Algorithm::ES256);
+        assert_eq!(SigningKey::load_or_generate(&path, true).unwrap().kid(), key.kid(), "generated once, then loaded");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -94,34 +94,43 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// The one duration syntax of the whole crate (policies, config, CLI flags, API filters):
-/// plain seconds (`900`) or numbers with units `s`, `m`, `h`, `d`, `w`, largest first or not
-/// (`90s`, `15m`, `1h30m`, `2w`). Returns whole seconds; zero and overflow are refused.
+/// plain seconds (`900`) or numbers with units `s`, `m`, `h`, `d`, `w` (`90s`, `15m`, `1h30m`,
+/// `2w`), and what [`Ttl`]'s `Display` writes (`900 s`): spaces may follow a number or a unit but
+/// never split a number. Returns whole seconds; zero and overflow are refused.
 pub fn parse_duration(raw: &str) -> Result<u64, String> {
     let raw = raw.trim();
     let expected = || format!("invalid duration {raw:?}: expected e.g. 900, 90s, 15m, 1h30m, 7d, 2w");
-    if let Ok(seconds) = raw.parse::<u64>() {
-        return if seconds == 0 { Err(expected()) } else { Ok(seconds) };
+    let too_long = || format!("invalid duration {raw:?}: too long");
+    if raw.is_empty() {
+        return Err(expected());
     }
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    for c in raw.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
+    let number = |digits: &str| digits.parse::<u64>().map_err(|_| too_long());
+    let total = if raw.bytes().all(|b| b.is_ascii_digit()) {
+        number(raw)?
+    } else {
+        let mut total: u64 = 0;
+        let mut rest = raw;
+        while !rest.is_empty() {
+            let (digits, after) = rest.split_at(rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len());
+            let after = after.trim_start();
+            let Some(unit) = after.chars().next() else { return Err(expected()) };
+            let seconds_per_unit: u64 = match unit {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86_400,
+                'w' => 604_800,
+                _ => return Err(format!("invalid duration {raw:?}: unknown unit {unit:?} (use s, m, h, d, w)")),
+            };
+            if digits.is_empty() {
+                return Err(format!("invalid duration {raw:?}: expected a number before {unit:?}"));
+            }
+            total = number(digits)?.checked_mul(seconds_per_unit).and_then(|part| total.checked_add(part)).ok_or_else(too_long)?;
+            rest = after[unit.len_utf8()..].trim_start();
         }
-        let unit: u64 = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 604_800,
-            _ => return Err(format!("invalid duration {raw:?}: unknown unit {c:?} (use s, m, h, d, w)")),
-        };
-        let value: u64 = digits.parse().map_err(|_| format!("invalid duration {raw:?}: expected a number before {c:?}"))?;
-        total = value.checked_mul(unit).and_then(|part| total.checked_add(part)).ok_or_else(|| format!("invalid duration {raw:?}: too long"))?;
-        digits.clear();
-    }
-    if !digits.is_empty() || total == 0 {
+        total
+    };
+    if total == 0 {
         return Err(expected());
     }
     Ok(total)
@@ -224,6 +233,55 @@ mod tests {
     fn ttl_rejects_zero_garbage_and_trailing_digits() {
         for bad in ["0", "", "15x", "m", "10m5", "-5", "8d"] {
             assert!(Ttl::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn ttl_reads_what_it_writes_and_spaces_around_units() {
+        assert_eq!(Ttl::parse("900 s").unwrap().seconds(), 900);
+        assert_eq!(Ttl::parse("1h 30m").unwrap().seconds(), 5400);
+        for bad in ["1 5m", "+900", "15 x", "1h 5"] {
+            assert!(Ttl::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ttl_parse_never_panics(raw in proptest::prelude::any::<String>()) {
+            let _ = Ttl::parse(&raw);
+        }
+
+        #[test]
+        fn ttl_parse_round_trips_what_ttl_formats(seconds in 1..=u64::from(Ttl::MAX_SECONDS)) {
+            let ttl = Ttl::from_seconds(seconds).unwrap();
+            proptest::prop_assert_eq!(Ttl::parse(&ttl.to_string()), Ok(ttl));
+            let (days, hours, minutes, rest) = (seconds / 86400, seconds % 86400 / 3600, seconds % 3600 / 60, seconds % 60);
+            proptest::prop_assert_eq!(Ttl::parse(&format!("{days}d{hours}h{minutes}m{rest}s")), Ok(ttl));
+            proptest::prop_assert_eq!(Ttl::parse(&seconds.to_string()), Ok(ttl));
+        }
+
+        #[test]
+        fn ttl_parse_rejects_anything_but_numbers_units_and_spaces(
+            head in "[0-9smhd ]{0,6}",
+            garbage in "[^0-9smhd\\s]",
+            tail in "[0-9smhd ]{0,6}",
+        ) {
+            let raw = format!("{head}{garbage}{tail}");
+            proptest::prop_assert!(Ttl::parse(&raw).is_err(), "{:?} accepted", raw);
+        }
+
+        #[test]
+        fn ttl_parse_multiplies_a_number_by_its_unit_within_a_week(
+            number in 0u64..2_000_000,
+            (unit, seconds_per_unit) in proptest::sample::select(vec![("", 1u64), ("s", 1), (" s", 1), ("m", 60), ("h", 3600), ("d", 86400)]),
+        ) {
+            let seconds = number * seconds_per_unit;
+            let parsed = Ttl::parse(&format!("{number}{unit}")).map(Ttl::seconds);
+            if (1..=u64::from(Ttl::MAX_SECONDS)).contains(&seconds) {
+                proptest::prop_assert_eq!(parsed, Ok(seconds as u32));
+            } else {
+                proptest::prop_assert!(parsed.is_err());
+            }
         }
     }
 

@@ -576,3 +576,122 @@ async fn direct_database_reads_are_recorded_or_refused() {
         .unwrap_err();
     assert!(forged.to_string().contains("permission denied"), "{forged}");
 }
+
+// ---------------------------------------------------------------- project_path globs
+
+/// A piece of a generated glob: a literal character or a wildcard.
+#[derive(Debug, Clone)]
+enum GlobPiece {
+    Char(char),
+    Segment,
+    Any,
+}
+
+/// Letters, the separator, and every character LIKE or a Postgres regex treats specially.
+const GLOB_ALPHABET: &[char] = &['a', 'b', '/', '.', '_', '%', '\\', '-', '[', ']', '(', ')', '{', '}', '^', '$', '+', '?', '|', '<', '>', ' ', 'é', '1', '*', '\''];
+
+fn glob_piece() -> impl proptest::strategy::Strategy<Value = GlobPiece> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => prop::sample::select(GLOB_ALPHABET).prop_filter("wildcards are pieces of their own", |c| *c != '*').prop_map(GlobPiece::Char),
+        1 => Just(GlobPiece::Segment),
+        1 => Just(GlobPiece::Any),
+    ]
+}
+
+fn glob_text() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    prop::collection::vec(prop::sample::select(GLOB_ALPHABET), 0..6).prop_map(|chars| chars.into_iter().collect())
+}
+
+/// The audit query's `project_path` filter is a policy glob translated to SQL (a LIKE prefix
+/// for the index, then a regex): for any pattern and any paths, Postgres must select exactly
+/// the rows whose path the policy glob matches. Paths are mostly the pattern with its
+/// wildcards filled in (so that some match), plus arbitrary ones.
+#[test]
+fn project_path_filters_select_exactly_what_the_policy_glob_matches() {
+    use credbroker::audit::query::IssuanceFilter;
+    use credbroker::policy::Glob;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (store, pool) = runtime.block_on(async {
+        let url = common::fresh_database().await;
+        let store = credbroker::audit::PgAudit::connect(&secrecy::SecretString::from(url.clone()), 2, Duration::from_secs(5)).unwrap();
+        credbroker::audit::migrate(store.pool()).await.unwrap();
+        (store, PgPool::connect(&url).await.unwrap())
+    });
+    let cases = (
+        prop::collection::vec(glob_piece(), 1..8),
+        prop::collection::vec(prop::collection::vec(glob_text(), 8), 0..4),
+        prop::collection::vec(glob_text(), 0..4),
+    );
+    let mut runner = TestRunner::new(Config { cases: 160, failure_persistence: None, ..Config::default() });
+    let case = std::cell::Cell::new(0);
+    let outcome = runner.run(&cases, |(pieces, fillings, others)| {
+        case.set(case.get() + 1);
+        let pattern: String = pieces
+            .iter()
+            .map(|piece| match piece {
+                GlobPiece::Char(c) => c.to_string(),
+                GlobPiece::Segment => "*".into(),
+                GlobPiece::Any => "**".into(),
+            })
+            .collect();
+        // The API trims filter values; a policy pattern is what it is.
+        prop_assume!(pattern.trim() == pattern && !pattern.is_empty());
+        let filled = fillings.iter().map(|filling| {
+            pieces
+                .iter()
+                .enumerate()
+                .map(|(index, piece)| match piece {
+                    GlobPiece::Char(c) => c.to_string(),
+                    GlobPiece::Segment | GlobPiece::Any => filling[index % filling.len()].clone(),
+                })
+                .collect::<String>()
+        });
+        let paths: BTreeSet<String> = filled.chain(others).chain([pattern.clone()]).collect();
+        let role = format!("glob-case-{}", case.get());
+        let now = time::OffsetDateTime::now_utc();
+        let glob = Glob::parse(&pattern);
+        let filter = IssuanceFilter::parse([("role", role.as_str()), ("project_path", pattern.as_str()), ("limit", "1000")], now);
+        let (glob, filter) = match (glob, filter) {
+            (Ok(glob), Ok(filter)) => (glob, filter),
+            (Err(_), Err(_)) => return Ok(()),
+            (glob, filter) => {
+                return Err(TestCaseError::fail(format!("{pattern:?}: the policy says {glob:?}, the audit filter {:?}", filter.err())))
+            }
+        };
+        let selected = runtime.block_on(async {
+            let ids: Vec<Uuid> = paths.iter().map(|_| Uuid::new_v4()).collect();
+            let all: Vec<&String> = paths.iter().collect();
+            sqlx::query(
+                "insert into audit_events (id, occurred_at, request_id, decision, role, project_path)
+                 select unnest($1::uuid[]), now(), 'seed', 'denied', $3, unnest($2::text[])",
+            )
+            .bind(&ids)
+            .bind(&all)
+            .bind(&role)
+            .execute(&pool)
+            .await
+            .unwrap();
+            // Rows show once every older transaction on the cluster has finished.
+            let everything = IssuanceFilter::parse([("role", role.as_str()), ("limit", "1000")], now).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while store.query_issuances(&everything).await.unwrap().items.len() < ids.len() {
+                assert!(Instant::now() < deadline, "seeded rows never became visible");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let by_id: std::collections::HashMap<Uuid, String> = ids.into_iter().zip(paths.iter().cloned()).collect();
+            let page = store.query_issuances(&filter).await.unwrap();
+            page.items.iter().map(|item| by_id[&item.id].clone()).collect::<BTreeSet<String>>()
+        });
+        let matched: BTreeSet<String> = paths.iter().filter(|path| glob.matches(path)).cloned().collect();
+        prop_assert_eq!(&selected, &matched, "pattern {:?}", pattern);
+        Ok(())
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
+    }
+}

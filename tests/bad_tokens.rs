@@ -12,7 +12,16 @@ fn b64(value: &Value) -> String {
     URL_SAFE_NO_PAD.encode(value.to_string())
 }
 
-async fn assert_refused(app: &TestApp, case: &str, token: &str, status: u16, code: &str) {
+/// A JWS with exactly this header, signed RS256 by the test issuer's published key.
+fn signed_with_header(header: &Value, claims: &Value) -> String {
+    let message = format!("{}.{}", b64(header), b64(claims));
+    let key = EncodingKey::from_rsa_pem(common::rsa_pem(0).as_bytes()).unwrap();
+    let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::RS256).unwrap();
+    format!("{message}.{signature}")
+}
+
+/// The problem's body, once status, code, challenge and the audit row are as they must be.
+async fn assert_refused(app: &TestApp, case: &str, token: &str, status: u16, code: &str) -> Value {
     let request_id = format!("case-{}", case.replace(' ', "-"));
     let response = app
         .client
@@ -37,6 +46,7 @@ async fn assert_refused(app: &TestApp, case: &str, token: &str, status: u16, cod
     assert_eq!(row["code"], code, "{case}");
     assert_eq!(row["request_id"], request_id, "{case}");
     assert!(row["claims"].is_null(), "{case}: unverified claims are not stored as if they were facts");
+    body
 }
 
 #[tokio::test]
@@ -77,6 +87,7 @@ async fn bad_token_matrix() {
         ("unknown kid", unknown_kid, 401, "invalid_token"),
         ("expired", issuer.token_with(json!({"exp": now - 120, "iat": now - 400, "nbf": now - 400})), 401, "invalid_token"),
         ("not yet valid", issuer.token_with(json!({"nbf": now + 600})), 401, "invalid_token"),
+        ("missing nbf", issuer.token_with(json!({"nbf": null})), 401, "invalid_token"),
         ("issued in the future", issuer.token_with(json!({"iat": now + 600})), 401, "invalid_token"),
         ("wrong audience", issuer.token_with(json!({"aud": "someone-else"})), 401, "invalid_token"),
         ("missing audience", issuer.token_with(json!({"aud": null})), 401, "invalid_token"),
@@ -92,6 +103,66 @@ async fn bad_token_matrix() {
     }
     // The good token still works after all that.
     assert_eq!(app.exchange(&good, json!({"role": "orders-producer"})).await.0, 200);
+}
+
+/// RFC 7515 section 4.1.11: `crit` lists extensions the recipient must understand; the broker
+/// understands none, and an empty or malformed `crit` is invalid in itself. Signed by the
+/// issuer's real key, so `crit` is the only thing wrong.
+#[tokio::test]
+async fn critical_header_extensions_are_refused() {
+    let app = TestApp::spawn().await;
+    let kid = app.issuer.key(0).kid().to_owned();
+    let claims = || Value::Object(app.issuer.claims());
+    let header = |crit: Option<Value>| {
+        let mut header = json!({"alg": "RS256", "typ": "JWT", "kid": kid});
+        if let Some(crit) = crit {
+            header["crit"] = crit;
+            header["urn:example:must-understand"] = json!("1");
+        }
+        header
+    };
+    let cases = [
+        ("crit names an unknown extension", json!(["urn:example:must-understand"]), "marks extensions"),
+        ("crit names a registered parameter", json!(["exp"]), "marks extensions"),
+        ("crit is empty", json!([]), "non-empty list"),
+        ("crit is not a list", json!("urn:example:must-understand"), "non-empty list"),
+        ("crit lists a number", json!([7]), "non-empty list"),
+        ("crit is null", Value::Null, "non-empty list"),
+    ];
+    for (case, crit, says) in cases {
+        let token = signed_with_header(&header(Some(crit)), &claims());
+        let body = assert_refused(&app, case, &token, 401, "invalid_token").await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains("`crit`") && detail.contains(says), "{case}: {detail}");
+    }
+    let plain = signed_with_header(&header(None), &claims());
+    assert_eq!(app.exchange(&plain, json!({"role": "orders-producer"})).await.0, 200, "the same token without crit is fine");
+}
+
+/// `nbf`: required from issuers by default (GitLab always sends it); `require_nbf = false`
+/// accepts a generic identity provider's tokens without one, and still checks one that is there.
+#[tokio::test]
+async fn nbf_is_required_unless_the_issuer_is_configured_not_to_send_it() {
+    let generic = common::TestIssuer::start().await;
+    let tables = format!("[[issuers]]\nname = \"generic\"\nissuer = \"{}\"\nrequire_nbf = false\n", generic.url);
+    let policies = format!(
+        "{}\n[[role]]\nname = \"generic-producer\"\nbackend = \"kafka\"\nissuer = \"generic\"\ndefault_ttl = \"5m\"\nmax_ttl = \"1h\"\n\
+         principal = \"ci:{{sub}}\"\n[role.claims]\nproject_path = \"platform/orders\"\n",
+        common::POLICIES
+    );
+    let app = TestApp::spawn_full("", &tables, &policies, None).await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let request = json!({"role": "generic-producer"});
+
+    let (status, _, body) = app.exchange(&generic.token_with(json!({"nbf": null})), request.clone()).await;
+    assert_eq!(status, 200, "a generic issuer's token without nbf: {body}");
+    let (status, _, body) = app.exchange(&generic.token_with(json!({"nbf": now + 600})), request.clone()).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("invalid_token")), "a present nbf is still checked: {body}");
+    assert_eq!(app.exchange(&generic.token(), request).await.0, 200);
+
+    let (status, _, body) = app.exchange(&app.issuer.token_with(json!({"nbf": null})), json!({"role": "orders-producer"})).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("invalid_token")), "the GitLab issuer still requires it: {body}");
+    assert!(body["detail"].as_str().unwrap().contains("`nbf`"), "{body}");
 }
 
 #[tokio::test]

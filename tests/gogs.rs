@@ -831,6 +831,37 @@ async fn combined_mode_needs_the_automation_identity_and_a_matching_delivery_tok
     assert_eq!(status, 403, "{body}");
 }
 
+/// A delivery token re-signed with the broker's own key but a `crit` header is refused (RFC
+/// 7515 section 4.1.11); the same claims and key without `crit` are accepted, so `crit` is the
+/// only thing wrong with it.
+#[tokio::test]
+async fn delivery_tokens_with_critical_header_extensions_are_refused() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let gogs = spawn().await;
+    let sent = gogs.push("relay", &new_id(), &push_payload("refs/heads/main", MAIN_SHA, "alice")).await;
+    let genuine = sent.body["delivery_token"].as_str().unwrap().to_owned();
+    let kid = jsonwebtoken::decode_header(&genuine).unwrap().kid.unwrap();
+    let claims = genuine.split('.').nth(1).unwrap().to_owned();
+    let resign = |header: Value| {
+        let message = format!("{}.{claims}", URL_SAFE_NO_PAD.encode(header.to_string()));
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(rsa_pem(1).as_bytes()).unwrap();
+        let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key, jsonwebtoken::Algorithm::RS256).unwrap();
+        format!("{message}.{signature}")
+    };
+
+    let critical = resign(json!({"alg": "RS256", "typ": "JWT", "kid": kid, "crit": ["urn:example:must-understand"], "urn:example:must-understand": "1"}));
+    let (status, _, body) = gogs.app.exchange(&critical, json!({"role": "warehouse-deploy"})).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("invalid_token")), "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("`crit`"), "{body}");
+    let (status, _, body) = gogs.app.exchange(&resign(json!({"alg": "RS256", "typ": "JWT", "kid": kid, "crit": []})), json!({"role": "warehouse-deploy"})).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("invalid_token")), "{body}");
+
+    let plain = resign(json!({"alg": "RS256", "typ": "JWT", "kid": kid}));
+    let (status, _, body) = gogs.app.exchange(&plain, json!({"role": "warehouse-deploy"})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// A sink that refuses while `down` is set: the publisher's claim, backoff and ordering rules
 /// on their own (the real Kafka sink against a real broker is tests/events_kafka.rs).
 #[derive(Default)]

@@ -372,6 +372,32 @@ async fn a_job_ends_its_own_session_early_and_nobody_elses() {
     assert_eq!(whoami(&lk.looker, &token).await.unwrap()["id"], "42");
 }
 
+/// `credbroker exec` whose command cannot start (exit 5) still ends the session it obtained,
+/// through the same `DELETE /v1/credentials/{id}` it uses at the command's exit.
+#[tokio::test]
+async fn exec_ends_the_session_it_obtained_when_the_command_cannot_start() {
+    let lk = spawn().await;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_credbroker"));
+    command
+        .args(["exec", "--url", &lk.app.url, "--role", "looker-by-id", "--", "/nonexistent/command"])
+        .env("CREDBROKER_ID_TOKEN", lk.app.issuer.token())
+        .env_remove("CREDBROKER_CONFIG")
+        .stdin(Stdio::null());
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("cannot run \"/nonexistent/command\""), "{stderr}");
+
+    let issued: Vec<String> = sqlx::query_scalar("select id::text from audit_events where decision = 'issued' and role = 'looker-by-id'")
+        .fetch_all(&lk.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    assert_eq!(lk.looker.live_sessions_of("42"), 0, "the session exec obtained outlived it");
+    assert!(lk.looker.logouts().iter().any(|session| session.user_id == "42"), "Looker was never told to end it");
+    assert_revoked_and_forgotten(&lk.app.pool, &issued[0]).await;
+}
+
 #[tokio::test]
 async fn a_looker_backend_without_a_revocation_key_is_refused_at_startup() {
     let secrets = common::temp_dir();

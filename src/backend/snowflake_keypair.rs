@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use base64::Engine;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
+use crate::signing::RsaSigningKey;
 use super::{table_string, Backend, BackendError, BuildContext, Credential, EnvValue, MintRequest};
 use crate::config::ConfigError;
 use crate::policy::{Param, ParamSchema, ParamShape, PolicyError, Role};
@@ -68,7 +68,8 @@ struct KeySlot {
 }
 
 struct ParsedKey {
-    encoding: EncodingKey,
+    /// Signs through `ring`, never the `rsa` crate (RUSTSEC-2023-0071).
+    signer: RsaSigningKey,
     /// `SHA256:<base64>` exactly as Snowflake shows it in DESCRIBE USER (RSA_PUBLIC_KEY_FP).
     fingerprint: String,
 }
@@ -206,25 +207,20 @@ fn url_account(raw: &str) -> String {
 }
 
 /// `SHA256:<base64 of the SHA-256 of the DER SubjectPublicKeyInfo>`, as Snowflake computes it.
-pub fn public_key_fingerprint(public_key: &rsa::RsaPublicKey) -> Result<String, String> {
-    use rsa::pkcs8::EncodePublicKey;
+fn public_key_fingerprint(spki_der: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    let der = public_key.to_public_key_der().map_err(|e| e.to_string())?;
-    Ok(format!("SHA256:{}", base64::engine::general_purpose::STANDARD.encode(Sha256::digest(der.as_bytes()))))
+    format!("SHA256:{}", base64::engine::general_purpose::STANDARD.encode(Sha256::digest(spki_der)))
 }
 
 fn parse_private_key(pem: &str) -> Result<ParsedKey, String> {
-    use rsa::pkcs1::DecodeRsaPrivateKey;
-    use rsa::pkcs8::DecodePrivateKey;
     if pem.contains("ENCRYPTED PRIVATE KEY") {
         return Err("is an encrypted PEM key; store it unencrypted where only the broker can read it (Vault KV or a 0600 file)".into());
     }
-    let key = rsa::RsaPrivateKey::from_pkcs8_pem(pem)
-        .or_else(|_| rsa::RsaPrivateKey::from_pkcs1_pem(pem))
-        .map_err(|_| "is not a PEM RSA private key (PKCS#8 \"BEGIN PRIVATE KEY\" or PKCS#1 \"BEGIN RSA PRIVATE KEY\")".to_owned())?;
-    let fingerprint = public_key_fingerprint(&key.to_public_key())?;
-    let encoding = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
-    Ok(ParsedKey { encoding, fingerprint })
+    let signer = RsaSigningKey::from_pem(pem).map_err(|problem| {
+        format!("{problem}: expected a PEM RSA private key (PKCS#8 \"BEGIN PRIVATE KEY\" or PKCS#1 \"BEGIN RSA PRIVATE KEY\")")
+    })?;
+    let fingerprint = public_key_fingerprint(&signer.public_key_der().ok_or("its public key cannot be encoded")?);
+    Ok(ParsedKey { signer, fingerprint })
 }
 
 impl KeySlot {
@@ -298,8 +294,7 @@ impl Backend for SnowflakeKeypair {
         // enforced here too rather than trusted to the policy layer.
         let exp = request.expires_at.unix_timestamp().min(iat + SNOWFLAKE_MAX_JWT_SECONDS as i64);
         let claims = Claims { iss: &issuer, sub: &qualified_user, iat, exp };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &key.encoding)
-            .map_err(|e| self.failed(format!("signing the JWT for {user} failed: {e}")))?;
+        let token = key.signer.sign(&claims).map_err(|e| self.failed(format!("signing the JWT for {user} failed: {e}")))?;
 
         let host = url::Url::parse(&self.url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
         let mut credential = Credential::new("token", SecretString::from(token))
@@ -366,6 +361,55 @@ mod tests {
         }
         for bad in ["", "  ", "acme prod", "acme/prod", "acme..prod", ".acme", "acme.", "acmé", "\"acme\""] {
             assert!(jwt_account(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// The JWT is what the `rsa` crate (through jsonwebtoken, as before) would sign, byte for
+    /// byte: RSASSA-PKCS1-v1_5 is deterministic, so ring's signature must equal it exactly; the
+    /// `rsa` crate also verifies it against the public key alone, and the fingerprint is the
+    /// SHA-256 of the public key's DER SubjectPublicKeyInfo as `rsa` encodes it.
+    #[test]
+    fn jwts_are_signed_by_ring_exactly_as_pkcs1_v1_5_prescribes() {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+        use rsa::sha2::{Digest, Sha256};
+        crate::oidc::install_crypto_provider();
+        let private = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
+        let pkcs8 = private.to_pkcs8_pem(LineEnding::LF).unwrap();
+        let pkcs1 = private.to_pkcs1_pem(LineEnding::LF).unwrap();
+        let key = parse_private_key(&pkcs8).unwrap();
+        let issuer = format!("MYORG-ANALYTICS.CI_LOADER.{}", key.fingerprint);
+        let claims = Claims { iss: &issuer, sub: "MYORG-ANALYTICS.CI_LOADER", iat: 1_700_000_000, exp: 1_700_003_600 };
+
+        let token = key.signer.sign(&claims).unwrap();
+        assert_eq!(token, key.signer.sign(&claims).unwrap(), "the same claims give the same JWT");
+        assert_eq!(token, parse_private_key(&pkcs1).unwrap().signer.sign(&claims).unwrap(), "PKCS#1 and PKCS#8 files sign alike");
+        let reference = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(pkcs8.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(token, reference);
+
+        let (signing_input, signature) = token.rsplit_once('.').unwrap();
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(signing_input.split('.').next().unwrap()).unwrap();
+        assert_eq!(header, br#"{"typ":"JWT","alg":"RS256"}"#);
+        let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(signature).unwrap();
+        let public = private.to_public_key();
+        public.verify(rsa::Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(signing_input.as_bytes()), &signature).unwrap();
+
+        let der = public.to_public_key_der().unwrap();
+        assert_eq!(key.fingerprint, format!("SHA256:{}", base64::engine::general_purpose::STANDARD.encode(Sha256::digest(der.as_bytes()))));
+    }
+
+    #[test]
+    fn keys_that_are_not_rsa_private_keys_are_refused_saying_what_they_are() {
+        let ec = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let ec_pem = p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&ec, p256::pkcs8::LineEnding::LF).unwrap();
+        for (pem, says) in [(ec_pem.as_str(), "is an EC key"), ("not a key", "is not a PEM file"), ("-----BEGIN ENCRYPTED PRIVATE KEY-----", "encrypted")] {
+            let error = parse_private_key(pem).err().unwrap();
+            assert!(error.contains(says), "{error}");
         }
     }
 

@@ -4,8 +4,8 @@
 //! `ROLE.env`, mode 0600, in a private temp dir), re-exchanges before a credential expires
 //! while the job's deadline allows (the new one replaces the files; each renewal names the
 //! first issuance) and then revokes the credential it replaced, forwards signals to CMD,
-//! revokes what it still holds when CMD exits, and exits with CMD's status (128 + N when CMD
-//! died of signal N).
+//! revokes what it still holds when CMD exits (or when exec fails, CMD not starting included),
+//! and exits with CMD's status (128 + N when CMD died of signal N).
 //!
 //! A process's environment cannot be changed from outside, so CMD's environment keeps the
 //! first credential; after a renewal only the files hold a live one (the first is revoked
@@ -39,7 +39,7 @@ first credential, which stops working at that first renewal (revocable backends)
 expiry. A tool that runs longer than one credential lifetime must read the file, not the variable.
 
 When CMD exits, exec revokes what it still holds and exits with CMD's status (128 + N if CMD died \
-of signal N; 5 if CMD could not be started).")]
+of signal N; 5 if CMD could not be started, after revoking what it had obtained).")]
 pub struct ExecArgs {
     /// The broker's URL.
     #[arg(long, env = "CREDBROKER_URL")]
@@ -110,28 +110,33 @@ async fn exec(args: &ExecArgs) -> Result<u8, (u8, String)> {
     outcome
 }
 
+/// Every credential minted is released before exec exits, whatever ends it: the command's
+/// exit, or exec failing before or while the command runs (a command that cannot start).
 async fn supervise(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path) -> Result<u8, (u8, String)> {
     let mut held: Vec<Held> = Vec::new();
+    let outcome = run_with_credentials(args, token, ttl, dir, &mut held).await;
+    revoke_all(args, token, &held).await;
+    outcome
+}
+
+/// Obtains the credentials and runs the command with them; everything minted is in `held`.
+async fn run_with_credentials(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path, held: &mut Vec<Held>) -> Result<u8, (u8, String)> {
     let mut env = BTreeMap::new();
     for role in &args.roles {
-        match obtain(args, token, role, ttl, None).await {
-            Ok(reply) => {
-                write_files(dir, role, &reply).map_err(|e| (EXEC_FAILED, format!("cannot write the credential files: {e}")))?;
-                for (name, value) in reply["env"].as_object().into_iter().flatten() {
-                    if let Some(value) = value.as_str() {
-                        env.insert(name.clone(), value.to_owned());
-                    }
-                }
-                held.push(holding(role, &reply)?);
-            }
-            Err(error) => {
-                revoke_all(args, token, &held).await;
-                return Err(error);
+        let reply = obtain(args, token, role, ttl, None).await?;
+        held.push(Held::new(role, &reply));
+        held.last_mut().expect("just pushed").schedule(&reply)?;
+        write_files(dir, role, &reply).map_err(|e| (EXEC_FAILED, format!("cannot write the credential files: {e}")))?;
+        for (name, value) in reply["env"].as_object().into_iter().flatten() {
+            if let Some(value) = value.as_str() {
+                env.insert(name.clone(), value.to_owned());
             }
         }
     }
     env.insert("CREDBROKER_CREDENTIALS_DIR".into(), dir.display().to_string());
 
+    // Listening before the command starts: a failure here must not leave it running unsupervised.
+    let mut signals = Signals::new().map_err(|e| (EXEC_FAILED, format!("cannot listen for signals: {e}")))?;
     let mut child = std::process::Command::new(&args.command[0])
         .args(&args.command[1..])
         .envs(&env)
@@ -142,7 +147,6 @@ async fn supervise(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path) -
     std::thread::spawn(move || {
         let _ = exited_tx.send(child.wait());
     });
-    let mut signals = Signals::new().map_err(|e| (EXEC_FAILED, format!("cannot listen for signals: {e}")))?;
 
     let status = loop {
         let next = held.iter().filter_map(|h| h.renew_at).min();
@@ -161,7 +165,6 @@ async fn supervise(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path) -
             }
         }
     };
-    revoke_all(args, token, &held).await;
     let status = status.map_err(|e| (EXEC_FAILED, format!("cannot wait for the command: {e}")))?;
     use std::os::unix::process::ExitStatusExt;
     Ok(match (status.code(), status.signal()) {
@@ -171,20 +174,34 @@ async fn supervise(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path) -
     })
 }
 
-fn holding(role: &str, reply: &Value) -> Result<Held, (u8, String)> {
-    let issuance = reply["issuance_id"].as_str().unwrap_or_default().to_owned();
-    let obtained_at = OffsetDateTime::now_utc();
-    let expires_at = timestamp(reply, "expires_at")?;
-    let job_deadline = timestamp(reply, "job_deadline")?;
-    Ok(Held {
-        role: role.to_owned(),
-        first_issuance: issuance.clone(),
-        issuances: vec![issuance],
-        obtained_at,
-        expires_at,
-        job_deadline,
-        renew_at: next_renewal(obtained_at, expires_at, job_deadline),
-    })
+impl Held {
+    /// Held from the moment it is minted, so that every way out releases it.
+    fn new(role: &str, reply: &Value) -> Self {
+        let issuance = reply["issuance_id"].as_str().unwrap_or_default().to_owned();
+        let now = OffsetDateTime::now_utc();
+        Held {
+            role: role.to_owned(),
+            first_issuance: issuance.clone(),
+            issuances: vec![issuance],
+            obtained_at: now,
+            expires_at: now,
+            job_deadline: now,
+            renew_at: None,
+        }
+    }
+
+    /// Takes the lifetime of a credential just obtained and plans its renewal; an answer
+    /// without valid times is never renewed.
+    fn schedule(&mut self, reply: &Value) -> Result<(), (u8, String)> {
+        self.renew_at = None;
+        let expires_at = timestamp(reply, "expires_at")?;
+        let job_deadline = timestamp(reply, "job_deadline")?;
+        self.obtained_at = OffsetDateTime::now_utc();
+        self.expires_at = expires_at;
+        self.job_deadline = job_deadline;
+        self.renew_at = next_renewal(self.obtained_at, expires_at, job_deadline);
+        Ok(())
+    }
 }
 
 async fn obtain(args: &ExecArgs, token: &str, role: &str, ttl: Option<Ttl>, renews: Option<&str>) -> Result<Value, (u8, String)> {
@@ -208,15 +225,8 @@ async fn renew(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path, entry
                 eprintln!("credbroker exec: cannot write the renewed credential for {}: {error}", entry.role);
             }
             let issuance = reply["issuance_id"].as_str().unwrap_or_default().to_owned();
-            match (timestamp(&reply, "expires_at"), timestamp(&reply, "job_deadline")) {
-                (Ok(expires_at), Ok(job_deadline)) => {
-                    entry.obtained_at = OffsetDateTime::now_utc();
-                    entry.expires_at = expires_at;
-                    entry.job_deadline = job_deadline;
-                    entry.renew_at = next_renewal(entry.obtained_at, expires_at, job_deadline);
-                }
-                _ => entry.renew_at = None,
-            }
+            // Without valid times the renewed credential is kept to the end but not renewed again.
+            let _ = entry.schedule(&reply);
             let superseded = std::mem::take(&mut entry.issuances);
             entry.issuances.push(issuance.clone());
             if written.is_err() {

@@ -92,6 +92,9 @@ pub struct IssuerConfig {
     pub jwks_uri: Option<Url>,
     /// Restricts accepted algorithms further than what the issuer's keys declare.
     pub algorithms: Option<Vec<Algorithm>>,
+    /// Tokens without `nbf` are refused (GitLab always sends it); false for identity providers
+    /// that omit it, whose `nbf` is then still checked when present.
+    pub require_nbf: bool,
 }
 
 /// How decisions reach Postgres (see `audit::group_commit`).
@@ -214,6 +217,8 @@ struct RawIssuer {
     issuer: String,
     jwks_uri: Option<String>,
     algorithms: Option<Vec<String>>,
+    #[serde(default = "defaults::require_nbf")]
+    require_nbf: bool,
 }
 
 #[derive(Deserialize)]
@@ -246,6 +251,9 @@ mod defaults {
     }
     pub fn jwks_min_refetch_seconds() -> u64 {
         30
+    }
+    pub fn require_nbf() -> bool {
+        true
     }
     pub fn max_uses_per_token() -> u32 {
         1
@@ -409,7 +417,7 @@ impl Config {
                 .map(|names| names.iter().map(|n| parse_asymmetric_algorithm(n)).collect::<Result<Vec<_>, _>>())
                 .transpose()
                 .map_err(|m| err(&key("algorithms"), m))?;
-            issuers.push(IssuerConfig { name, issuer: issuer.issuer, jwks_uri, algorithms });
+            issuers.push(IssuerConfig { name, issuer: issuer.issuer, jwks_uri, algorithms, require_nbf: issuer.require_nbf });
         }
         let mut backends = Vec::new();
         for (name, value) in raw.backends {

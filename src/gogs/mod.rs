@@ -451,6 +451,7 @@ impl Gogs {
         if token.len() > crate::oidc::MAX_TOKEN_BYTES {
             return Err(VerifyError::TooLarge);
         }
+        crate::oidc::reject_critical_extensions(token)?;
         let header = jsonwebtoken::decode_header(token).map_err(|e| VerifyError::Malformed(e.to_string()))?;
         let kid = header.kid.ok_or_else(|| VerifyError::Malformed("header has no `kid`".into()))?;
         let keys = self.signer.published_keys();
@@ -462,7 +463,8 @@ impl Gogs {
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&self.issuer_url]);
         validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["iss", "aud", "exp", "sub", "jti"]);
+        // The broker mints every delivery token with `nbf`.
+        validation.set_required_spec_claims(&["iss", "aud", "exp", "sub", "jti", "nbf"]);
         validation.leeway = self.leeway_seconds;
         validation.validate_nbf = true;
         let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)

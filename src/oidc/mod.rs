@@ -1,6 +1,6 @@
 //! Verifies job tokens: only configured issuers, only asymmetric algorithms their keys
-//! declare, `iss`/`aud`/`exp`/`nbf`/`iat` checked with bounded leeway. No network call
-//! happens before the claimed issuer is known to be one of ours.
+//! declare, no critical header extensions, `iss`/`aud`/`exp`/`nbf`/`iat` checked with bounded
+//! leeway. No network call happens before the claimed issuer is known to be one of ours.
 
 mod fetch;
 mod keys;
@@ -9,7 +9,6 @@ mod rsa_verify;
 pub use rsa_verify::install as install_crypto_provider;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -18,8 +17,8 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-pub use fetch::DiscoveryClient;
-pub use keys::IssuerKeys;
+use fetch::DiscoveryClient;
+use keys::IssuerKeys;
 
 use crate::config::IssuerConfig;
 use crate::types::{sha256_hex, IssuerName};
@@ -70,8 +69,14 @@ pub struct VerifiedToken {
     pub token_sha256: String,
 }
 
+/// A configured issuer: its keys and what its tokens must carry.
+struct TrustedIssuer {
+    keys: IssuerKeys,
+    require_nbf: bool,
+}
+
 pub struct Verifier {
-    by_issuer_url: HashMap<String, Arc<IssuerKeys>>,
+    by_issuer_url: HashMap<String, TrustedIssuer>,
     audience: String,
     leeway_seconds: u64,
 }
@@ -98,7 +103,7 @@ impl Verifier {
                     jwks_min_refetch,
                     client.clone(),
                 );
-                (issuer.issuer.clone(), Arc::new(keys))
+                (issuer.issuer.clone(), TrustedIssuer { keys, require_nbf: issuer.require_nbf })
             })
             .collect();
         Ok(Self { by_issuer_url, audience, leeway_seconds })
@@ -115,16 +120,18 @@ impl Verifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(VerifyError::TooLarge);
         }
+        reject_critical_extensions(token)?;
         let header = jsonwebtoken::decode_header(token).map_err(|e| VerifyError::Malformed(e.to_string()))?;
         let claims = unverified_claims(token)?;
         let claimed_issuer = claims
             .get("iss")
             .and_then(Value::as_str)
             .ok_or_else(|| VerifyError::MissingClaim("iss".into()))?;
-        let issuer = self
+        let trusted = self
             .by_issuer_url
             .get(claimed_issuer)
             .ok_or_else(|| VerifyError::UntrustedIssuer(claimed_issuer.chars().take(256).collect()))?;
+        let issuer = &trusted.keys;
         tracing::Span::current().record("issuer", issuer.name.as_str());
         if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
             return Err(VerifyError::DisallowedAlgorithm(format!("{:?}", header.alg)));
@@ -141,7 +148,11 @@ impl Verifier {
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&issuer.issuer]);
         validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["iss", "aud", "exp", "sub"]);
+        if trusted.require_nbf {
+            validation.set_required_spec_claims(&["iss", "aud", "exp", "sub", "nbf"]);
+        } else {
+            validation.set_required_spec_claims(&["iss", "aud", "exp", "sub"]);
+        }
         validation.leeway = self.leeway_seconds;
         validation.validate_nbf = true;
         let verified = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation)
@@ -179,6 +190,34 @@ impl Verifier {
             ErrorKind::InvalidAlgorithm => VerifyError::DisallowedAlgorithm("mismatch".into()),
             other => VerifyError::Invalid(format!("{other:?}")),
         }
+    }
+}
+
+/// RFC 7515 section 4.1.11: a `crit` header lists extensions the recipient must understand or
+/// reject the token, and is never empty. This broker understands none, so any `crit` is refused.
+/// jsonwebtoken neither checks `crit` nor keeps a malformed one, so the header is read here as
+/// plain JSON. Also for the broker's own tokens (Gogs delivery tokens).
+pub fn reject_critical_extensions(token: &str) -> Result<(), VerifyError> {
+    let header = token.split('.').next().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| VerifyError::Malformed("header is not base64url".into()))?;
+    let header: Map<String, Value> =
+        serde_json::from_slice(&bytes).map_err(|_| VerifyError::Malformed("header is not a JSON object".into()))?;
+    match header.get("crit") {
+        None => Ok(()),
+        Some(Value::Array(names)) if !names.is_empty() && names.iter().all(Value::is_string) => {
+            let mut listed = Value::Array(names.clone()).to_string();
+            if listed.len() > 256 {
+                listed = format!("{}…", listed.chars().take(256).collect::<String>());
+            }
+            Err(VerifyError::Invalid(format!(
+                "header parameter `crit` marks extensions {listed} critical; this broker understands none (RFC 7515 section 4.1.11)"
+            )))
+        }
+        Some(_) => Err(VerifyError::Invalid(
+            "header parameter `crit` must be a non-empty list of extension names (RFC 7515 section 4.1.11)".into(),
+        )),
     }
 }
 

@@ -1,7 +1,8 @@
 //! RS256/384/512 signature checks with `ring`. GitLab signs job tokens RS256, so this check runs
 //! on every exchange; `ring` does it several times faster than the pure-Rust `rsa` crate that
-//! jsonwebtoken's default provider uses (see bench/README.md). Everything else (claims
-//! validation, other algorithms, signing) stays with jsonwebtoken's own provider.
+//! jsonwebtoken's default provider uses (see bench/README.md). Claims validation and other
+//! algorithms stay with jsonwebtoken's own provider; the broker never signs through it
+//! (`signing` signs with `ring`).
 
 use std::sync::OnceLock;
 

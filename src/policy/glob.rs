@@ -46,10 +46,6 @@ impl Glob {
         self.tokens.iter().any(|t| matches!(t, Token::Literal(c) if *c != '/'))
     }
 
-    pub fn is_literal(&self) -> bool {
-        self.tokens.iter().all(|t| matches!(t, Token::Literal(_)))
-    }
-
     pub fn matches(&self, value: &str) -> bool {
         let value: Vec<char> = value.chars().collect();
         // reachable[j]: the tokens seen so far can consume exactly value[..j].

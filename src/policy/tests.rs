@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use serde_json::json;
@@ -206,5 +207,102 @@ fn delivery_requirements_are_checked_at_load() {
     for (text, key) in cases {
         let error = compile(&text).unwrap_err();
         assert_eq!(error.key.as_deref(), Some(key), "{error}");
+    }
+}
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Every backend kind's parameter rules, as `policy check` offline uses them: their own
+    /// checks run on whatever the generated roles hold.
+    fn compile_offline(text: &str) -> Result<PolicySet, PolicyError> {
+        let all_schemas = crate::backend::all_param_schemas();
+        let context = CompileContext { issuers: None, backends: None, all_schemas: &all_schemas };
+        PolicySet::compile(&[(PathBuf::from("policies/generated.toml"), text.to_owned())], &context)
+    }
+
+    /// A TOML value: mostly strings, which is what patterns and templates are.
+    fn toml_value() -> impl Strategy<Value = String> {
+        let text = prop_oneof![any::<String>(), "[a-z*{}/._ -]{0,24}", Just("**".to_owned()), Just("{project_path}".to_owned())];
+        prop_oneof![
+            4 => text.clone().prop_map(|s| toml::Value::String(s).to_string()),
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => any::<bool>().prop_map(|b| b.to_string()),
+            1 => prop::collection::vec(text.clone(), 0..3).prop_map(|items| toml::Value::from(items).to_string()),
+            1 => (text, any::<i64>()).prop_map(|(s, n)| format!("{{ project_path = {}, runner_id = {n} }}", toml::Value::String(s))),
+            1 => "[^\n]{0,16}",
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        let known = [
+            "name", "backend", "issuer", "default_ttl", "max_ttl", "min_ttl", "max_uses_per_token", "claims", "target",
+            "description", "on_short_deadline", "allow_claims_in", "delivery", "max_uses", "principal", "scope", "project_path",
+            "job_project_path", "repository", "sub", "ref", "role_arn", "session_tags", "policy", "vault_role", "mount",
+            "path", "user", "user_id", "user_email", "ttl", "lease",
+        ];
+        prop_oneof![4 => prop::sample::select(known.to_vec()).prop_map(str::to_owned), 1 => "[a-z_.]{1,12}"]
+    }
+
+    fn line() -> impl Strategy<Value = String> {
+        let header = prop::sample::select(vec![
+            "[[role]]", "[role.claims]", "[role.delivery]", "[role.session_tags]", "[admins]", "[[admins]]", "[admins.claims]",
+            "[auditors]", "[auditors.claims]", "[[auditors]]",
+        ]);
+        prop_oneof![
+            1 => header.prop_map(str::to_owned),
+            6 => (key(), toml_value()).prop_map(|(key, value)| format!("{key} = {value}")),
+            // A plausible role start, so generated files often get past the first checks.
+            1 => Just("[[role]]\nname = \"r\"\nbackend = \"b\"\nissuer = \"gitlab\"\ndefault_ttl = \"5m\"\nmax_ttl = \"1h\"".to_owned()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn compiling_any_text_never_panics(text in any::<String>()) {
+            let _ = compile_offline(&text);
+        }
+
+        #[test]
+        fn compiling_toml_shaped_policies_never_panics(lines in prop::collection::vec(line(), 0..24)) {
+            let _ = compile_offline(&lines.join("\n"));
+        }
+
+        /// Whatever the pattern and template, a role compiles or is refused naming the key; a
+        /// compiled one decides and renders for any claim value without panicking.
+        #[test]
+        fn any_pattern_and_template_compiles_or_names_its_key(
+            pattern in any::<String>(),
+            template in any::<String>(),
+            claim in any::<String>(),
+        ) {
+            let text = format!(
+                "[[role]]\nname = \"deploy\"\nbackend = \"kafka\"\nissuer = \"gitlab\"\ndefault_ttl = \"15m\"\nmax_ttl = \"1h\"\n\
+                 principal = {}\n[role.claims]\nproject_path = {}\n",
+                toml::Value::String(template),
+                toml::Value::String(pattern),
+            );
+            match compile(&text) {
+                Ok(policies) => {
+                    let claims = json!({"project_path": claim}).as_object().unwrap().clone();
+                    if let Ok(role) = policies.decide("deploy", &gitlab(), &claims) {
+                        let _ = role.render_params(&claims);
+                    }
+                }
+                Err(error) => {
+                    prop_assert!(error.key.is_some(), "{}", error);
+                }
+            }
+        }
+
+        #[test]
+        fn globs_parse_and_match_anything_without_panicking(pattern in any::<String>(), value in any::<String>()) {
+            if let Ok(glob) = Glob::parse(&pattern) {
+                let _ = glob.matches(&value);
+                prop_assert!(glob.matches(&pattern) || pattern.contains('*'), "a literal pattern matches itself");
+            }
+        }
     }
 }

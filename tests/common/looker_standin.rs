@@ -100,6 +100,11 @@ impl LookerStandin {
         self.state.email_lookups.load(Ordering::SeqCst)
     }
 
+    /// Sessions acting as `user_id` that Looker would still accept.
+    pub fn live_sessions_of(&self, user_id: &str) -> usize {
+        self.state.tokens.lock().unwrap().values().filter(|session| session.user_id == user_id).count()
+    }
+
     pub fn logouts(&self) -> Vec<Session> {
         self.state.logouts.lock().unwrap().clone()
     }
