@@ -16,7 +16,7 @@ import zlib
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 BASE = os.environ["AUDIT_URL"]
 EXPECT = json.loads(os.environ["AUDIT_EXPECT"])
@@ -185,7 +185,13 @@ try:
     # Sign out: back to the form, and the log is no longer readable.
     driver.get(BASE + "/audit")
     driver.find_element(By.CSS_SELECTOR, "form.session button").click()
-    check(driver.find_elements(By.ID, "sign-in"), "signing out ends the session")
+    # The click returns before the redirect's page has loaded on a busy machine: wait for it.
+    try:
+        WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "sign-in"))
+        signed_out = True
+    except Exception:
+        signed_out = False
+    check(signed_out, "signing out ends the session")
 finally:
     driver.quit()
 
