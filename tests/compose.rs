@@ -88,11 +88,19 @@ fn config_paths(command: &[String]) -> Vec<String> {
     paths
 }
 
+/// The Kafka demo broker, and the one minting Postgres users through OpenBao.
+const BROKERS: [&str; 2] = ["broker", "broker-openbao"];
+
 fn broker_config_paths() -> Vec<String> {
     let compose = compose();
-    let paths = config_paths(&words(&service(&compose, "broker")["command"]));
-    assert!(!paths.is_empty(), "the broker's command passes no --config");
-    paths
+    BROKERS
+        .iter()
+        .flat_map(|broker| {
+            let paths = config_paths(&words(&service(&compose, broker)["command"]));
+            assert!(!paths.is_empty(), "{broker}'s command passes no --config");
+            paths
+        })
+        .collect()
 }
 
 /// One published port: (host ip if bound, host port, container port).
@@ -225,7 +233,28 @@ fn final_workdir() -> PathBuf {
 fn compose_defines_postgres_and_broker_services() {
     let compose = compose();
     service(&compose, "postgres");
-    service(&compose, "broker");
+    for broker in BROKERS {
+        service(&compose, broker);
+    }
+}
+
+/// OpenBao runs in dev mode, is set up by README's setup script before its broker starts, and
+/// that broker's config (which has a [vault] section) is pointed at it.
+#[test]
+fn the_openbao_broker_waits_for_a_set_up_dev_server() {
+    let compose = compose();
+    let openbao = service(&compose, "openbao");
+    assert!(words(&openbao["command"]).iter().any(|w| w == "-dev"), "OpenBao is documented as dev mode only");
+    assert!(published_ports(openbao).is_empty(), "OpenBao is reached over the compose network only");
+    let setup = service(&compose, "openbao-setup");
+    assert!(words(&setup["entrypoint"]).iter().any(|w| w.ends_with("dev/vault/setup.sh")), "runs dev/vault/setup.sh");
+    assert_eq!(setup["depends_on"]["openbao"]["condition"].as_str(), Some("service_healthy"));
+    let broker = service(&compose, "broker-openbao");
+    assert_eq!(broker["depends_on"]["openbao-setup"]["condition"].as_str(), Some("service_completed_successfully"));
+    assert_eq!(env_var(broker, "CREDBROKER_VAULT_ADDRESS").as_deref(), Some("http://openbao:8200"));
+    for path in config_paths(&words(&broker["command"])) {
+        assert!(read_repo_file(&path).contains("\n[vault]\n"), "{path} has no [vault] section");
+    }
 }
 
 #[test]
@@ -319,23 +348,20 @@ fn published_ports_are_bound_to_loopback() {
 #[test]
 fn broker_listens_where_its_port_is_published() {
     let compose = compose();
-    let broker = service(&compose, "broker");
-    let listen = env_var(broker, "CREDBROKER_LISTEN").expect("broker has no CREDBROKER_LISTEN");
-    let (_, listen_port) = listen
-        .rsplit_once(':')
-        .expect("CREDBROKER_LISTEN has no port");
-    let public =
-        env_var(broker, "CREDBROKER_PUBLIC_URL").expect("broker has no CREDBROKER_PUBLIC_URL");
-    let public_port = public
-        .rsplit_once(':')
-        .and_then(|(_, rest)| rest.split('/').next());
-    let ports = published_ports(broker);
-    assert!(
-        ports.iter().any(|p| p.container_port == listen_port
-            && p.host_port.as_deref() == public_port
-            && p.host_ip.as_deref() == Some("127.0.0.1")),
-        "broker listens on {listen} and calls itself {public}, but publishes {ports:?}"
-    );
+    for name in BROKERS {
+        let broker = service(&compose, name);
+        let listen = env_var(broker, "CREDBROKER_LISTEN").expect("broker has no CREDBROKER_LISTEN");
+        let (_, listen_port) = listen.rsplit_once(':').expect("CREDBROKER_LISTEN has no port");
+        let public = env_var(broker, "CREDBROKER_PUBLIC_URL").expect("broker has no CREDBROKER_PUBLIC_URL");
+        let public_port = public.rsplit_once(':').and_then(|(_, rest)| rest.split('/').next());
+        let ports = published_ports(broker);
+        assert!(
+            ports.iter().any(|p| p.container_port == listen_port
+                && p.host_port.as_deref() == public_port
+                && p.host_ip.as_deref() == Some("127.0.0.1")),
+            "{name} listens on {listen} and calls itself {public}, but publishes {ports:?}"
+        );
+    }
 }
 
 #[test]
@@ -350,11 +376,13 @@ fn broker_waits_for_healthy_postgres() {
                 .is_some(),
         "postgres has no healthcheck, so `service_healthy` would never be reached"
     );
-    assert_eq!(
-        service(&compose, "broker")["depends_on"]["postgres"]["condition"].as_str(),
-        Some("service_healthy"),
-        "broker must wait for postgres to accept connections before migrating"
-    );
+    for broker in BROKERS {
+        assert_eq!(
+            service(&compose, broker)["depends_on"]["postgres"]["condition"].as_str(),
+            Some("service_healthy"),
+            "{broker} must wait for postgres to accept connections before migrating"
+        );
+    }
 }
 
 #[test]

@@ -2,13 +2,14 @@
 //! Snowflake plugin): `GET {mount}/creds/{vault_role}` creates a user with a password or, for
 //! the plugin's `rsa_private_key` credential type, a key pair. The lease is bounded by the
 //! job: shortened right away to the granted TTL (`sys/leases/renew`, increment counted from
-//! now), or revoked at the deadline where Vault will not shorten it.
+//! now), so Vault itself drops the user at the deadline; a lease Vault will not shorten is
+//! revoked at once and never handed out. Vault also revokes every lease when the broker's
+//! token that created it dies, so no lease is granted past that token's life.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rustify::enums::RequestMethod;
 use secrecy::SecretString;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -23,8 +24,8 @@ pub const PARAMS: ParamSchema = ParamSchema {
     kind: "vault_database",
     required: &["vault_role"],
     optional: &["mount", "vault_role_template", "account", "warehouse", "database", "schema", "role"],
-    ttl_note: "Vault database lease: shortened to the granted TTL at once (sys/leases/renew); where Vault \
-               refuses, the broker's durable schedule revokes it at the deadline (sys/leases/revoke); the \
+    ttl_note: "Vault database lease: shortened to the granted TTL at once (sys/leases/renew), and never past \
+               the life of the broker's Vault token; a lease Vault will not shorten is revoked and refused; the \
                response reports the TTL Vault actually set",
     ..ParamSchema::PLAIN
 };
@@ -56,8 +57,8 @@ impl VaultDatabase {
         self.failed(error.to_string())
     }
 
-    /// Revokes a lease the broker will not hand over (the response was unusable), so no
-    /// database user is left behind. No issuance exists for it, so nothing is scheduled: a
+    /// Revokes a lease the broker will not hand over (unusable, or Vault would not bound it),
+    /// so no database user is left behind. No issuance exists for it, so nothing is scheduled: a
     /// failure is logged with the lease id for an operator.
     async fn discard(&self, lease_id: &str) {
         if let Err(error) = self.vault.revoke_lease(lease_id).await {
@@ -157,7 +158,7 @@ impl Backend for VaultDatabase {
         }
 
         let path = format!("{mount}/creds/{vault_role}");
-        let envelope = self.vault.request(RequestMethod::GET, &path, None).await.map_err(|e| self.vault_failed(e))?;
+        let (envelope, token_end) = self.vault.create_lease(&path, request.expires_at).await.map_err(|e| self.vault_failed(e))?;
         let lease_id = envelope.lease_id.clone();
         if lease_id.is_empty() {
             return Err(self.failed(format!("Vault returned no lease for {path}; is {mount} a database secrets engine?")));
@@ -174,22 +175,30 @@ impl Backend for VaultDatabase {
             return Err(self.failed(format!("Vault's answer for {path} has neither a password nor an rsa_private_key")));
         };
 
-        // Bound the lease by the granted TTL. Vault counts the increment from now.
+        // The lease must end by the grant, and by the death of the token that created it
+        // (Vault revokes it then anyway). Vault counts the increment from now.
+        let must_end = token_end.map_or(request.expires_at, |end| end.min(request.expires_at));
         let mut lease = Duration::from_secs(envelope.lease_duration);
-        let remaining = (request.expires_at - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
-        let mut outlives_grant = false;
+        let remaining = (must_end - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
         if lease.as_secs() > remaining {
-            match self.vault.renew_lease(&lease_id, Duration::from_secs(remaining)).await {
-                Ok(renewed) if renewed.duration.as_secs() <= remaining => lease = renewed.duration,
-                Ok(renewed) => {
-                    tracing::warn!(lease_id, vault_ttl = renewed.duration.as_secs(), remaining, "Vault kept a longer lease; revoking at the deadline");
+            let refusal = match self.vault.renew_lease(&lease_id, Duration::from_secs(remaining)).await {
+                Ok(renewed) if renewed.duration.as_secs() <= remaining => {
                     lease = renewed.duration;
-                    outlives_grant = true;
+                    None
                 }
-                Err(error) => {
-                    tracing::warn!(lease_id, %error, "Vault refused to shorten the lease; revoking at the deadline");
-                    outlives_grant = true;
-                }
+                Ok(renewed) => Some(format!("it kept {} s", renewed.duration.as_secs())),
+                Err(error) => Some(error.to_string()),
+            };
+            // Only Vault's own expiry is sure to end the user on time, whatever happens to
+            // the broker; a lease Vault will not bound is never handed out.
+            if let Some(reason) = refusal {
+                self.discard(&lease_id).await;
+                return Err(self.failed(format!(
+                    "Vault would not shorten the {} s lease from {path} to the {remaining} s granted ({reason}); it was revoked and \
+                     no credential issued. Give the Vault role a default_ttl no longer than the broker grants, renewable leases, \
+                     and the broker's policy update on sys/leases/renew",
+                    lease.as_secs()
+                )));
             }
         }
         let vault_expires_at = OffsetDateTime::now_utc() + lease;
@@ -219,9 +228,6 @@ impl Backend for VaultDatabase {
         // second early; only a real cap (the Vault role's max TTL) changes what is reported.
         if vault_expires_at + TTL_GRANULARITY < request.expires_at {
             credential = credential.with_expires_at(vault_expires_at);
-        }
-        if outlives_grant {
-            credential = credential.outliving_grant();
         }
         Ok(credential)
     }

@@ -125,6 +125,9 @@ enum ScalarType {
 }
 
 /// Keys the environment may override, with the type of their value.
+/// Overrides `[vault] address` when the file has a `[vault]` table.
+const VAULT_ADDRESS_VARIABLE: &str = "CREDBROKER_VAULT_ADDRESS";
+
 const SCALAR_KEYS: &[(&str, ScalarType)] = &[
     ("listen", ScalarType::Text),
     ("public_url", ScalarType::Text),
@@ -300,7 +303,8 @@ impl Config {
         names
     }
 
-    /// Reads the file and applies `CREDBROKER_<KEY>` overrides from the process environment.
+    /// Reads the file and applies `CREDBROKER_<KEY>` overrides (and `CREDBROKER_VAULT_ADDRESS`
+    /// for `[vault] address`) from the process environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError { source_name: path.display().to_string(), key: None, message: format!("cannot read: {e}") })?;
@@ -331,6 +335,11 @@ impl Config {
                 }
             };
             table.insert((*key).to_owned(), value);
+        }
+        // The one nested key that differs between otherwise identical deployments (a compose
+        // network's service name versus loopback).
+        if let (Some(address), Some(toml::Value::Table(vault))) = (env.get(VAULT_ADDRESS_VARIABLE), table.get_mut("vault")) {
+            vault.insert("address".into(), toml::Value::String(address.clone()));
         }
         let raw: RawConfig = table
             .try_into()
@@ -547,6 +556,15 @@ mod tests {
         use secrecy::ExposeSecret;
         assert_eq!(config.database_url.expose_secret(), "postgres://other/db");
         assert_eq!(config.clock_skew_seconds, 10);
+    }
+
+    #[test]
+    fn environment_overrides_the_vault_address_only_where_there_is_a_vault() {
+        let with_vault = format!("{MINIMAL}\n[vault]\naddress = \"http://127.0.0.1:8200\"\n[vault.approle]\nrole_id = \"r\"\nsecret_id_env = \"S\"\n");
+        let override_address = [("CREDBROKER_VAULT_ADDRESS", "http://openbao:8200")];
+        let config = parse(&with_vault, &override_address).unwrap();
+        assert_eq!(config.vault.unwrap().address, "http://openbao:8200");
+        assert!(parse(MINIMAL, &override_address).unwrap().vault.is_none(), "no [vault] table is made up");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use rustify::enums::{RequestMethod, RequestType, ResponseType};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::Value;
+use time::OffsetDateTime;
 use vaultrs::api::EndpointMiddleware;
 use vaultrs::client::{Client, VaultClient, VaultClientSettings, VaultClientSettingsBuilder};
 
@@ -95,6 +96,9 @@ struct Inner {
 #[derive(Debug, Clone)]
 struct Session {
     state: SessionState,
+    /// Counts logins, so requests that all found the token too short log in once between them.
+    generation: u64,
+    logged_in_at: Instant,
     /// When the current token was obtained or last renewed, and the TTL Vault gave it then.
     refreshed_at: Instant,
     ttl: Duration,
@@ -102,6 +106,14 @@ struct Session {
     /// reaching its max TTL and a fresh login is due.
     login_ttl: Duration,
     renewable: bool,
+    /// A periodic token (`token_period`) has no max TTL: it lives as long as it is renewed.
+    periodic: bool,
+    /// When the token dies whatever the broker does (its max TTL), once Vault has said so by
+    /// granting a renewal less than was asked for, or by an explicit max TTL.
+    dies_at: Option<Instant>,
+    /// The latest end of a lease this token created: renewals keep the token alive until
+    /// then, so the leases outlive a broker that stops renewing.
+    leases_until: Option<Instant>,
     consecutive_failures: u32,
 }
 
@@ -112,8 +124,30 @@ enum SessionState {
 }
 
 impl Session {
+    fn new(state: SessionState) -> Self {
+        let now = Instant::now();
+        Self {
+            state,
+            generation: 0,
+            logged_in_at: now,
+            refreshed_at: now,
+            ttl: Duration::ZERO,
+            login_ttl: Duration::ZERO,
+            renewable: false,
+            periodic: false,
+            dies_at: None,
+            leases_until: None,
+            consecutive_failures: 0,
+        }
+    }
+
     fn expires_at(&self) -> Instant {
         self.refreshed_at + self.ttl
+    }
+
+    /// A token that never expires (a dev root token) or lives for as long as it is renewed.
+    fn outlives_any_lease(&self) -> bool {
+        self.ttl.is_zero() || (self.periodic && self.dies_at.is_none())
     }
 
     /// A token with a TTL of 0 never expires (root tokens in dev).
@@ -140,14 +174,7 @@ impl Vault {
                 config,
                 base,
                 client: RwLock::new(Arc::new(unauthenticated)),
-                session: Mutex::new(Session {
-                    state: SessionState::Unauthenticated("not logged in yet".into()),
-                    refreshed_at: Instant::now(),
-                    ttl: Duration::ZERO,
-                    login_ttl: Duration::ZERO,
-                    renewable: false,
-                    consecutive_failures: 0,
-                }),
+                session: Mutex::new(Session::new(SessionState::Unauthenticated("not logged in yet".into()))),
                 login: tokio::sync::Mutex::new(()),
             }),
         })
@@ -174,19 +201,28 @@ impl Vault {
     }
 
     async fn login_locked(&self) -> Result<(), VaultError> {
-        let result = self.login_now().await;
+        let result = match self.login_now().await {
+            Ok((ttl, renewable)) => self.lookup_lifetime().await.map(|(periodic, explicit_max)| (ttl, renewable, periodic, explicit_max)),
+            Err(error) => Err(error),
+        };
         let mut session = self.inner.session.lock().expect("session lock");
         match &result {
-            Ok((token_ttl, renewable)) => {
+            Ok((token_ttl, renewable, periodic, explicit_max)) => {
+                let now = Instant::now();
                 *session = Session {
                     state: SessionState::Authenticated,
-                    refreshed_at: Instant::now(),
+                    generation: session.generation + 1,
+                    logged_in_at: now,
+                    refreshed_at: now,
                     ttl: *token_ttl,
                     login_ttl: *token_ttl,
                     renewable: *renewable,
+                    periodic: *periodic,
+                    dies_at: explicit_max.map(|max| now + max),
+                    leases_until: None,
                     consecutive_failures: 0,
                 };
-                tracing::info!(ttl_seconds = token_ttl.as_secs(), renewable, "logged in to Vault");
+                tracing::info!(ttl_seconds = token_ttl.as_secs(), renewable, periodic, "logged in to Vault");
             }
             Err(error) => {
                 session.state = SessionState::Unauthenticated(error.to_string());
@@ -230,19 +266,112 @@ impl Vault {
         Ok((Duration::from_secs(auth.lease_duration), auth.renewable))
     }
 
-    /// Renews the broker's own token (`auth/token/renew-self`).
-    async fn renew_token(&self) -> Result<(), VaultError> {
+    /// Whether the new token is periodic, and its explicit max TTL (`auth/token/lookup-self`;
+    /// `vaultrs`'s typed lookup drops `period`).
+    async fn lookup_lifetime(&self) -> Result<(bool, Option<Duration>), VaultError> {
+        let lookup = self.send(&self.current_client(), RequestMethod::GET, "auth/token/lookup-self", None).await?;
+        let data = lookup.data.unwrap_or_default();
+        let seconds = |field: &str| data.get(field).and_then(Value::as_u64).unwrap_or(0);
+        Ok((seconds("period") > 0, Some(seconds("explicit_max_ttl")).filter(|&s| s > 0).map(Duration::from_secs)))
+    }
+
+    /// Renews the broker's own token (`auth/token/renew-self`) for `increment`, or for the
+    /// login TTL; Vault grants less once the token nears its max TTL, and that is remembered
+    /// as the token's end.
+    async fn renew_token(&self, increment: Option<Duration>) -> Result<Duration, VaultError> {
         let client = self.current_client();
-        let auth = vaultrs::token::renew_self(client.as_ref(), None)
+        let asked = increment.map(|i| format!("{}s", i.as_secs()));
+        let auth = vaultrs::token::renew_self(client.as_ref(), asked.as_deref())
             .await
             .map_err(|e| map_client_error("auth/token/renew-self", &self.inner.config.address, e))?;
+        let granted = Duration::from_secs(auth.lease_duration);
         let mut session = self.inner.session.lock().expect("session lock");
-        session.refreshed_at = Instant::now();
-        session.ttl = Duration::from_secs(auth.lease_duration);
+        let now = Instant::now();
+        session.refreshed_at = now;
+        session.ttl = granted;
         session.renewable = auth.renewable;
         session.consecutive_failures = 0;
+        if increment.is_some_and(|asked| granted < asked) && !session.periodic {
+            session.dies_at = Some(now + granted);
+        }
         tracing::debug!(ttl_seconds = auth.lease_duration, "renewed the Vault token");
-        Ok(())
+        Ok(granted)
+    }
+
+    /// A client whose token lives until `until`, and, when no token can, when the one
+    /// returned dies. Vault revokes every lease a token created when the token expires or is
+    /// revoked, so whatever this token creates must end by then. A token about to die is
+    /// renewed for as long as needed; one that cannot live that long is replaced by a fresh
+    /// login when that gains enough (never more than about twice per max TTL).
+    async fn client_lasting_until(&self, until: OffsetDateTime) -> Result<(Arc<VaultClient>, Option<OffsetDateTime>), VaultError> {
+        let mut logged_in_again = false;
+        loop {
+            let client = self.client().await?;
+            let session = self.session();
+            let now = Instant::now();
+            let wanted = Duration::from_secs((until - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64);
+            let lasting = |session: &Session| {
+                session.outlives_any_lease() || (session.expires_at() >= now + wanted && session.dies_at.is_none_or(|end| end >= now + wanted))
+            };
+            if lasting(&session) {
+                return Ok((client, None));
+            }
+            let dies_at = match session.dies_at {
+                Some(end) if end < now + wanted => end,
+                _ if session.renewable => match self.renew_token(Some(wanted)).await {
+                    Ok(granted) if granted >= wanted || self.session().outlives_any_lease() => return Ok((client, None)),
+                    Ok(granted) => now + granted,
+                    // Revoked, or expired early: the next round logs in again.
+                    Err(error) if error.is_permission_denied() && !logged_in_again => {
+                        tracing::info!("the Vault token is no longer valid; logging in again");
+                        self.mark_unauthenticated("token rejected by Vault");
+                        logged_in_again = true;
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                },
+                _ => session.expires_at(),
+            };
+            let remaining = dies_at.saturating_duration_since(now);
+            let fresh_life = dies_at.saturating_duration_since(session.logged_in_at);
+            if !logged_in_again && (fresh_life >= wanted || remaining < fresh_life / 2) {
+                let _guard = self.inner.login.lock().await;
+                // Others that found the token short at the same moment log in only once.
+                if self.session().generation == session.generation {
+                    tracing::info!(remaining_seconds = remaining.as_secs(), "the Vault token dies before the credential would; logging in again");
+                    self.login_locked().await?;
+                }
+                logged_in_again = true;
+                continue;
+            }
+            tracing::warn!(
+                remaining_seconds = remaining.as_secs(),
+                wanted_seconds = wanted.as_secs(),
+                "the broker's Vault token dies before the credential would end; the credential ends with it (raise token_max_ttl or use token_period)"
+            );
+            return Ok((client, Some(OffsetDateTime::now_utc() + remaining)));
+        }
+    }
+
+    /// Creates a lease (`GET {path}`, e.g. `database/creds/ROLE`) with a token that lives
+    /// until `until` where it can; the second value is when the lease dies with the token
+    /// otherwise. Renewals then keep the token alive until the lease's end.
+    #[tracing::instrument(skip(self))]
+    pub async fn create_lease(&self, path: &str, until: OffsetDateTime) -> Result<(Envelope, Option<OffsetDateTime>), VaultError> {
+        let (client, token_end) = self.client_lasting_until(until).await?;
+        let envelope = match self.send(&client, RequestMethod::GET, path, None).await {
+            Err(error) if error.is_permission_denied() && !self.token_alive(&client).await => {
+                tracing::info!("the Vault token is no longer valid; logging in again");
+                self.mark_unauthenticated("token rejected by Vault");
+                self.login().await?;
+                return Box::pin(self.create_lease(path, until)).await;
+            }
+            other => other?,
+        };
+        let lease_end = Instant::now() + Duration::from_secs((until - OffsetDateTime::now_utc()).whole_seconds().max(0) as u64);
+        let mut session = self.inner.session.lock().expect("session lock");
+        session.leases_until = session.leases_until.max(Some(lease_end));
+        Ok((envelope, token_end))
     }
 
     fn current_client(&self) -> Arc<VaultClient> {
@@ -330,10 +459,13 @@ impl Vault {
         self.request(RequestMethod::PUT, "sys/leases/revoke", Some(&body)).await.map(|_| ())
     }
 
-    /// Reachable (`sys/health`, unauthenticated) and holding a live token.
+    /// Reachable (`sys/health`, unauthenticated) and holding a live token. `sys/health` is
+    /// answered only in the root namespace ("operation unavailable in namespaces"), so it is
+    /// asked without the namespace header.
     pub async fn health(&self) -> Health {
-        let client = self.current_client();
-        let health = self.send(&client, RequestMethod::GET, "sys/health", None).await;
+        let mut root = with_token(&self.inner.base, "");
+        root.middle.namespace = None;
+        let health = self.send(&root, RequestMethod::GET, "sys/health", None).await;
         match health {
             // 429: unsealed standby, 473: performance standby: both forward or serve requests.
             Ok(_) | Err(VaultError::Api { status: 429 | 473, .. }) => {}
@@ -353,9 +485,11 @@ impl Vault {
     }
 }
 
-/// Renews the token at two thirds of its TTL; logs in again when renewal fails, when the
-/// token is not renewable, or when Vault grants less than half the original TTL (the token
-/// is near its max TTL). While Vault is down, retries with a capped backoff.
+/// Renews the token at two thirds of its TTL, for at least the login TTL and until the end of
+/// the last lease it created (so those leases survive a broker that stops renewing); logs in
+/// again when renewal fails, when the token is not renewable, or when Vault grants less than
+/// half the original TTL (the token is near its max TTL). While Vault is down, retries with a
+/// capped backoff. A fresh login never revokes the old token: its leases live on until it dies.
 async fn maintain_token(inner: Weak<Inner>) {
     loop {
         let Some(strong) = inner.upgrade() else { return };
@@ -373,16 +507,16 @@ async fn maintain_token(inner: Weak<Inner>) {
         let session = vault.session();
         let renewed = match session.state {
             SessionState::Authenticated if session.ttl.is_zero() => continue,
-            SessionState::Authenticated if session.renewable => match vault.renew_token().await {
-                Ok(()) => {
-                    let after = vault.session();
-                    after.ttl * 2 >= after.login_ttl
+            SessionState::Authenticated if session.renewable => {
+                let until_leases_end = session.leases_until.map(|end| end.saturating_duration_since(Instant::now()));
+                match vault.renew_token(Some(until_leases_end.unwrap_or_default().max(session.login_ttl))).await {
+                    Ok(granted) => granted * 2 >= session.login_ttl,
+                    Err(error) => {
+                        tracing::warn!(%error, "renewing the Vault token failed; logging in again");
+                        false
+                    }
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "renewing the Vault token failed; logging in again");
-                    false
-                }
-            },
+            }
             _ => false,
         };
         if !renewed {

@@ -1,13 +1,14 @@
 //! Root material for backends that mint from a long-lived secret (a Looker admin API key, a
 //! Snowflake service user's private key): read from a file, an environment variable, or a
-//! Vault KV v2 secret. The broker uses these to mint short-lived credentials; it never hands
+//! Vault KV secret (a v2 mount by default, or v1 with `kv_version = 1`). The broker uses these to mint short-lived credentials; it never hands
 //! one to a job (the `vault_kv` backend kind exists only to refuse that at load).
 //!
 //! In a backend's table:
 //! ```toml
 //! admin_client_secret = { file = "/run/secrets/looker" }
 //! admin_client_secret = { env = "LOOKER_CLIENT_SECRET" }
-//! admin_client_secret = { vault_kv = "looker/admin", key = "client_secret", mount = "secret", cache_seconds = 300 }
+//! admin_client_secret = { vault_kv = "credbroker/looker/admin", key = "client_secret", mount = "secret", cache_seconds = 300 }
+//! admin_client_secret = { vault_kv = "credbroker/looker/admin", key = "client_secret", mount = "kv", kv_version = 1 }
 //! ```
 
 use std::path::PathBuf;
@@ -66,10 +67,20 @@ impl SecretSource for EnvSecret {
     }
 }
 
-/// One key of a KV v2 secret (`GET {mount}/data/{path}` → `data.data[key]`), cached for
-/// `cache_for`. A new version seen on re-read is logged as a rotation.
+/// The two KV engines answer on different paths with differently nested data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvVersion {
+    /// `GET {mount}/{path}` → `data[key]`; no versions.
+    V1,
+    /// `GET {mount}/data/{path}` → `data.data[key]`, `data.metadata.version`.
+    V2,
+}
+
+/// One key of a KV secret, cached for `cache_for`. A new KV v2 version seen on re-read is
+/// logged as a rotation.
 pub struct VaultKvSecret {
     vault: Vault,
+    kv_version: KvVersion,
     mount: String,
     path: String,
     key: String,
@@ -84,9 +95,10 @@ struct Cached {
 }
 
 impl VaultKvSecret {
-    pub fn new(vault: Vault, mount: &str, path: &str, key: &str, cache_for: Duration) -> Self {
+    pub fn new(vault: Vault, kv_version: KvVersion, mount: &str, path: &str, key: &str, cache_for: Duration) -> Self {
         Self {
             vault,
+            kv_version,
             mount: mount.trim_matches('/').to_owned(),
             path: path.trim_matches('/').to_owned(),
             key: key.to_owned(),
@@ -109,10 +121,17 @@ impl SecretSource for VaultKvSecret {
                 return Ok(cached.value.clone());
             }
         }
-        let path = format!("{}/data/{}", self.mount, self.path);
+        let path = match self.kv_version {
+            KvVersion::V1 => format!("{}/{}", self.mount, self.path),
+            KvVersion::V2 => format!("{}/data/{}", self.mount, self.path),
+        };
         let envelope = self.vault.request(RequestMethod::GET, &path, None).await.map_err(|e| failure(self, e.to_string()))?;
         let data = envelope.data.unwrap_or_default();
-        let value = data["data"][&self.key]
+        let fields = match self.kv_version {
+            KvVersion::V1 => &data,
+            KvVersion::V2 => &data["data"],
+        };
+        let value = fields[&self.key]
             .as_str()
             .map(str::to_owned)
             .and_then(non_empty)
@@ -180,7 +199,7 @@ pub fn parse(
         return Ok(Arc::new(EnvSecret(name)));
     }
     if let Some(path) = string("vault_kv")? {
-        allow_only(&["vault_kv", "key", "mount", "cache_seconds"])?;
+        allow_only(&["vault_kv", "key", "mount", "kv_version", "cache_seconds"])?;
         let field = string("key")?.ok_or_else(|| error("key", "is required: the field of the KV secret to use".into()))?;
         let mount = string("mount")?.unwrap_or_else(|| DEFAULT_KV_MOUNT.into());
         let cache_seconds = match table.get("cache_seconds") {
@@ -188,8 +207,13 @@ pub fn parse(
             Some(toml::Value::Integer(seconds)) if *seconds >= 0 => *seconds,
             Some(_) => return Err(error("cache_seconds", "must be a whole number of seconds (0 = read every time)".into())),
         };
+        let kv_version = match table.get("kv_version") {
+            None | Some(toml::Value::Integer(2)) => KvVersion::V2,
+            Some(toml::Value::Integer(1)) => KvVersion::V1,
+            Some(_) => return Err(error("kv_version", "must be 1 or 2 (the KV engine version of the mount; default 2)".into())),
+        };
         let vault = vault.ok_or_else(|| error("vault_kv", "needs a [vault] section to reach Vault".into()))?;
-        return Ok(Arc::new(VaultKvSecret::new(vault.clone(), &mount, &path, &field, Duration::from_secs(cache_seconds as u64))));
+        return Ok(Arc::new(VaultKvSecret::new(vault.clone(), kv_version, &mount, &path, &field, Duration::from_secs(cache_seconds as u64))));
     }
     Err(error("", shape.into()))
 }

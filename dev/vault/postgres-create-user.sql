@@ -1,0 +1,1 @@
+create role "{{name}}" with login password '{{password}}' valid until '{{expiration}}' in role ci_reader;
