@@ -15,11 +15,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::openbao::OpenBao;
+use common::eventually;
+use common::openbao::{approle_table, database_for_minted_users, login_and_query, provision, recommended_approle, shipped_policy, OpenBao};
 use common::vault_standin::{DbRole, VaultStandin, ROLE_ID, SECRET_ID};
 use common::{TempDir, TestApp};
 use serde_json::{json, Value};
-use sqlx::Connection;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -85,64 +85,6 @@ scope = "orders.write"
 job_project_path = "platform/orders"
 "#;
 
-/// The broker's AppRole as README recommends: the shipped policy only, and a periodic token.
-fn recommended_approle() -> Value {
-    json!({ "token_policies": "credbroker", "token_no_default_policy": true, "token_period": "1h", "secret_id_ttl": "720h" })
-}
-
-/// A fresh test database with a table the minted users may read, and the group README's
-/// creation statement puts them in; on the test cluster its members must present their
-/// password (scripts/postgres.sh).
-async fn database_for_minted_users() -> String {
-    let database_url = common::fresh_database().await;
-    let mut admin = sqlx::PgConnection::connect(&database_url).await.unwrap();
-    for statement in [
-        "do $$ begin create role ci_reader nologin in role credbroker_password_login; exception when duplicate_object then null; end $$",
-        "create table orders (id int primary key)",
-        "insert into orders values (1), (2), (3)",
-        "grant select on orders to ci_reader",
-    ] {
-        sqlx::query(statement).execute(&mut admin).await.unwrap();
-    }
-    database_url
-}
-
-/// Everything README's "Vault-side setup" creates, on `bao`, with the database engine pointing
-/// at `database_url` (the test's own database): the policy, the database engine with roles
-/// `ci-reader` (README's statements), `ci-platform-orders` and `reporting` (outside the
-/// policy's `database/creds/ci-*`), transit keys, and the broker's AppRole.
-async fn provision(bao: &OpenBao, database_url: &str, approle: Value) -> (String, String) {
-    bao.policy("credbroker", &std::fs::read_to_string(common::repo_path("dev/vault/credbroker.hcl")).unwrap()).await;
-    bao.enable_secrets("database", "database", json!({})).await;
-    bao.enable_secrets("transit", "transit", json!({})).await;
-    bao.enable_secrets("kv", "kv", json!({ "version": "1" })).await;
-    let (host_port, database) = database_url.trim_start_matches("postgres://postgres@").split_once('/').unwrap();
-    bao.write(
-        "database/config/postgres",
-        json!({
-            "plugin_name": "postgresql-database-plugin",
-            "allowed_roles": "ci-*,reporting",
-            "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@{host_port}/{database}?sslmode=disable"),
-            "username": "postgres",
-            // The test cluster trusts the superuser on loopback; a real one checks this.
-            "password": "unused-on-the-test-cluster",
-        }),
-    )
-    .await;
-    let create = std::fs::read_to_string(common::repo_path("dev/vault/postgres-create-user.sql")).unwrap();
-    let drop = std::fs::read_to_string(common::repo_path("dev/vault/postgres-drop-user.sql")).unwrap();
-    for role in ["ci-reader", "ci-platform-orders", "reporting"] {
-        bao.write(
-            &format!("database/roles/{role}"),
-            json!({ "db_name": "postgres", "creation_statements": create, "revocation_statements": drop, "default_ttl": "1h", "max_ttl": "24h" }),
-        )
-        .await;
-    }
-    bao.write(&format!("transit/keys/{TRANSIT_KEY}"), json!({ "type": "rsa-2048" })).await;
-    bao.write("transit/keys/credbroker-kafka-es", json!({ "type": "ecdsa-p256" })).await;
-    bao.approle("credbroker", approle).await
-}
-
 fn vault_tables(address: &str, auth: &str, namespace: Option<&str>) -> String {
     let namespace = namespace.map(|ns| format!("namespace = \"{ns}\"\n")).unwrap_or_default();
     format!(
@@ -171,12 +113,6 @@ signing = {{ vault_transit = "credbroker-kafka-es" }}
     )
 }
 
-fn approle_auth(secrets: &TempDir, role_id: &str, secret_id: &str) -> String {
-    let secret_id_file = secrets.0.join("vault-secret-id");
-    std::fs::write(&secret_id_file, format!("{secret_id}\n")).unwrap();
-    format!("[vault.approle]\nrole_id = \"{role_id}\"\nsecret_id_file = \"{}\"\n", secret_id_file.display())
-}
-
 struct Bao {
     app: TestApp,
     bao: OpenBao,
@@ -190,21 +126,13 @@ async fn spawn_with(approle: Value) -> Bao {
     let database_url = database_for_minted_users().await;
     let login = provision(&bao, &database_url, approle).await;
     let secrets = common::temp_dir();
-    let tables = vault_tables(&bao.url, &approle_auth(&secrets, &login.0, &login.1), None);
+    let tables = vault_tables(&bao.url, &approle_table(&secrets, &login.0, &login.1), None);
     let app = TestApp::spawn_full("revocation_poll_seconds = 1", &tables, POLICIES, Some(database_url)).await;
     Bao { app, bao, login, _secrets: secrets }
 }
 
 async fn spawn() -> Bao {
     spawn_with(recommended_approle()).await
-}
-
-async fn eventually(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn readyz(app: &TestApp) -> (u16, Value) {
@@ -214,19 +142,6 @@ async fn readyz(app: &TestApp) -> (u16, Value) {
 
 fn expires_at(body: &Value) -> OffsetDateTime {
     OffsetDateTime::parse(body["expires_at"].as_str().unwrap(), &Rfc3339).unwrap()
-}
-
-/// Logs in to the test database as the minted user and counts the rows it may read.
-async fn login_and_query(database_url: &str, credential: &Value) -> Result<i64, sqlx::Error> {
-    let url = url::Url::parse(database_url).unwrap();
-    let options = sqlx::postgres::PgConnectOptions::new()
-        .host(url.host_str().unwrap())
-        .port(url.port().unwrap())
-        .database(url.path().trim_start_matches('/'))
-        .username(credential["username"].as_str().unwrap())
-        .password(credential["password"].as_str().unwrap());
-    let mut connection = sqlx::PgConnection::connect_with(&options).await?;
-    sqlx::query_scalar("select count(*) from orders").fetch_one(&mut connection).await
 }
 
 async fn assert_login_refused(database_url: &str, credential: &Value) {
@@ -407,12 +322,12 @@ async fn a_lease_that_cannot_be_shortened_is_revoked_and_never_handed_out() {
     let bao = OpenBao::start().await;
     let database_url = database_for_minted_users().await;
     provision(&bao, &database_url, recommended_approle()).await;
-    let shipped = std::fs::read_to_string(common::repo_path("dev/vault/credbroker.hcl")).unwrap();
+    let shipped = shipped_policy();
     let without_renew: String = shipped.lines().filter(|line| !line.contains("sys/leases/renew")).collect::<Vec<_>>().join("\n");
     bao.policy("credbroker-no-renew", &without_renew).await;
     let (role_id, secret_id) = bao.approle("no-renew", json!({ "token_policies": "credbroker-no-renew", "token_no_default_policy": true })).await;
     let secrets = common::temp_dir();
-    let tables = vault_tables(&bao.url, &approle_auth(&secrets, &role_id, &secret_id), None);
+    let tables = vault_tables(&bao.url, &approle_table(&secrets, &role_id, &secret_id), None);
     let app = TestApp::spawn_full("", &tables, POLICIES, Some(database_url)).await;
     assert_backend_failed(&app, "db-reader", "Vault would not shorten the 3600 s lease from database/creds/ci-reader").await;
     assert!(leases_under(&bao, "database/creds/ci-reader/").await.is_empty(), "the lease was revoked");
@@ -508,7 +423,7 @@ async fn wrong_approle_credentials_leave_the_broker_unauthenticated() {
     let database_url = database_for_minted_users().await;
     let (role_id, _) = provision(&bao, &database_url, recommended_approle()).await;
     let secrets = common::temp_dir();
-    let tables = vault_tables(&bao.url, &approle_auth(&secrets, &role_id, "not-the-secret-id"), None);
+    let tables = vault_tables(&bao.url, &approle_table(&secrets, &role_id, "not-the-secret-id"), None);
     let app = TestApp::spawn_full("", &tables, POLICIES, Some(database_url)).await;
     let (status, body) = readyz(&app).await;
     assert_eq!(status, 503, "{body}");
@@ -590,14 +505,14 @@ async fn a_broker_in_a_namespace_becomes_ready_and_mints_there() {
     in_namespace("POST", "sys/auth/approle".into(), Some(json!({ "type": "approle" }))).await;
     in_namespace("POST", "sys/mounts/transit".into(), Some(json!({ "type": "transit" }))).await;
     in_namespace("POST", format!("transit/keys/{TRANSIT_KEY}"), Some(json!({ "type": "rsa-2048" }))).await;
-    let policy = std::fs::read_to_string(common::repo_path("dev/vault/credbroker.hcl")).unwrap();
+    let policy = shipped_policy();
     in_namespace("POST", "sys/policies/acl/credbroker".into(), Some(json!({ "policy": policy }))).await;
     in_namespace("POST", "auth/approle/role/credbroker".into(), Some(recommended_approle())).await;
     let role_id = in_namespace("GET", "auth/approle/role/credbroker/role-id".into(), None).await["data"]["role_id"].as_str().unwrap().to_owned();
     let secret_id =
         in_namespace("POST", "auth/approle/role/credbroker/secret-id".into(), Some(json!({}))).await["data"]["secret_id"].as_str().unwrap().to_owned();
     let secrets = common::temp_dir();
-    let tables = vault_tables(&bao.url, &approle_auth(&secrets, &role_id, &secret_id), Some("platform"));
+    let tables = vault_tables(&bao.url, &approle_table(&secrets, &role_id, &secret_id), Some("platform"));
     let app = TestApp::spawn_full("", &tables, POLICIES, Some(database_url)).await;
 
     let (status, body) = readyz(&app).await;
@@ -661,7 +576,7 @@ async fn an_unreachable_vault_is_a_502_with_a_failed_row_and_no_credential() {
     // A port that was just free: nothing listens there.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let secrets = common::temp_dir();
-    let tables = vault_tables(&format!("http://{closed}"), &approle_auth(&secrets, "role", "secret"), None);
+    let tables = vault_tables(&format!("http://{closed}"), &approle_table(&secrets, "role", "secret"), None);
     let app = TestApp::spawn_full("", &tables, POLICIES, None).await;
     assert_backend_failed(&app, "db-reader", "unreachable").await;
     let (status, body) = readyz(&app).await;
@@ -718,7 +633,7 @@ async fn kafka_tokens_signed_by_openbao_transit_verify_across_a_key_rotation() {
 async fn kafka_tokens_signed_by_an_ecdsa_transit_key_verify_as_es256() {
     let Bao { app, bao, _secrets, .. } = spawn().await;
     // The shipped policy names one signing key; a second one needs its own lines.
-    let shipped = std::fs::read_to_string(common::repo_path("dev/vault/credbroker.hcl")).unwrap();
+    let shipped = shipped_policy();
     let second_key = "path \"transit/sign/credbroker-kafka-es\" { capabilities = [\"update\"] }\n\
                       path \"transit/keys/credbroker-kafka-es\" { capabilities = [\"read\"] }\n";
     bao.policy("credbroker", &format!("{shipped}{second_key}")).await;
@@ -821,7 +736,7 @@ async fn file_and_environment_secret_sources() {
 #[test]
 fn readme_shows_the_shipped_vault_policy() {
     let readme = std::fs::read_to_string(common::repo_path("README.md")).unwrap();
-    let shipped = std::fs::read_to_string(common::repo_path("dev/vault/credbroker.hcl")).unwrap();
+    let shipped = shipped_policy();
     let block = readme.split("```hcl\n").nth(1).and_then(|rest| rest.split("```").next()).expect("README has an hcl block");
     assert_eq!(block, shipped, "README's credbroker.hcl differs from dev/vault/credbroker.hcl");
     for statement in ["dev/vault/postgres-create-user.sql", "dev/vault/postgres-drop-user.sql"] {
@@ -949,7 +864,7 @@ async fn key_pair_users_reach_the_cli_as_snowflake_variables() {
     let vault = VaultStandin::start().await;
     vault.add_db_role("ci-reader", DbRole { default_ttl: 3600, max_ttl: 86400, renewable: true, key_pair: true });
     let secrets = common::temp_dir();
-    let tables = vault_tables(&vault.url, &approle_auth(&secrets, ROLE_ID, SECRET_ID), None);
+    let tables = vault_tables(&vault.url, &approle_table(&secrets, ROLE_ID, SECRET_ID), None);
     let policies = POLICIES.replace("vault_role = \"ci-reader\"", "vault_role = \"ci-reader\"\naccount = \"ACME-PROD\"");
     let app = TestApp::spawn_full("", &tables, &policies, None).await;
     let (url, token) = (app.url.clone(), app.issuer.token());

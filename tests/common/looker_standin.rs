@@ -196,3 +196,29 @@ async fn user_for_credential(
     }
 }
 
+/// The `[backends.looker]` table for the stand-in at `base_url`, its admin API key in files in `secrets`.
+pub fn looker_tables(base_url: &str, secrets: &std::path::Path, client_secret: &str) -> String {
+    std::fs::write(secrets.join("looker-client-id"), format!("{CLIENT_ID}\n")).unwrap();
+    std::fs::write(secrets.join("looker-client-secret"), format!("{client_secret}\n")).unwrap();
+    format!(
+        r#"
+[backends.looker]
+type = "looker"
+base_url = "{base_url}"
+admin_client_id = {{ file = "{id}" }}
+admin_client_secret = {{ file = "{secret}" }}
+timeout_seconds = 5
+"#,
+        id = secrets.join("looker-client-id").display(),
+        secret = secrets.join("looker-client-secret").display(),
+    )
+}
+
+/// Top-level config lines: the AES-256 key that seals Looker session tokens in the
+/// revocation schedule (written to `dir`), and a worker that looks for due revocations every second.
+pub fn revocation_key_extra(dir: &std::path::Path) -> String {
+    use base64::Engine;
+    let path = dir.join("revocation.key");
+    std::fs::write(&path, format!("{}\n", base64::engine::general_purpose::STANDARD.encode([9u8; 32]))).unwrap();
+    format!("revocation_secret_key = {{ file = \"{}\" }}\nrevocation_poll_seconds = 1", path.display())
+}

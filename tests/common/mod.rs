@@ -26,6 +26,15 @@ use uuid::Uuid;
 
 pub const AUDIENCE: &str = "credbroker";
 
+/// Waits until `check` holds, failing the test after `timeout`.
+pub async fn eventually(what: &str, timeout: std::time::Duration, mut check: impl AsyncFnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// RSA key generation is slow; each test process makes its keys once.
 pub fn rsa_pem(slot: usize) -> &'static str {
     static KEYS: OnceLock<Vec<String>> = OnceLock::new();

@@ -1,12 +1,18 @@
 //! A real OpenBao server (PEERS.md: the open-source Vault fork, same HTTP API) per test:
-//! `bao server -dev` on a free loopback port, in memory and unsealed, with a known root token.
-//! The test configures it through the HTTP API as an operator would with the `bao` CLI, and the
+//! `bao server -dev` on a free loopback port, in memory and unsealed, with a known root token,
+//! and a file audit device, so a test sees every request the broker made (OpenBao 2 enables
+//! audit devices only from its configuration file). The test configures it through the HTTP
+//! API as an operator would with the `bao` CLI, as README's "Vault-side setup" says, and the
 //! broker talks to it through its production `vaultrs` client. Stopped by PID when dropped.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use sqlx::Connection;
+
+use super::TempDir;
 
 pub const ROOT_TOKEN: &str = "ROOT";
 
@@ -16,6 +22,8 @@ pub struct OpenBao {
     unseal_key: String,
     child: Child,
     http: reqwest::Client,
+    /// The audit log and the server's configuration.
+    dir: TempDir,
 }
 
 /// A loopback port that is free, and whose successor (the dev server's cluster port) is too.
@@ -29,7 +37,11 @@ fn free_port_pair() -> u16 {
     }
 }
 
-fn spawn_server(port: u16) -> Child {
+fn spawn_server(port: u16, dir: &Path) -> Child {
+    let config = dir.join("openbao.hcl");
+    // `log_raw`: lease ids in the clear, where a production device would hash them.
+    let audit = format!("audit \"file\" \"requests\" {{\n  options {{\n    file_path = \"{}\"\n    log_raw = \"true\"\n  }}\n}}\n", dir.join("audit.log").display());
+    std::fs::write(&config, audit).unwrap();
     Command::new("bao")
         .args([
             "server",
@@ -37,6 +49,7 @@ fn spawn_server(port: u16) -> Child {
             &format!("-dev-root-token-id={ROOT_TOKEN}"),
             &format!("-dev-listen-address=127.0.0.1:{port}"),
             "-dev-no-store-token",
+            &format!("-config={}", config.display()),
         ])
         .env_remove("BAO_ADDR")
         .env_remove("VAULT_ADDR")
@@ -69,9 +82,10 @@ async fn unseal_key_printed_by(child: &mut Child) -> String {
 impl OpenBao {
     pub async fn start() -> Self {
         let port = free_port_pair();
-        let mut child = spawn_server(port);
+        let dir = super::temp_dir();
+        let mut child = spawn_server(port, &dir.0);
         let unseal_key = unseal_key_printed_by(&mut child).await;
-        let bao = Self { url: format!("http://127.0.0.1:{port}"), port, unseal_key, child, http: reqwest::Client::new() };
+        let bao = Self { url: format!("http://127.0.0.1:{port}"), port, unseal_key, child, http: reqwest::Client::new(), dir };
         bao.wait_until_unsealed().await;
         bao
     }
@@ -152,6 +166,44 @@ impl OpenBao {
         (status == 200).then(|| answer["data"]["ttl"].as_i64().unwrap())
     }
 
+    /// The audit log's entries, oldest first.
+    fn audit_entries(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.0.join("audit.log")).unwrap_or_default();
+        text.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    }
+
+    /// Every lease OpenBao granted, oldest first (`response.secret.lease_id`; renewals under
+    /// `sys/` answer with the lease too).
+    pub fn minted_leases(&self) -> Vec<String> {
+        self.audit_entries()
+            .iter()
+            .filter(|entry| entry["type"] == "response" && !entry["request"]["path"].as_str().unwrap_or_default().starts_with("sys/"))
+            .filter_map(|entry| entry["response"]["secret"]["lease_id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The lease of every `sys/leases/revoke` call that succeeded, repeats included.
+    pub fn revocations(&self) -> Vec<String> {
+        self.audit_entries()
+            .iter()
+            .filter(|entry| {
+                entry["type"] == "response"
+                    && entry["request"]["path"] == "sys/leases/revoke"
+                    && entry["error"].as_str().is_none_or(str::is_empty)
+            })
+            .filter_map(|entry| entry["request"]["data"]["lease_id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    pub fn revocations_of(&self, lease_id: &str) -> usize {
+        self.revocations().iter().filter(|revoked| *revoked == lease_id).count()
+    }
+
+    /// Whether the lease is gone: revoked, or expired.
+    pub async fn revoked(&self, lease_id: &str) -> bool {
+        self.lease_ttl(lease_id).await.is_none()
+    }
+
     /// `bao operator seal`: every request but health and unseal now fails with 503.
     pub async fn seal(&self) {
         self.call("PUT", "sys/seal", None).await;
@@ -175,7 +227,7 @@ impl OpenBao {
         self.stop();
         let started = Instant::now();
         let mut child = loop {
-            let mut child = spawn_server(self.port);
+            let mut child = spawn_server(self.port, &self.dir.0);
             tokio::time::sleep(Duration::from_millis(300)).await;
             // The old process's sockets may linger for a moment after the kill.
             match child.try_wait().unwrap() {
@@ -193,4 +245,95 @@ impl Drop for OpenBao {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The broker's AppRole as README recommends: the shipped policy only, and a periodic token.
+pub fn recommended_approle() -> Value {
+    json!({ "token_policies": "credbroker", "token_no_default_policy": true, "token_period": "1h", "secret_id_ttl": "720h" })
+}
+
+/// The shipped Vault policy, dev/vault/credbroker.hcl.
+pub fn shipped_policy() -> String {
+    std::fs::read_to_string(super::repo_path("dev/vault/credbroker.hcl")).unwrap()
+}
+
+/// A fresh test database with a table the minted users may read, and the group README's
+/// creation statement puts them in; on the test cluster its members must present their
+/// password (scripts/postgres.sh).
+pub async fn database_for_minted_users() -> String {
+    let database_url = super::fresh_database().await;
+    let mut admin = sqlx::PgConnection::connect(&database_url).await.unwrap();
+    for statement in [
+        "do $$ begin create role ci_reader nologin in role credbroker_password_login; exception when duplicate_object then null; end $$",
+        "create table orders (id int primary key)",
+        "insert into orders values (1), (2), (3)",
+        "grant select on orders to ci_reader",
+    ] {
+        sqlx::query(statement).execute(&mut admin).await.unwrap();
+    }
+    database_url
+}
+
+/// Everything README's "Vault-side setup" creates, on `bao`, with the database engine pointing
+/// at `database_url` (the test's own database): the shipped policy, the database engine with
+/// roles `ci-reader` (README's statements), `ci-platform-orders` and `reporting` (outside the
+/// policy's `database/creds/ci-*`), transit keys, and the broker's AppRole with `approle`'s
+/// settings. Returns the AppRole's role_id and secret_id.
+pub async fn provision(bao: &OpenBao, database_url: &str, approle: Value) -> (String, String) {
+    bao.policy("credbroker", &shipped_policy()).await;
+    bao.enable_secrets("database", "database", json!({})).await;
+    bao.enable_secrets("transit", "transit", json!({})).await;
+    bao.enable_secrets("kv", "kv", json!({ "version": "1" })).await;
+    let (host_port, database) = database_url.trim_start_matches("postgres://postgres@").split_once('/').unwrap();
+    bao.write(
+        "database/config/postgres",
+        json!({
+            "plugin_name": "postgresql-database-plugin",
+            "allowed_roles": "ci-*,reporting",
+            "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@{host_port}/{database}?sslmode=disable"),
+            "username": "postgres",
+            // The test cluster trusts the superuser on loopback; a real one checks this.
+            "password": "unused-on-the-test-cluster",
+        }),
+    )
+    .await;
+    let create = std::fs::read_to_string(super::repo_path("dev/vault/postgres-create-user.sql")).unwrap();
+    let drop = std::fs::read_to_string(super::repo_path("dev/vault/postgres-drop-user.sql")).unwrap();
+    for role in ["ci-reader", "ci-platform-orders", "reporting"] {
+        bao.write(
+            &format!("database/roles/{role}"),
+            json!({ "db_name": "postgres", "creation_statements": create, "revocation_statements": drop, "default_ttl": "1h", "max_ttl": "24h" }),
+        )
+        .await;
+    }
+    bao.write("transit/keys/credbroker-kafka", json!({ "type": "rsa-2048" })).await;
+    bao.write("transit/keys/credbroker-kafka-es", json!({ "type": "ecdsa-p256" })).await;
+    bao.write("transit/keys/credbroker-gogs", json!({ "type": "rsa-2048" })).await;
+    bao.write("transit/keys/credbroker-revocations", json!({ "type": "aes256-gcm96" })).await;
+    bao.approle("credbroker", approle).await
+}
+
+/// The `[vault.approle]` table for an AppRole login, its secret_id in a file in `secrets`.
+pub fn approle_table(secrets: &TempDir, role_id: &str, secret_id: &str) -> String {
+    let secret_id_file = secrets.0.join("vault-secret-id");
+    std::fs::write(&secret_id_file, format!("{secret_id}\n")).unwrap();
+    format!("[vault.approle]\nrole_id = \"{role_id}\"\nsecret_id_file = \"{}\"\n", secret_id_file.display())
+}
+
+/// The `[vault]` section for `bao` with the broker's AppRole login.
+pub fn vault_section(bao: &OpenBao, secrets: &TempDir, (role_id, secret_id): &(String, String)) -> String {
+    format!("[vault]\naddress = \"{}\"\nrequest_timeout_seconds = 5\n{}", bao.url, approle_table(secrets, role_id, secret_id))
+}
+
+/// Logs in to the test database as a minted user and counts the rows it may read.
+pub async fn login_and_query(database_url: &str, credential: &Value) -> Result<i64, sqlx::Error> {
+    let url = url::Url::parse(database_url).unwrap();
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host(url.host_str().unwrap())
+        .port(url.port().unwrap())
+        .database(url.path().trim_start_matches('/'))
+        .username(credential["username"].as_str().unwrap())
+        .password(credential["password"].as_str().unwrap());
+    let mut connection = sqlx::PgConnection::connect_with(&options).await?;
+    sqlx::query_scalar("select count(*) from orders").fetch_one(&mut connection).await
 }
