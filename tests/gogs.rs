@@ -294,28 +294,22 @@ async fn signed_push_is_recorded_forwarded_and_exchanged_for_a_credential_bound_
     assert_eq!(body["code"], "token_replayed");
 }
 
-/// `[gogs] signing = { vault_transit = ... }`: delivery tokens are signed by a Vault transit key
-/// (the Vault stand-in of tests/vault.rs, through the production vaultrs client), verify
+/// `[gogs] signing = { vault_transit = ... }`: delivery tokens are signed by a transit key in a
+/// real OpenBao (tests/common/openbao.rs, through the production vaultrs client), verify
 /// against `/.well-known/jwks.json` with an independent library (PyJWT), grant a `gogs` role,
 /// and a token signed before a rotation keeps working while the old version stays published.
 #[tokio::test]
 async fn delivery_tokens_signed_by_vault_transit_verify_against_the_jwks_and_grant() {
-    use common::vault_standin::{VaultStandin, ROLE_ID, SECRET_ID};
+    use common::openbao::{provision, recommended_approle, vault_section, OpenBao};
     const TRANSIT_KEY: &str = "credbroker-gogs";
-    let vault = VaultStandin::start().await;
-    vault.rotate_transit_key(TRANSIT_KEY, rsa_pem(0));
+    let bao = OpenBao::start().await;
+    let login = provision(&bao, &common::fresh_database().await, recommended_approle()).await;
     let keys = temp_dir();
-    let secret_id_file = keys.0.join("vault-secret-id");
-    std::fs::write(&secret_id_file, format!("{SECRET_ID}\n")).unwrap();
-    let vault_tables = format!(
-        "[vault]\naddress = \"{}\"\n[vault.approle]\nrole_id = \"{ROLE_ID}\"\nsecret_id_file = \"{}\"\n",
-        vault.url,
-        secret_id_file.display()
-    );
+    let vault_tables = vault_section(&bao, &keys, &login);
     let signing = format!("signing = {{ vault_transit = \"{TRANSIT_KEY}\", mount = \"transit\", refresh_seconds = 1 }}");
     let gogs = spawn_signing_with(keys, &signing, &vault_tables).await;
-    // The RFC 7638 thumbprint of version 1's public key, computed from the key itself.
-    let version_1_kid = credbroker::signing::SigningKey::from_pem(rsa_pem(0).as_bytes()).unwrap().kid().to_owned();
+    let version_1_kid = bao.transit_kid(TRANSIT_KEY, 1).await;
+    let last_signed_version = || bao.requests_to(&format!("transit/sign/{TRANSIT_KEY}")).last().map(|request| request["key_version"].clone());
 
     let delivery = |git_ref: &'static str| {
         let gogs = &gogs;
@@ -327,7 +321,7 @@ async fn delivery_tokens_signed_by_vault_transit_verify_against_the_jwks_and_gra
     };
     let first = delivery("refs/heads/main").await;
     let kept_for_after_rotation = delivery("refs/heads/main").await;
-    assert_eq!(vault.with(|s| s.sign_requests.last().cloned()), Some((TRANSIT_KEY.to_owned(), Some(1))), "signed by transit, version 1");
+    assert_eq!(last_signed_version(), Some(json!(1)), "signed by transit, version 1");
     let header = jsonwebtoken::decode_header(&first).unwrap();
     assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
     assert_eq!(header.kid.as_deref(), Some(version_1_kid.as_str()), "kid is the transit key's thumbprint");
@@ -352,7 +346,7 @@ async fn delivery_tokens_signed_by_vault_transit_verify_against_the_jwks_and_gra
 
     // Rotate in Vault: new deliveries are signed with version 2 within refresh_seconds, and
     // version 1 stays in the JWKS while tokens it signed can still be presented.
-    vault.rotate_transit_key(TRANSIT_KEY, rsa_pem(1));
+    bao.write(&format!("transit/keys/{TRANSIT_KEY}/rotate"), json!({})).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
     let rotated = loop {
         let token = delivery("refs/heads/main").await;
@@ -362,7 +356,8 @@ async fn delivery_tokens_signed_by_vault_transit_verify_against_the_jwks_and_gra
         assert!(std::time::Instant::now() < deadline, "the rotated transit key was never used");
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     };
-    assert_eq!(vault.with(|s| s.sign_requests.last().cloned()), Some((TRANSIT_KEY.to_owned(), Some(2))));
+    assert_eq!(last_signed_version(), Some(json!(2)));
+    assert_eq!(jsonwebtoken::decode_header(&rotated).unwrap().kid, Some(bao.transit_kid(TRANSIT_KEY, 2).await));
     let jwks: Value = reqwest::get(&jwks_url).await.unwrap().json().await.unwrap();
     let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().filter_map(|k| k["kid"].as_str()).collect();
     let rotated_kid = jsonwebtoken::decode_header(&rotated).unwrap().kid.unwrap();

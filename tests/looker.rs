@@ -277,19 +277,13 @@ async fn the_deadline_logout_survives_a_broker_restart() {
 /// `transit/decrypt` only when the worker ends the session.
 #[tokio::test]
 async fn the_session_token_can_be_sealed_by_vault_transit_instead() {
-    use common::vault_standin::{VaultStandin, ROLE_ID, SECRET_ID};
-    let vault = VaultStandin::start().await;
-    vault.create_transit_aead_key("credbroker-revocations");
+    use common::openbao::{provision, recommended_approle, vault_section, OpenBao};
+    let bao = OpenBao::start().await;
+    let login = provision(&bao, &common::fresh_database().await, recommended_approle()).await;
     let looker = LookerStandin::start().await;
     looker.add_user("42", "reports-bot@example.com");
     let secrets = common::temp_dir();
-    std::fs::write(secrets.0.join("vault-secret-id"), SECRET_ID).unwrap();
-    let tables = format!(
-        "[vault]\naddress = \"{}\"\n[vault.approle]\nrole_id = \"{ROLE_ID}\"\nsecret_id_file = \"{}\"\n{}",
-        vault.url,
-        secrets.0.join("vault-secret-id").display(),
-        looker_tables(&looker.url, &secrets.0, CLIENT_SECRET)
-    );
+    let tables = format!("{}{}", vault_section(&bao, &secrets, &login), looker_tables(&looker.url, &secrets.0, CLIENT_SECRET));
     let extra = "revocation_secret_key = { vault_transit = \"credbroker-revocations\" }\nrevocation_poll_seconds = 1";
     let app = TestApp::spawn_full(extra, &tables, POLICIES, None).await;
 
@@ -302,13 +296,13 @@ async fn the_session_token_can_be_sealed_by_vault_transit_instead() {
     assert!(sealed.starts_with(b"vault:v1:"), "Vault's ciphertext is stored");
     assert!(!revocations_hold(&app.pool, &token).await, "the token is in the revocations table in clear");
     let issuance_bytes = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, uuid::Uuid::parse_str(&issuance_id).unwrap().as_bytes());
-    let (operation, key, request) = vault.with(|s| s.aead_requests[0].clone());
-    assert_eq!((operation.as_str(), key.as_str()), ("encrypt", "credbroker-revocations"));
-    assert_eq!(request["associated_data"], issuance_bytes.as_str(), "bound to its row");
+    let encryptions = bao.requests_to("transit/encrypt/credbroker-revocations");
+    assert_eq!(encryptions.len(), 1);
+    assert_eq!(encryptions[0]["associated_data"], issuance_bytes.as_str(), "bound to its row");
 
     wait_until_logged_out(&looker, &token, deadline).await;
     assert_revoked_and_forgotten(&app.pool, &issuance_id).await;
-    assert_eq!(vault.with(|s| s.aead_requests.iter().filter(|(op, _, _)| op == "decrypt").count()), 1);
+    assert_eq!(bao.requests_to("transit/decrypt/credbroker-revocations").len(), 1);
 }
 
 #[tokio::test]

@@ -825,7 +825,7 @@ async fn a_static_vault_token_is_refused_outside_dev_mode() {
 async fn kubernetes_login_sends_the_token_file_and_reads_it_again_at_each_login() {
     let vault = VaultStandin::start().await;
     vault.add_db_role("ci-reader", DbRole { default_ttl: 3600, max_ttl: 86400, renewable: true, key_pair: false });
-    vault.set_jwt_mount("k8s-prod", "kubernetes", "credbroker", "eyJ.first-token.sig");
+    vault.set_kubernetes_mount("k8s-prod", "credbroker", "eyJ.first-token.sig");
     let secrets = common::temp_dir();
     let token_file = secrets.0.join("vault-login.jwt");
     std::fs::write(&token_file, "eyJ.first-token.sig\n").unwrap();
@@ -840,13 +840,13 @@ async fn kubernetes_login_sends_the_token_file_and_reads_it_again_at_each_login(
     assert_eq!(status, 200, "{body}");
 
     std::fs::write(&token_file, "eyJ.second-token.sig\n").unwrap();
-    vault.set_jwt_mount("k8s-prod", "kubernetes", "credbroker", "eyJ.second-token.sig");
+    vault.set_kubernetes_mount("k8s-prod", "credbroker", "eyJ.second-token.sig");
     vault.revoke_all_tokens();
     let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "db-reader"})).await;
     assert_eq!(status, 200, "logged in again with the new file content: {body}");
     assert_eq!(vault.with(|s| s.jwt_logins.last().cloned()), Some(expected("eyJ.second-token.sig")));
 
-    vault.set_jwt_mount("k8s-prod", "kubernetes", "credbroker", "eyJ.third-token.sig");
+    vault.set_kubernetes_mount("k8s-prod", "credbroker", "eyJ.third-token.sig");
     vault.revoke_all_tokens();
     assert_backend_failed(&app, "db-reader", "permission denied").await;
     let (status, body) = readyz(&app).await;

@@ -195,6 +195,23 @@ impl OpenBao {
             .collect()
     }
 
+    /// The request bodies of every call to `path` that succeeded, oldest first.
+    pub fn requests_to(&self, path: &str) -> Vec<Value> {
+        self.audit_entries()
+            .into_iter()
+            .filter(|entry| entry["type"] == "response" && entry["request"]["path"] == path && entry["error"].as_str().is_none_or(str::is_empty))
+            .map(|entry| entry["request"]["data"].clone())
+            .collect()
+    }
+
+    /// The `kid` the broker publishes for version `version` of transit key `key`: the RFC 7638
+    /// thumbprint of the public key OpenBao shows.
+    pub async fn transit_kid(&self, key: &str, version: u64) -> String {
+        let read = self.call("GET", &format!("transit/keys/{key}"), None).await;
+        let pem = read["data"]["keys"][version.to_string()]["public_key"].as_str().unwrap();
+        credbroker::signing::public_jwk_from_pem(pem).unwrap().0.common.key_id.unwrap()
+    }
+
     pub fn revocations_of(&self, lease_id: &str) -> usize {
         self.revocations().iter().filter(|revoked| *revoked == lease_id).count()
     }
