@@ -74,7 +74,7 @@ struct LifecycleApp {
 /// The Vault-backed database backend and the Looker one, with the schedule's key.
 fn backend_tables(bao: &OpenBao, looker: &LookerStandin, secrets: &TempDir, login: &(String, String)) -> String {
     format!(
-        "{}\n[backends.postgres]\ntype = \"vault_database\"\n{}",
+        "{}\n[backends.postgres]\ntype = \"vault_database\"\nplugin = \"postgres\"\n{}",
         vault_section(bao, secrets, login),
         looker_tables(&looker.url, &secrets.0, CLIENT_SECRET)
     )
@@ -591,7 +591,7 @@ async fn exec_renews_before_expiry_revokes_on_exit_and_propagates_the_exit_code(
     let LifecycleApp { app, bao, _secrets, .. } = spawn(None, None).await;
     let out = common::temp_dir();
     let script = format!(
-        "echo \"$SNOWFLAKE_USER\" > {dir}/env-user; stat -c %a \"$CREDBROKER_CREDENTIALS_DIR/db-long.json\" > {dir}/mode; \
+        "echo \"$PGUSER\" > {dir}/env-user; stat -c %a \"$CREDBROKER_CREDENTIALS_DIR/db-long.json\" > {dir}/mode; \
          sleep 4.5; cp \"$CREDBROKER_CREDENTIALS_DIR/db-long.json\" {dir}/latest.json; \
          echo \"$CREDBROKER_CREDENTIALS_DIR\" > {dir}/credentials-dir; exit 7",
         dir = out.0.display()
@@ -679,7 +679,7 @@ async fn exec_revokes_a_superseded_credential_at_renewal_while_the_command_runs(
     let out = common::temp_dir();
     let stop = out.0.join("stop");
     let script = format!(
-        "echo \"$SNOWFLAKE_USER\" > {dir}/env-user; while [ ! -e {stop} ]; do sleep 0.1; done; \
+        "echo \"$PGUSER\" > {dir}/env-user; while [ ! -e {stop} ]; do sleep 0.1; done; \
          cp \"$CREDBROKER_CREDENTIALS_DIR/db-long.json\" {dir}/latest.json; exit 3",
         dir = out.0.display(),
         stop = stop.display()
@@ -706,7 +706,7 @@ async fn exec_revokes_a_superseded_credential_at_renewal_while_the_command_runs(
     assert_eq!(output.status.code(), Some(3), "{}", String::from_utf8_lossy(&output.stderr));
     let env_user = std::fs::read_to_string(out.0.join("env-user")).unwrap();
     let latest: Value = serde_json::from_str(&std::fs::read_to_string(out.0.join("latest.json")).unwrap()).unwrap();
-    assert_ne!(latest["env"]["SNOWFLAKE_USER"].as_str().unwrap(), env_user.trim(), "the file holds the renewed user, the environment the first");
+    assert_ne!(latest["env"]["PGUSER"].as_str().unwrap(), env_user.trim(), "the file holds the renewed user, the environment the first");
     assert!(live_leases(&bao).await.is_empty(), "the last one revoked at exit");
     // Each lease revoked exactly once: superseded ones are not revoked again at exit.
     assert!(bao.minted_leases().iter().all(|lease| bao.revocations_of(lease) == 1), "{:?}", bao.revocations());

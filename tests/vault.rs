@@ -97,6 +97,7 @@ address = "{address}"
 
 [backends.postgres]
 type = "vault_database"
+plugin = "postgres"
 
 [backends.kafka-vault]
 type = "kafka_oauthbearer"
@@ -209,6 +210,9 @@ async fn a_postgres_user_minted_through_openbao_works_until_revoked_on_demand() 
     let lease_id = credential["lease_id"].as_str().unwrap().to_owned();
     assert!(lease_id.starts_with("database/creds/ci-reader/"), "{lease_id}");
     assert_eq!(login_and_query(&app.database_url, credential).await.unwrap(), 3, "the minted user logs in and reads");
+    assert_eq!(body["target"], "postgres");
+    assert_eq!(body["env"]["PGUSER"], credential["username"], "libpq's variables, for plugin = \"postgres\"");
+    assert_eq!(body["env"]["PGPASSWORD"], credential["password"]);
     let mut wrong = credential.clone();
     wrong["password"] = json!("not-the-password");
     assert_login_refused(&app.database_url, &wrong).await;
@@ -864,7 +868,7 @@ async fn key_pair_users_reach_the_cli_as_snowflake_variables() {
     let vault = VaultStandin::start().await;
     vault.add_db_role("ci-reader", DbRole { default_ttl: 3600, max_ttl: 86400, renewable: true, key_pair: true });
     let secrets = common::temp_dir();
-    let tables = vault_tables(&vault.url, &approle_table(&secrets, ROLE_ID, SECRET_ID), None);
+    let tables = vault_tables(&vault.url, &approle_table(&secrets, ROLE_ID, SECRET_ID), None).replace("plugin = \"postgres\"", "plugin = \"snowflake\"");
     let policies = POLICIES.replace("vault_role = \"ci-reader\"", "vault_role = \"ci-reader\"\naccount = \"ACME-PROD\"");
     let app = TestApp::spawn_full("", &tables, &policies, None).await;
     let (url, token) = (app.url.clone(), app.issuer.token());

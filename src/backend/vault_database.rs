@@ -23,7 +23,7 @@ use crate::vault::{Vault, VaultError};
 pub const PARAMS: ParamSchema = ParamSchema {
     kind: "vault_database",
     required: &["vault_role"],
-    optional: &["mount", "vault_role_template", "account", "warehouse", "database", "schema", "role"],
+    optional: &["mount", "vault_role_template", "account", "warehouse", "database", "schema", "role", "host", "port"],
     ttl_note: "Vault database lease: shortened to the granted TTL at once (sys/leases/renew), and never past \
                the life of the broker's Vault token; a lease Vault will not shorten is revoked and refused; the \
                response reports the TTL Vault actually set",
@@ -39,13 +39,29 @@ pub struct VaultDatabase {
     name: String,
     vault: Vault,
     max_ttl: Option<Ttl>,
+    plugin: Plugin,
+}
+
+/// The database plugin behind the mount, which decides the variables a job gets: each
+/// database's own client reads different ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plugin {
+    /// `snowflake-database-plugin`: the Snowflake CLI's `SNOWFLAKE_*` variables.
+    Snowflake,
+    /// `postgresql-database-plugin`: libpq's `PG*` variables.
+    Postgres,
 }
 
 pub fn build(table: &toml::Table, context: &BuildContext<'_>) -> Result<Arc<dyn Backend>, ConfigError> {
-    context.reject_unknown_keys(table, &["max_ttl"])?;
+    context.reject_unknown_keys(table, &["max_ttl", "plugin"])?;
     let vault = context.vault.ok_or_else(|| context.error("type", "vault_database needs a [vault] section"))?.clone();
     let max_ttl = table_string(table, context, "max_ttl")?.map(Ttl::parse).transpose().map_err(|m| context.error("max_ttl", m))?;
-    Ok(Arc::new(VaultDatabase { name: context.name.to_string(), vault, max_ttl }))
+    let plugin = match table_string(table, context, "plugin")? {
+        None | Some("snowflake") => Plugin::Snowflake,
+        Some("postgres") => Plugin::Postgres,
+        Some(other) => return Err(context.error("plugin", format!("{other:?} is not a plugin this backend knows; use \"snowflake\" (the default) or \"postgres\""))),
+    };
+    Ok(Arc::new(VaultDatabase { name: context.name.to_string(), vault, max_ttl, plugin }))
 }
 
 impl VaultDatabase {
@@ -89,7 +105,10 @@ impl Backend for VaultDatabase {
     }
 
     fn default_target(&self) -> &'static str {
-        "snowflake"
+        match self.plugin {
+            Plugin::Snowflake => "snowflake",
+            Plugin::Postgres => "postgres",
+        }
     }
 
     fn max_ttl(&self) -> Option<Ttl> {
@@ -203,23 +222,33 @@ impl Backend for VaultDatabase {
         }
         let vault_expires_at = OffsetDateTime::now_utc() + lease;
 
-        let key_pair = secret_field == "private_key";
         let mut credential = Credential::new(secret_field, SecretString::from(secret))
             .with_public("username", username.as_str())
             .with_public("lease_id", lease_id.as_str())
             .with_public("lease_duration_seconds", lease.as_secs())
-            .with_public("authenticator", if key_pair { "SNOWFLAKE_JWT" } else { "snowflake" })
-            .with_env("SNOWFLAKE_USER", EnvValue::Public(username.clone()))
-            .with_env("SNOWFLAKE_AUTHENTICATOR", EnvValue::Public(if key_pair { "SNOWFLAKE_JWT" } else { "snowflake" }.into()))
-            .with_env(if key_pair { "SNOWFLAKE_PRIVATE_KEY_RAW" } else { "SNOWFLAKE_PASSWORD" }, EnvValue::Secret(secret_field))
             .with_handle(lease_id.clone());
-        for (hint, variable) in [
-            ("account", "SNOWFLAKE_ACCOUNT"),
-            ("warehouse", "SNOWFLAKE_WAREHOUSE"),
-            ("database", "SNOWFLAKE_DATABASE"),
-            ("schema", "SNOWFLAKE_SCHEMA"),
-            ("role", "SNOWFLAKE_ROLE"),
-        ] {
+        let hints: &[(&str, &str)] = match self.plugin {
+            Plugin::Snowflake => {
+                let authenticator = if secret_field == "private_key" { "SNOWFLAKE_JWT" } else { "snowflake" };
+                credential = credential
+                    .with_public("authenticator", authenticator)
+                    .with_env("SNOWFLAKE_USER", EnvValue::Public(username.clone()))
+                    .with_env("SNOWFLAKE_AUTHENTICATOR", EnvValue::Public(authenticator.into()))
+                    .with_env(if secret_field == "private_key" { "SNOWFLAKE_PRIVATE_KEY_RAW" } else { "SNOWFLAKE_PASSWORD" }, EnvValue::Secret(secret_field));
+                &[
+                    ("account", "SNOWFLAKE_ACCOUNT"),
+                    ("warehouse", "SNOWFLAKE_WAREHOUSE"),
+                    ("database", "SNOWFLAKE_DATABASE"),
+                    ("schema", "SNOWFLAKE_SCHEMA"),
+                    ("role", "SNOWFLAKE_ROLE"),
+                ]
+            }
+            Plugin::Postgres => {
+                credential = credential.with_env("PGUSER", EnvValue::Public(username.clone())).with_env("PGPASSWORD", EnvValue::Secret(secret_field));
+                &[("host", "PGHOST"), ("port", "PGPORT"), ("database", "PGDATABASE")]
+            }
+        };
+        for (hint, variable) in hints {
             if let Some(value) = param(hint) {
                 credential = credential.with_public(hint, value).with_env(variable, EnvValue::Public(value.to_owned()));
             }
