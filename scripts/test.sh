@@ -110,6 +110,8 @@ cargo run --quiet -- policy check policies </dev/null ||
     failed+=("policy check policies")
 cargo run --quiet -- policy check dev/policies --config dev/credbroker.toml </dev/null ||
     failed+=("policy check dev/policies")
+cargo run --quiet -- policy check dev/vault/policies --config dev/vault/credbroker.toml </dev/null ||
+    failed+=("policy check dev/vault/policies")
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "test.sh: FAILED:" >&2

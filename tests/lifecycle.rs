@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::looker_standin::{looker_tables, revocation_key_extra, LookerStandin, CLIENT_SECRET};
 use common::openbao::{database_for_minted_users, provision, recommended_approle, shipped_policy, vault_section, OpenBao};
-use common::{eventually, TempDir, TestApp};
+use common::{eventually, start_binary, TempDir, TestApp};
 use serde_json::{json, Value};
 
 const POLICIES: &str = r#"
@@ -393,37 +393,6 @@ async fn a_freeze_on_one_broker_stops_issuance_on_another_until_lifted() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_credbroker");
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn start_binary(config: &std::path::Path, port: u16, log: &std::path::Path) -> Child {
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .arg("serve")
-        .env("CREDBROKER_LISTEN", format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
-        .spawn()
-        .unwrap();
-    let child = Child(child);
-    for _ in 0..150 {
-        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
-            if response.status() == 200 {
-                return child;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("broker did not become ready: {}", std::fs::read_to_string(log).unwrap_or_default());
-}
 
 #[tokio::test]
 async fn a_broker_killed_with_sigkill_revokes_what_fell_due_on_its_next_start() {

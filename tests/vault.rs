@@ -575,6 +575,49 @@ async fn a_stopped_openbao_is_a_502_and_the_broker_recovers_when_it_is_back() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// The real binary, logging at debug level: through a mint, a seal and a stop of OpenBao, its
+/// log never shows the AppRole secret_id, a minted password, or a Vault token.
+#[tokio::test]
+async fn no_secret_reaches_the_log_through_failures_and_recovery() {
+    let mut bao = OpenBao::start().await;
+    let database_url = database_for_minted_users().await;
+    let login = provision(&bao, &database_url, recommended_approle()).await;
+    let issuer = common::TestIssuer::start().await;
+    let dir = common::temp_dir();
+    std::fs::write(dir.0.join("kafka.pem"), common::rsa_pem(2)).unwrap();
+    std::fs::write(dir.0.join("policies/test.toml"), POLICIES).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let tables = vault_tables(&bao.url, &approle_table(&dir, &login.0, &login.1), None);
+    let config = dir.0.join("credbroker.toml");
+    std::fs::write(&config, common::config_text_with_tables(&issuer.url, &database_url, &url, "log_format = \"json\"", &tables)).unwrap();
+    let log = dir.0.join("broker.log");
+    std::env::set_var("CREDBROKER_LOG", "debug");
+    let _broker = common::start_binary(&config, port, &log).await;
+    let client = reqwest::Client::new();
+    let exchange = async |role: &str| {
+        let response = client.post(format!("{url}/v1/credentials")).bearer_auth(issuer.token()).json(&json!({ "role": role })).send().await.unwrap();
+        (response.status().as_u16(), response.json::<Value>().await.unwrap())
+    };
+    let (status, minted) = exchange("db-reader").await;
+    assert_eq!(status, 200, "{minted}");
+    bao.seal().await;
+    let (status, sealed) = exchange("db-reader").await;
+    assert_eq!((status, sealed["code"].as_str()), (502, Some("backend_failed")), "{sealed}");
+    bao.unseal().await;
+    assert_eq!(exchange("kafka-vault").await.0, 200, "recovered without a restart");
+    bao.stop();
+    assert_eq!(exchange("db-reader").await.0, 502);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("backend_failed") || text.contains("sealed"), "the failures are logged: {text}");
+    let password = minted["credential"]["password"].as_str().unwrap();
+    for (what, secret) in [("the secret_id", login.1.as_str()), ("the minted password", password)] {
+        assert!(!text.contains(secret), "{what} is in the log");
+    }
+    assert!(!looks_like_a_vault_token(&text), "a Vault token is in the log");
+}
+
 #[tokio::test]
 async fn an_unreachable_vault_is_a_502_with_a_failed_row_and_no_credential() {
     // A port that was just free: nothing listens there.

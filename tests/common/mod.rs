@@ -440,3 +440,40 @@ pub fn load_offline(dir: &Path, tables: &str) -> anyhow::Result<()> {
     credbroker::startup::load_policies(&config, &backends, false)?;
     Ok(())
 }
+
+// ---------------------------------------------------------------- the binary
+
+/// A `credbroker serve` process, killed (SIGKILL) when dropped.
+pub struct BrokerProcess(pub std::process::Child);
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the real binary with `config` on 127.0.0.1:`port`, its stderr appended to `log`, and
+/// waits until it is ready.
+pub async fn start_binary(config: &Path, port: u16, log: &Path) -> BrokerProcess {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("CREDBROKER_LISTEN", format!("127.0.0.1:{port}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
+        .spawn()
+        .unwrap();
+    let child = BrokerProcess(child);
+    for _ in 0..150 {
+        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+            if response.status() == 200 {
+                return child;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("broker did not become ready: {}", std::fs::read_to_string(log).unwrap_or_default());
+}
