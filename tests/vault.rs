@@ -337,6 +337,46 @@ async fn a_lease_that_cannot_be_shortened_is_revoked_and_never_handed_out() {
     assert!(leases_under(&bao, "database/creds/ci-reader/").await.is_empty(), "the lease was revoked");
 }
 
+/// README's "Vault-side setup" as the operator runs it: dev/vault/setup.sh, the same `bao`
+/// commands, against a fresh OpenBao; the broker then logs in with the AppRole files it wrote
+/// and mints a Postgres user that can log in.
+#[tokio::test]
+async fn the_readme_setup_commands_configure_openbao_for_the_broker() {
+    let bao = OpenBao::start().await;
+    let database_url = database_for_minted_users().await;
+    let out = common::temp_dir();
+    let (host_port_database, script) = (database_url.trim_start_matches("postgres://postgres@").to_owned(), common::repo_path("dev/vault/setup.sh"));
+    let credentials = out.0.join("openbao");
+    let (bao_url, written) = (bao.url.clone(), credentials.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh")
+            .arg(script)
+            .arg(&written)
+            .env("BAO_ADDR", bao_url)
+            .env("BAO_TOKEN", common::openbao::ROOT_TOKEN)
+            .env("CREDBROKER_VAULT_PG", host_port_database)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(credentials.join("secret-id")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the secret_id file is private");
+    let auth = format!(
+        "[vault.approle]\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"\n",
+        credentials.join("role-id").display(),
+        credentials.join("secret-id").display()
+    );
+    let app = TestApp::spawn_full("", &vault_tables(&bao.url, &auth, None), POLICIES, Some(database_url)).await;
+    let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "db-reader"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(login_and_query(&app.database_url, &body["credential"]).await.unwrap(), 3);
+    let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "kafka-vault"})).await;
+    assert_eq!(status, 200, "transit signing as set up: {body}");
+}
+
 // ---------------------------------------------------------------- the broker's own token
 
 /// Vault revokes every lease a token created when the token dies. With a 12 s token TTL and a
