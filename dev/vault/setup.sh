@@ -8,13 +8,13 @@
 # Environment: BAO_ADDR and BAO_TOKEN (an operator token), CREDBROKER_VAULT_PG
 # (host:port/database the database engine manages), CREDBROKER_VAULT_PG_USER and
 # CREDBROKER_VAULT_PG_PASSWORD (a login with CREATEROLE). Writes the broker's AppRole
-# credentials to OUT_DIR/role-id and OUT_DIR/secret-id (0600). POSIX sh: the OpenBao image
-# has no bash.
+# credentials to OUT_DIR/role-id and OUT_DIR/secret-id (0600), owned by
+# CREDBROKER_VAULT_OUT_OWNER (uid:gid) when set. POSIX sh: the OpenBao image has no bash.
 set -eu
 
 [ $# -eq 1 ] || { echo "usage: $0 OUT_DIR" >&2; exit 2; }
 out=$1
-here=$(dirname -- "$0")
+here=$(dirname "$0")
 bao=${BAO:-bao}
 : "${CREDBROKER_VAULT_PG:?set CREDBROKER_VAULT_PG to host:port/database}"
 : "${CREDBROKER_VAULT_PG_USER:=postgres}"
@@ -42,8 +42,11 @@ enable_secrets transit
 "$bao" read transit/keys/credbroker-kafka >/dev/null 2>&1 ||
     "$bao" write -f transit/keys/credbroker-kafka type=rsa-2048 >/dev/null
 
-mkdir -p -- "$out"
+mkdir -p "$out"
 umask 077
 "$bao" read -field=role_id auth/approle/role/credbroker/role-id >"$out/role-id"
 "$bao" write -f -field=secret_id auth/approle/role/credbroker/secret-id >"$out/secret-id"
+if [ -n "${CREDBROKER_VAULT_OUT_OWNER:-}" ]; then
+    chown "$CREDBROKER_VAULT_OUT_OWNER" "$out/role-id" "$out/secret-id"
+fi
 echo "setup.sh: configured $BAO_ADDR for credbroker; AppRole credentials in $out" >&2

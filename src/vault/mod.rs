@@ -202,7 +202,15 @@ impl Vault {
 
     async fn login_locked(&self) -> Result<(), VaultError> {
         let result = match self.login_now().await {
-            Ok((ttl, renewable)) => self.lookup_lifetime().await.map(|(periodic, explicit_max)| (ttl, renewable, periodic, explicit_max)),
+            Ok((ttl, renewable)) => {
+                // Without lookup-self the token is taken as non-periodic: its grants are then
+                // bounded by its max TTL as renewals reveal it, which is safe, only shorter.
+                let (periodic, explicit_max) = self.lookup_lifetime().await.unwrap_or_else(|error| {
+                    tracing::warn!(%error, "cannot look up the broker's own Vault token (grant it auth/token/lookup-self); treating it as not periodic");
+                    (false, None)
+                });
+                Ok((ttl, renewable, periodic, explicit_max))
+            }
             Err(error) => Err(error),
         };
         let mut session = self.inner.session.lock().expect("session lock");
