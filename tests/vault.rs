@@ -758,7 +758,7 @@ async fn secret_sources_read_kv_v2_and_v1_with_caching_and_rotation() {
             .unwrap();
     // Set once, before any thread reads the environment; nextest runs each test in its own process.
     std::env::set_var("CREDBROKER_TEST_VAULT_SECRET_ID", &secret_id);
-    let config = credbroker::vault::VaultConfig::parse(&table, "test.toml", std::path::Path::new("/")).unwrap();
+    let config = credbroker::vault::VaultConfig::parse(&table, "test.toml", std::path::Path::new("/"), false).unwrap();
     let vault = credbroker::vault::Vault::new(config).unwrap();
     let v2 = |path: &str, key: &str, cache: Duration| VaultKvSecret::new(vault.clone(), KvVersion::V2, "secret", path, key, cache);
 

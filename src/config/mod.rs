@@ -436,7 +436,7 @@ impl Config {
             };
             backends.push((backend_name, table));
         }
-        let vault = raw.vault.map(|table| VaultConfig::parse(&table, file, &base_dir)).transpose()?;
+        let vault = raw.vault.map(|table| VaultConfig::parse(&table, file, &base_dir, raw.dev.is_some())).transpose()?;
         let dev = raw.dev.map(|dev| DevConfig {
             state_dir: base_dir.join(dev.state_dir.unwrap_or_else(|| PathBuf::from(".credbroker-dev"))),
         });
@@ -561,9 +561,15 @@ mod tests {
     #[test]
     fn environment_overrides_the_vault_address_only_where_there_is_a_vault() {
         let with_vault = format!("{MINIMAL}\n[vault]\naddress = \"http://127.0.0.1:8200\"\n[vault.approle]\nrole_id = \"r\"\nsecret_id_env = \"S\"\n");
-        let override_address = [("CREDBROKER_VAULT_ADDRESS", "http://openbao:8200")];
+        let override_address = [("CREDBROKER_VAULT_ADDRESS", "https://vault.internal:8200")];
         let config = parse(&with_vault, &override_address).unwrap();
-        assert_eq!(config.vault.unwrap().address, "http://openbao:8200");
+        assert_eq!(config.vault.unwrap().address, "https://vault.internal:8200");
+        // Plain http beyond loopback only in a dev configuration (docker-compose.yml's OpenBao).
+        let compose = [("CREDBROKER_VAULT_ADDRESS", "http://openbao:8200")];
+        let error = parse(&with_vault, &compose).unwrap_err().to_string();
+        assert!(error.contains("vault.address") && error.contains("https"), "{error}");
+        let dev = format!("{with_vault}\n[dev]\n");
+        assert_eq!(parse(&dev, &compose).unwrap().vault.unwrap().address, "http://openbao:8200");
         assert!(parse(MINIMAL, &override_address).unwrap().vault.is_none(), "no [vault] table is made up");
     }
 

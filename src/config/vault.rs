@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use url::Url;
+
 use crate::config::{parse_http_url, ConfigError};
 
 #[derive(Debug, Clone)]
@@ -84,12 +86,17 @@ const DEFAULT_KUBERNETES_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serv
 const DEFAULT_REQUEST_TIMEOUT_SECONDS: u64 = 10;
 
 impl VaultConfig {
-    /// `base_dir` resolves relative paths against the configuration file's directory.
-    pub fn parse(table: &toml::Table, source_name: &str, base_dir: &std::path::Path) -> Result<Self, ConfigError> {
+    /// `base_dir` resolves relative paths against the configuration file's directory. A dev
+    /// configuration (`[dev]`, usable only with `serve --dev`) may reach Vault over plain http
+    /// on any host: the dev OpenBao of docker-compose.yml is another container.
+    pub fn parse(table: &toml::Table, source_name: &str, base_dir: &std::path::Path, dev: bool) -> Result<Self, ConfigError> {
         let section = Section { table, source_name, prefix: "vault".into() };
         section.reject_unknown(&["address", "ca_file", "namespace", "request_timeout_seconds", "approle", "kubernetes", "jwt", "token"])?;
         let address = section.required_string("address")?;
-        let address = parse_http_url(&address).map_err(|m| section.error("address", m))?;
+        let address = match Url::parse(&address) {
+            Ok(url) if dev && url.scheme() == "http" => address.trim_end_matches('/').to_owned(),
+            _ => parse_http_url(&address).map_err(|m| section.error("address", m))?,
+        };
         let ca_file = section.string("ca_file")?.map(|path| base_dir.join(path));
         let namespace = section.string("namespace")?.filter(|ns| !ns.trim().is_empty());
         let request_timeout = match table.get("request_timeout_seconds") {
@@ -235,7 +242,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<VaultConfig, String> {
         let table: toml::Table = text.parse().unwrap();
-        VaultConfig::parse(&table, "/etc/credbroker.toml", std::path::Path::new("/etc")).map_err(|e| e.to_string())
+        VaultConfig::parse(&table, "/etc/credbroker.toml", std::path::Path::new("/etc"), false).map_err(|e| e.to_string())
     }
 
     #[test]
