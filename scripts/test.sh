@@ -41,6 +41,12 @@ python3 -c 'import moto.server, flask, flask_cors' 2>/dev/null \
 python3 -c 'import fakesnow.server, snowflake.connector' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'fakesnow[server]' 'snowflake-connector-python<5' </dev/null
 
+# A real Kafka client that fetches and refreshes its own tokens from the broker's token
+# endpoint (tests/oauth_token.rs): confluent-kafka bundles librdkafka, whose OIDC login has the
+# jwt-bearer grant from 2.11 on.
+python3 -c 'import confluent_kafka' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check 'confluent-kafka>=2.11' </dev/null
+
 # The Looker peer: Prism serving Looker's official API 4.0 spec (tests/looker.rs starts it).
 # Installed once into .cache/prism (gitignored), never globally.
 [ -x .cache/prism/node_modules/.bin/prism ] || {

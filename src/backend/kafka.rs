@@ -147,6 +147,11 @@ impl Backend for KafkaOauthbearer {
             .with_handle(signed.kid))
     }
 
+    fn bearer_token_type(&self) -> Option<&'static str> {
+        // A JWT access token for Kafka's KIP-768 validator.
+        Some("urn:ietf:params:oauth:token-type:access_token")
+    }
+
     fn published_keys(&self) -> Vec<Jwk> {
         self.signer.published_keys()
     }

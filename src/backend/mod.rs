@@ -125,6 +125,12 @@ impl Credential {
         fields
     }
 
+    /// The primary secret (the field [`Credential::new`] named): for `POST /oauth/token`,
+    /// where it is the whole credential.
+    pub fn expose_primary(&self) -> &str {
+        self.secrets[0].1.expose_secret()
+    }
+
     /// Environment variables for `credbroker exchange --format env`, secrets included.
     pub fn expose_env(&self) -> Map<String, Value> {
         self.env
@@ -162,6 +168,11 @@ pub trait Backend: Send + Sync {
         None
     }
     async fn mint(&self, request: MintRequest<'_>) -> Result<Credential, BackendError>;
+    /// When the credential is one bearer token (its primary secret) and nothing else a client
+    /// must be told: that token's RFC 8693 type. Only such backends answer `POST /oauth/token`.
+    fn bearer_token_type(&self) -> Option<&'static str> {
+        None
+    }
     /// Public keys verifiers need (served at `/.well-known/jwks.json`).
     fn published_keys(&self) -> Vec<Jwk> {
         Vec::new()

@@ -5,6 +5,7 @@
 
 pub mod looker_standin;
 pub mod moto;
+pub mod tansu;
 pub mod vault_standin;
 
 use std::path::{Path, PathBuf};
