@@ -47,6 +47,11 @@ python3 -c 'import fakesnow.server, snowflake.connector' 2>/dev/null \
 python3 -c 'import confluent_kafka' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'confluent-kafka>=2.11' </dev/null
 
+# The official Looker SDK, run against the Looker stand-in with the files `--out-dir` writes
+# (tests/native_outputs.rs runs README's snippet).
+python3 -c 'import looker_sdk' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check looker-sdk </dev/null
+
 # The Looker peer: Prism serving Looker's official API 4.0 spec (tests/looker.rs starts it).
 # Installed once into .cache/prism (gitignored), never globally.
 [ -x .cache/prism/node_modules/.bin/prism ] || {
