@@ -37,7 +37,8 @@ python3 -c 'import moto.server, flask, flask_cors' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5' </dev/null
 
 # The Snowflake peer (tests/snowflake_keypair.rs starts `python3 -m fakesnow -s` itself). fakesnow
-# breaks with snowflake-connector-python 5.x (PEERS.md), hence the pin.
+# breaks with snowflake-connector-python 5.x (PEERS.md), hence the pin; the 4.x connector also
+# logs in with workload identity (tests/snowflake_workload_identity.rs).
 python3 -c 'import fakesnow.server, snowflake.connector' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'fakesnow[server]' 'snowflake-connector-python<5' </dev/null
 

@@ -5,6 +5,7 @@ mod aws_sts;
 mod kafka;
 mod looker;
 mod snowflake_keypair;
+mod snowflake_workload_identity;
 mod vault_database;
 mod vault_kv;
 
@@ -232,6 +233,7 @@ const KINDS: &[Kind] = &[
     Kind { name: "vault_kv", params: vault_kv::PARAMS, build: vault_kv::build },
     Kind { name: "looker", params: looker::PARAMS, build: looker::build },
     Kind { name: "snowflake_keypair", params: snowflake_keypair::PARAMS, build: snowflake_keypair::build },
+    Kind { name: "snowflake_workload_identity", params: snowflake_workload_identity::PARAMS, build: snowflake_workload_identity::build },
 ];
 
 pub fn all_param_schemas() -> Vec<ParamSchema> {
