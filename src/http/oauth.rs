@@ -24,8 +24,10 @@ pub const GRANT_TYPES: [&str; 3] = [TOKEN_EXCHANGE, JWT_BEARER, CLIENT_CREDENTIA
 const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// The job tokens a token exchange accepts as `subject_token`.
 const SUBJECT_TOKEN_TYPES: [&str; 2] = ["urn:ietf:params:oauth:token-type:id_token", "urn:ietf:params:oauth:token-type:jwt"];
-/// What a token exchange may ask for: the broker issues JWT access tokens.
-const REQUESTED_TOKEN_TYPES: [&str; 2] = ["urn:ietf:params:oauth:token-type:access_token", "urn:ietf:params:oauth:token-type:jwt"];
+/// What a token exchange may ask for: every token the broker issues here is a JWT, an access
+/// token (Kafka) or an ID token (Snowflake); `issued_token_type` says which the role gives.
+const REQUESTED_TOKEN_TYPES: [&str; 3] =
+    ["urn:ietf:params:oauth:token-type:access_token", "urn:ietf:params:oauth:token-type:id_token", "urn:ietf:params:oauth:token-type:jwt"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Grant {
