@@ -204,6 +204,11 @@ async fn a_bad_client_assertion_is_invalid_client_with_401() {
     // A client secret instead of an assertion is refused before anything is verified.
     let form = [("grant_type", "client_credentials"), ("client_id", "job"), ("client_secret", "s"), ("scope", "orders-producer")];
     assert_refused(&app, &form, 401, "invalid_client", "invalid_request").await;
+    // The same with the secret in HTTP Basic: the 401 names the scheme that failed.
+    let response = app.client.post(format!("{}/oauth/token", app.url)).basic_auth("job", Some("s")).form(&[("grant_type", "client_credentials"), ("scope", "orders-producer")]).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    assert_eq!(response.headers()["www-authenticate"], "Basic realm=\"credbroker\"");
+    assert_eq!(response.json::<Value>().await.unwrap()["error"], "invalid_client");
     let job_token = app.issuer.token();
     let form = [("grant_type", "client_credentials"), ("client_assertion_type", "urn:example:other"), ("client_assertion", &job_token), ("scope", "orders-producer")];
     assert_refused(&app, &form, 401, "invalid_client", "invalid_request").await;

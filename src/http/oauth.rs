@@ -271,7 +271,16 @@ pub(super) async fn token(State(state): State<AppState>, parts: Result<RequestPa
                 OauthError::TemporarilyUnavailable | OauthError::ServerError => super::status_for(problem.code),
                 _ => StatusCode::BAD_REQUEST,
             };
-            refusal(error, status, problem.detail, problem.issuance_id)
+            let mut response = refusal(error, status, problem.detail, problem.issuance_id);
+            // RFC 6749 section 5.2: a client that authenticated with an Authorization header
+            // is told which scheme failed.
+            let scheme = parts.headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()).and_then(|value| value.split(' ').next());
+            if let (OauthError::InvalidClient, Some(scheme)) = (error, scheme) {
+                if let Ok(challenge) = HeaderValue::from_str(&format!("{scheme} realm=\"credbroker\"")) {
+                    response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+                }
+            }
+            response
         }
     }
 }
