@@ -73,6 +73,14 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -qq --no-install-recommends chromium chromium-driver </dev/null >/dev/null
 fi
+# The Kafka Java client properties `--out-dir` writes are read with Java's own parser
+# (tests/KafkaJavaProperties.java, run by the JDK's single-file launcher).
+if ! command -v java >/dev/null 2>&1; then
+    sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
+    "${sudo[@]}" apt-get update -qq </dev/null
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jdk-headless </dev/null >/dev/null
+fi
 python3 -c 'import selenium' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'selenium>=4.11' </dev/null
 

@@ -69,6 +69,14 @@ async fn kafka_files_are_private_name_the_token_file_and_are_replaced_on_a_rerun
     let java = read(&out.join("orders-multi.kafka-java.properties"));
     assert!(java.contains(&format!("sasl.oauthbearer.token.endpoint.url=file:{}\n", token_file.display())), "{java}");
     assert!(token_file.is_absolute());
+    // Java's own properties parser reads the file and finds the token through its file: URI.
+    let java_reads = Command::new("java")
+        .arg(common::repo_path("tests/KafkaJavaProperties.java"))
+        .arg(out.join("orders-multi.kafka-java.properties"))
+        .output()
+        .expect("java (the JDK scripts/test.sh installs)");
+    assert!(java_reads.status.success(), "{}", String::from_utf8_lossy(&java_reads.stderr));
+    assert_eq!(String::from_utf8_lossy(&java_reads.stdout), reply["credential"]["token"].as_str().unwrap());
 
     let again = assert_success(&exchange(&app, &token, "orders-multi", &out, "json"));
     assert_ne!(again["issuance_id"], reply["issuance_id"]);
