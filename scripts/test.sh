@@ -37,7 +37,8 @@ python3 -c 'import moto.server, flask, flask_cors' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5' </dev/null
 
 # The Snowflake peer (tests/snowflake_keypair.rs starts `python3 -m fakesnow -s` itself). fakesnow
-# breaks with snowflake-connector-python 5.x (PEERS.md), hence the pin.
+# breaks with snowflake-connector-python 5.x (PEERS.md), hence the pin; the 4.x connector also
+# logs in with workload identity (tests/snowflake_workload_identity.rs).
 python3 -c 'import fakesnow.server, snowflake.connector' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'fakesnow[server]' 'snowflake-connector-python<5' </dev/null
 
@@ -51,6 +52,17 @@ if ! command -v bao >/dev/null 2>&1; then
     export PATH
 fi
 bao version >&2
+
+# A real Kafka client that fetches and refreshes its own tokens from the broker's token
+# endpoint (tests/oauth_token.rs): confluent-kafka bundles librdkafka, whose OIDC login has the
+# jwt-bearer grant from 2.11 on.
+python3 -c 'import confluent_kafka' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check 'confluent-kafka>=2.11' </dev/null
+
+# The official Looker SDK, run against the Looker stand-in with the files `--out-dir` writes
+# (tests/native_outputs.rs runs README's snippet).
+python3 -c 'import looker_sdk' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check looker-sdk </dev/null
 
 # The Looker peer: Prism serving Looker's official API 4.0 spec (tests/looker.rs starts it).
 # Installed once into .cache/prism (gitignored), never globally.
@@ -71,6 +83,14 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     "${sudo[@]}" apt-get update -qq </dev/null
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -qq --no-install-recommends chromium chromium-driver </dev/null >/dev/null
+fi
+# The Kafka Java client properties `--out-dir` writes are read with Java's own parser
+# (tests/KafkaJavaProperties.java, run by the JDK's single-file launcher).
+if ! command -v java >/dev/null 2>&1; then
+    sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
+    "${sudo[@]}" apt-get update -qq </dev/null
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jdk-headless </dev/null >/dev/null
 fi
 python3 -c 'import selenium' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'selenium>=4.11' </dev/null

@@ -177,6 +177,10 @@ impl Application {
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["RS256", "ES256"],
+            "token_endpoint": format!("{}/oauth/token", config.public_url),
+            "grant_types_supported": http::oauth::GRANT_TYPES,
+            // client_credentials authenticates with the job token as a JWT client assertion.
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
         });
         let broker = Broker {
             verifier,

@@ -8,10 +8,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::tansu::Tansu;
 use common::{rsa_pem, temp_dir, TempDir, TestApp};
 use hmac::{Hmac, Mac};
 use rskafka::client::partition::UnknownTopicHandling;
@@ -28,77 +27,8 @@ type TopicRecord = (i32, String, Value, BTreeMap<String, Vec<u8>>);
 /// (event_key, kind, attempts, last_error, delivered) of one `event_outbox` row.
 type OutboxRow = (String, String, i32, Option<String>, bool);
 
-/// The test peer. Missing tansu fails the test (it is never skipped): scripts/test.sh installs it.
-fn tansu_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("TANSU_BIN") {
-        return PathBuf::from(path);
-    }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .chain(std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo/bin")))
-        .map(|dir| dir.join("tansu"))
-        .find(|candidate| candidate.is_file());
-    on_path.unwrap_or_else(|| {
-        panic!(
-            "tansu (the Kafka-protocol test peer) is not installed: run scripts/test.sh, which installs it with \
-             `cargo install tansu --locked --features dynostore`, or set TANSU_BIN"
-        )
-    })
-}
-
-/// One tansu broker with in-memory storage on a fixed loopback port, so a restart comes back
-/// where the sink's bootstrap list points.
-struct Tansu {
-    port: u16,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
+/// Topic helpers on the shared tansu peer (tests/common/tansu.rs).
 impl Tansu {
-    async fn start(dir: &std::path::Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut tansu = Tansu { port, child: None, log: dir.join("tansu.log") };
-        tansu.restart().await;
-        tansu
-    }
-
-    fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    async fn restart(&mut self) {
-        assert!(self.child.is_none(), "tansu is already running");
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(tansu_binary())
-            .args(["broker", "--cluster-id", "credbroker-test", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/", "--silent"])
-            .env_remove("STORAGE_ENGINE")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start tansu: {e}"));
-        self.child = Some(child);
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tansu exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
-            }
-            assert!(started.elapsed() < Duration::from_secs(20), "tansu did not listen on {}", self.port);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// SIGKILL, as a crash or a network cut would leave it: no goodbye to the clients.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
     async fn client(&self) -> rskafka::client::Client {
         ClientBuilder::new(vec![self.bootstrap()]).build().await.expect("connect to tansu")
     }
@@ -129,12 +59,6 @@ impl Tansu {
             }
         }
         all
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -111,6 +111,8 @@ pub struct AuditEvent {
     /// On a revocation, release or other row about one issuance: that issuance, set only from
     /// what the broker verified (its own schedule, the holder's token).
     pub about_issuance: Option<Uuid>,
+    /// On a credential request: the door it came through (`credentials`, `oauth_token`).
+    pub endpoint: Option<&'static str>,
 }
 
 impl AuditEvent {
@@ -141,6 +143,7 @@ impl AuditEvent {
             overshoot_seconds: None,
             renews_issuance: None,
             about_issuance: None,
+            endpoint: None,
         }
     }
 

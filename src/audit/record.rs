@@ -97,6 +97,7 @@ audit_columns! {
     client_addr "client_addr": Option<String> = "text", |event| event.client_addr.clone();
     user_agent "user_agent": Option<String> = "text", |event| event.user_agent.clone();
     occurrences "occurrences": i32 = "integer", |event| event.occurrences as i32;
+    endpoint "endpoint": Option<String> = "text", |event| event.endpoint.map(str::to_owned);
 }
 
 /// Column order of CSV output (and the fields the page's detail view lists).

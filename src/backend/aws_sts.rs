@@ -204,12 +204,17 @@ impl Backend for AwsSts {
         Ok(Credential::new("secret_access_key", SecretString::from(credentials.secret_access_key().to_owned()))
             .with_secret("session_token", SecretString::from(credentials.session_token().to_owned()))
             .with_public("access_key_id", access_key_id.clone())
-            .with_public("expiration", expiration)
+            .with_public("expiration", expiration.clone())
             .with_public("assumed_role_arn", assumed_role_arn.clone())
             .with_public("role_session_name", session_name)
+            .with_public("region", self.region.as_str())
             .with_env("AWS_ACCESS_KEY_ID", EnvValue::Public(access_key_id.clone()))
             .with_env("AWS_SECRET_ACCESS_KEY", EnvValue::Secret("secret_access_key"))
             .with_env("AWS_SESSION_TOKEN", EnvValue::Secret("session_token"))
+            // The SDKs and CLI need a region; the expiration lets tools that cache
+            // credentials (Terraform, the CLI's own cache) know when to stop using them.
+            .with_env("AWS_REGION", EnvValue::Public(self.region.clone()))
+            .with_env("AWS_CREDENTIAL_EXPIRATION", EnvValue::Public(expiration.clone()))
             // What CloudTrail shows for every call made with the session.
             .with_handle(format!("{access_key_id} {assumed_role_arn}")))
     }

@@ -74,7 +74,7 @@ pub fn build(table: &toml::Table, context: &BuildContext<'_>) -> Result<Arc<dyn 
     Ok(Arc::new(KafkaOauthbearer { name: context.name.to_string(), issuer: context.config.public_url.clone(), audience, signer, max_ttl }))
 }
 
-fn local_signer(table: &toml::Table, context: &BuildContext<'_>, key_file: &str) -> Result<Arc<dyn Signer>, ConfigError> {
+pub(super) fn local_signer(table: &toml::Table, context: &BuildContext<'_>, key_file: &str) -> Result<Arc<dyn Signer>, ConfigError> {
     let key_path = context.config.resolve(&PathBuf::from(key_file));
     let may_generate = context.dev_state_dir.is_some_and(|dir| key_path.starts_with(dir));
     let current = SigningKey::load_or_generate(&key_path, may_generate).map_err(|e| context.error("signing_key_file", e.to_string()))?;
@@ -145,6 +145,11 @@ impl Backend for KafkaOauthbearer {
             .with_env("KAFKA_OAUTHBEARER_TOKEN", EnvValue::Secret("token"))
             .with_env("KAFKA_PRINCIPAL", EnvValue::Public(principal.to_owned()))
             .with_handle(signed.kid))
+    }
+
+    fn bearer_token_type(&self) -> Option<&'static str> {
+        // A JWT access token for Kafka's KIP-768 validator.
+        Some("urn:ietf:params:oauth:token-type:access_token")
     }
 
     fn published_keys(&self) -> Vec<Jwk> {

@@ -5,6 +5,7 @@ mod aws_sts;
 mod kafka;
 mod looker;
 mod snowflake_keypair;
+mod snowflake_workload_identity;
 mod vault_database;
 mod vault_kv;
 
@@ -125,6 +126,12 @@ impl Credential {
         fields
     }
 
+    /// The primary secret (the field [`Credential::new`] named): for `POST /oauth/token`,
+    /// where it is the whole credential.
+    pub fn expose_primary(&self) -> &str {
+        self.secrets[0].1.expose_secret()
+    }
+
     /// Environment variables for `credbroker exchange --format env`, secrets included.
     pub fn expose_env(&self) -> Map<String, Value> {
         self.env
@@ -162,6 +169,11 @@ pub trait Backend: Send + Sync {
         None
     }
     async fn mint(&self, request: MintRequest<'_>) -> Result<Credential, BackendError>;
+    /// When the credential is one bearer token (its primary secret) and nothing else a client
+    /// must be told: that token's RFC 8693 type. Only such backends answer `POST /oauth/token`.
+    fn bearer_token_type(&self) -> Option<&'static str> {
+        None
+    }
     /// Public keys verifiers need (served at `/.well-known/jwks.json`).
     fn published_keys(&self) -> Vec<Jwk> {
         Vec::new()
@@ -221,6 +233,7 @@ const KINDS: &[Kind] = &[
     Kind { name: "vault_kv", params: vault_kv::PARAMS, build: vault_kv::build },
     Kind { name: "looker", params: looker::PARAMS, build: looker::build },
     Kind { name: "snowflake_keypair", params: snowflake_keypair::PARAMS, build: snowflake_keypair::build },
+    Kind { name: "snowflake_workload_identity", params: snowflake_workload_identity::PARAMS, build: snowflake_workload_identity::build },
 ];
 
 pub fn all_param_schemas() -> Vec<ParamSchema> {

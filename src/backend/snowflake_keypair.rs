@@ -196,7 +196,7 @@ pub fn jwt_account(raw: &str) -> Result<String, String> {
 }
 
 /// The account as it appears in `https://<this>.snowflakecomputing.com`.
-fn url_account(raw: &str) -> String {
+pub(super) fn url_account(raw: &str) -> String {
     let lowered = raw.trim().to_lowercase();
     let segments: Vec<&str> = lowered.split('.').collect();
     if segments.len() == 2 && !segments[1].contains('-') && !LOCATOR_SUFFIXES.contains(&segments[1]) {

@@ -111,12 +111,56 @@ pub struct RequestRow {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CredentialRequest {
+struct CredentialBody {
     role: String,
     ttl_seconds: Option<u64>,
     min_ttl_seconds: Option<u64>,
     /// The issuance this one renews (`credbroker exec`): recorded on the issued row to link them.
     renews: Option<Uuid>,
+}
+
+/// Which door a credential request came through: the row's `endpoint`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/credentials` (`credbroker exchange`, `exec`).
+    Credentials,
+    /// `POST /oauth/token`, for clients that fetch their own tokens (Kafka's OIDC login).
+    OauthToken,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Credentials => "credentials",
+            Endpoint::OauthToken => "oauth_token",
+        }
+    }
+}
+
+/// A credential request as its door read it.
+#[derive(Debug, Clone)]
+pub struct CredentialRequest {
+    pub role: String,
+    pub ttl: TtlRequest,
+    /// The issuance this one renews (`credbroker exec`).
+    pub renews: Option<Uuid>,
+}
+
+/// How the request reached [`Broker::issue`]: `POST /v1/credentials` brings a JSON body the
+/// broker parses once the job token is verified; the token endpoint's edge has read its form
+/// already (the job token is in it), and hands over the request or what is wrong with it.
+enum Door {
+    Credentials,
+    OauthToken(Result<CredentialRequest, String>),
+}
+
+impl Door {
+    fn endpoint(&self) -> Endpoint {
+        match self {
+            Door::Credentials => Endpoint::Credentials,
+            Door::OauthToken(_) => Endpoint::OauthToken,
+        }
+    }
 }
 
 pub struct Issued {
@@ -128,6 +172,9 @@ pub struct Issued {
     pub expires_at: OffsetDateTime,
     pub job_deadline: OffsetDateTime,
     pub credential: Credential,
+    /// The RFC 8693 type of the credential's primary secret when that one bearer token is the
+    /// whole credential (see [`crate::backend::Backend::bearer_token_type`]).
+    pub bearer_token_type: Option<&'static str>,
 }
 
 /// A person (not a job) calling an administrative endpoint or reading the log, verified (see
@@ -169,22 +216,41 @@ struct Minted {
 impl Broker {
     /// `POST /v1/credentials`: verify → decide → claim → mint, then [`Broker::record`], then
     /// hand over. Only a durable `issued` row lets the credential leave.
-    #[tracing::instrument(skip_all, fields(request_id = input.request_id, issuance_id, role))]
     pub async fn exchange(&self, input: ExchangeInput<'_>) -> Result<Issued, ExchangeFailure> {
+        self.exchange_through(input, Door::Credentials).await
+    }
+
+    /// `POST /oauth/token`: the same path as [`Broker::exchange`]. The edge has read the form:
+    /// `input.bearer_token` is the job token it carried (None when it carried none, and then
+    /// `request` says what is missing), `request` the role asked for or what is wrong with the form.
+    pub async fn exchange_oauth(&self, input: ExchangeInput<'_>, request: Result<CredentialRequest, String>) -> Result<Issued, ExchangeFailure> {
+        self.exchange_through(input, Door::OauthToken(request)).await
+    }
+
+    #[tracing::instrument(skip_all, fields(request_id = input.request_id, issuance_id, role))]
+    async fn exchange_through(&self, input: ExchangeInput<'_>, door: Door) -> Result<Issued, ExchangeFailure> {
         let now = OffsetDateTime::now_utc();
         let mut row = self.open_row(&input, now, None)?;
         tracing::Span::current().record("issuance_id", tracing::field::display(row.event.id));
-        let outcome = self.issue(&input, &mut row.event, now).await;
+        let outcome = self.issue(&input, &door, &mut row.event, now).await;
         let minted = self.record(row, outcome).await?;
         tracing::info!(issuance_id = %minted.issued.issuance_id, role = %minted.issued.role, ttl = minted.issued.ttl.seconds(), "credential issued");
         minted.undelivered.delivered();
         Ok(minted.issued)
     }
 
-    async fn issue(&self, input: &ExchangeInput<'_>, event: &mut AuditEvent, now: OffsetDateTime) -> Result<Minted, ExchangeError> {
+    async fn issue(&self, input: &ExchangeInput<'_>, door: &Door, event: &mut AuditEvent, now: OffsetDateTime) -> Result<Minted, ExchangeError> {
+        event.endpoint = Some(door.endpoint().as_str());
+        // A token request whose form carries no job token has nothing to verify.
+        if let (Door::OauthToken(Err(problem)), None) = (door, input.bearer_token) {
+            return Err(ExchangeError::InvalidRequest(problem.clone()));
+        }
         // Verify. Until this succeeds nobody can be held to the request.
         let mut token = self.identify(input, event, now).await?;
-        let request = parse_request(input.body)?;
+        let request = match door {
+            Door::Credentials => parse_request(input.body)?,
+            Door::OauthToken(request) => request.clone().map_err(ExchangeError::InvalidRequest)?,
+        };
         tracing::Span::current().record("role", request.role.as_str());
         event.role = Some(request.role.chars().take(128).collect());
         event.requested_ttl_seconds = request.ttl.ttl.map(Ttl::seconds);
@@ -219,6 +285,16 @@ impl Broker {
             .ok_or_else(|| BackendError::Failed { backend: role.backend.to_string(), detail: "backend is not configured".into() })?;
         event.backend = Some(role.backend.to_string());
         event.target = Some(role.target.clone().unwrap_or_else(|| backend.default_target().to_owned()));
+        // A client that fetches its own tokens takes one bearer token and nothing else.
+        if door.endpoint() == Endpoint::OauthToken && backend.bearer_token_type().is_none() {
+            let reason = format!(
+                "role {} is served by a {} backend, whose credential is more than one bearer token: request it with POST /v1/credentials \
+                 (`credbroker exchange`); the token endpoint serves roles of kafka_oauthbearer and snowflake_workload_identity backends",
+                role.name,
+                backend.kind()
+            );
+            return Err(ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true });
+        }
         let params = role.render_params(&token.claims).map_err(|reason| ExchangeError::AccessDenied {
             role: request.role.clone(),
             reason: format!("role {} cannot be rendered from this token: {reason}", role.name),
@@ -323,6 +399,7 @@ impl Broker {
             expires_at,
             job_deadline: token.job_deadline,
             credential,
+            bearer_token_type: backend.bearer_token_type(),
         };
         Ok(Minted { issued, undelivered })
     }
@@ -474,15 +551,9 @@ impl Broker {
 }
 
 
-struct ParsedRequest {
-    role: String,
-    ttl: TtlRequest,
-    renews: Option<Uuid>,
-}
-
-fn parse_request(body: &[u8]) -> Result<ParsedRequest, ExchangeError> {
+fn parse_request(body: &[u8]) -> Result<CredentialRequest, ExchangeError> {
     let invalid = |message: String| ExchangeError::InvalidRequest(message);
-    let request: CredentialRequest = serde_json::from_slice(body)
+    let request: CredentialBody = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("body must be a JSON object {{\"role\", \"ttl_seconds\"?, \"min_ttl_seconds\"?, \"renews\"?}}: {e}")))?;
     if request.role.is_empty() || request.role.len() > 128 {
         return Err(invalid("`role` must be a non-empty string of at most 128 characters".into()));
@@ -496,7 +567,7 @@ fn parse_request(body: &[u8]) -> Result<ParsedRequest, ExchangeError> {
             return Err(invalid(format!("`min_ttl_seconds` ({min_ttl}) exceeds `ttl_seconds` ({ttl})")));
         }
     }
-    Ok(ParsedRequest { role: request.role, ttl: ttl_request, renews: request.renews })
+    Ok(CredentialRequest { role: request.role, ttl: ttl_request, renews: request.renews })
 }
 
 #[cfg(test)]

@@ -34,6 +34,11 @@ pub struct ExchangeArgs {
     token_file: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Format::Env)]
     format: Format,
+    /// Also write the credential in the files its standard client reads (Kafka token file and
+    /// client properties, AWS shared credentials, Snowflake connections.toml, Looker ini and
+    /// token), mode 0600; DIR is created (0700) when missing.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -98,7 +103,23 @@ async fn exchange(args: &ExchangeArgs) -> Result<String, (u8, String)> {
     }
 
     let reply = call(reqwest::Method::POST, &args.url, "/v1/credentials", &token, &body).await?;
+    if let Some(dir) = &args.out_dir {
+        write_native_files(dir, &args.role, &reply, &args.url, &token)?;
+    }
     render(&reply, args.format)
+}
+
+/// `--out-dir`: the credential's native client files; a credential without any is said so on
+/// stderr, and the exchange still succeeds.
+pub(super) fn write_native_files(dir: &std::path::Path, role: &str, reply: &Value, broker_url: &str, job_token: &str) -> Result<(), (u8, String)> {
+    let failed = |e: std::io::Error| (5, format!("--out-dir {}: {e}", dir.display()));
+    let dir = super::native::prepare_dir(dir).map_err(failed)?;
+    let files = super::native::files(&super::native::Context { dir: &dir, role, broker_url, job_token }, reply);
+    if files.is_empty() {
+        let target = reply["target"].as_str().unwrap_or("unknown");
+        eprintln!("credbroker: --out-dir: no standard client reads a {target} credential of role {role} from files; use its variables");
+    }
+    super::native::write(&dir, &files).map_err(failed)
 }
 
 /// The job (or admin) token from a file or an environment variable.

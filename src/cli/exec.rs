@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::exchange::{call, read_token};
+use super::exchange::{call, read_token, write_native_files};
 use crate::types::{rfc3339, Ttl};
 
 #[derive(Args)]
@@ -56,6 +56,10 @@ pub struct ExecArgs {
     /// File holding the job token.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Also keep each credential in the files its standard client reads (see `exchange
+    /// --out-dir`), replaced in place at every renewal.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -127,6 +131,9 @@ async fn run_with_credentials(args: &ExecArgs, token: &str, ttl: Option<Ttl>, di
         held.push(Held::new(role, &reply));
         held.last_mut().expect("just pushed").schedule(&reply)?;
         write_files(dir, role, &reply).map_err(|e| (EXEC_FAILED, format!("cannot write the credential files: {e}")))?;
+        if let Some(out_dir) = &args.out_dir {
+            write_native_files(out_dir, role, &reply, &args.url, token).map_err(|(_, message)| (EXEC_FAILED, message))?;
+        }
         for (name, value) in reply["env"].as_object().into_iter().flatten() {
             if let Some(value) = value.as_str() {
                 env.insert(name.clone(), value.to_owned());
@@ -220,7 +227,10 @@ async fn obtain(args: &ExecArgs, token: &str, role: &str, ttl: Option<Ttl>, rene
 async fn renew(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path, entry: &mut Held) {
     match obtain(args, token, &entry.role, ttl, Some(&entry.first_issuance)).await {
         Ok(reply) => {
-            let written = write_files(dir, &entry.role, &reply);
+            let written = write_files(dir, &entry.role, &reply).map_err(|e| e.to_string()).and_then(|()| match &args.out_dir {
+                Some(out_dir) => write_native_files(out_dir, &entry.role, &reply, &args.url, token).map_err(|(_, message)| message),
+                None => Ok(()),
+            });
             if let Err(error) = &written {
                 eprintln!("credbroker exec: cannot write the renewed credential for {}: {error}", entry.role);
             }

@@ -5,6 +5,7 @@ mod admin;
 mod audit;
 mod exchange;
 mod exec;
+mod native;
 mod policy;
 
 use std::path::{Path, PathBuf};

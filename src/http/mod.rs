@@ -4,6 +4,7 @@
 pub mod audit_page;
 mod issuances;
 mod gogs;
+pub mod oauth;
 mod problem;
 
 use std::net::SocketAddr;
@@ -51,6 +52,7 @@ pub struct DevIssuerDocuments {
 pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/v1/credentials", post(create_credential))
+        .route("/oauth/token", post(oauth::token))
         .route("/v1/credentials/{issuance_id}", axum::routing::delete(release_credential))
         .route("/v1/revocations", post(|state, parts| admin(state, parts, AdminAction::Revoke)))
         .route(

@@ -6,6 +6,7 @@
 pub mod looker_standin;
 pub mod moto;
 pub mod openbao;
+pub mod tansu;
 pub mod vault_standin;
 
 use std::path::{Path, PathBuf};
