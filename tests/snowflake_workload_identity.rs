@@ -1,7 +1,7 @@
 //! Backend `snowflake_workload_identity`: the broker as Snowflake's OIDC workload-identity
 //! issuer. The real `credbroker exchange --out-dir` writes a connections.toml entry, and the
 //! real snowflake-connector-python logs in with it against a stand-in of Snowflake's login
-//! endpoint that verifies the token on its own (tests/snowflake_wif_login.py: PyJWT against the
+//! endpoint that verifies the token on its own (tests/snowflake_login_standin.py: PyJWT against the
 //! broker's JWKS over HTTP).
 
 mod common;
@@ -67,7 +67,7 @@ fn exchange(app: &TestApp, token: &str, role: &str, out_dir: &std::path::Path) -
 /// The connector logs in with the entry; the stand-in expects `audience` and `subject`.
 fn connector_login(app: &TestApp, audience: &str, subject: &str, connections_file: &std::path::Path, connection: &str) -> (bool, Value) {
     let output = Command::new("python3")
-        .arg(common::repo_path("tests/snowflake_wif_login.py"))
+        .arg(common::repo_path("tests/snowflake_login_standin.py"))
         .args([&format!("{}/.well-known/jwks.json", app.url), &app.public_url, audience, subject])
         .arg(connections_file)
         .arg(connection)

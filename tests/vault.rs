@@ -978,3 +978,63 @@ async fn key_pair_users_reach_the_cli_as_snowflake_variables() {
     assert_eq!(row["credential_handle"], lease.as_str());
     assert!(!row.to_string().contains("PRIVATE KEY"), "no key in the audit row");
 }
+
+/// STAND-IN (tests/common/vault_standin.rs), for the Snowflake plugin's answers as above:
+/// `--out-dir` writes a connections.toml entry for a Snowflake user from Vault, with its
+/// password or with its key pair as a private key file, and the real snowflake-connector-python
+/// logs in with that entry alone, against the Snowflake login stand-in of
+/// tests/snowflake_login_standin.py, which checks the password, or the key-pair JWT the
+/// connector signed with the key file.
+#[tokio::test]
+async fn snowflake_users_from_vault_log_in_with_their_out_dir_connections_entry() {
+    for key_pair in [false, true] {
+        let vault = VaultStandin::start().await;
+        vault.add_db_role("ci-reader", DbRole { default_ttl: 3600, max_ttl: 86400, renewable: true, key_pair });
+        let secrets = common::temp_dir();
+        let tables = vault_tables(&vault.url, &approle_table(&secrets, ROLE_ID, SECRET_ID), None).replace("plugin = \"postgres\"", "plugin = \"snowflake\"");
+        let policies = POLICIES.replace("vault_role = \"ci-reader\"", "vault_role = \"ci-reader\"\naccount = \"ACME-PROD\"\nwarehouse = \"CI_WH\"");
+        let app = TestApp::spawn_full("", &tables, &policies, None).await;
+        let out = secrets.0.join("credentials");
+        let (url, token, dir) = (app.url.clone(), app.issuer.token(), out.clone());
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+                .args(["exchange", "--url", &url, "--role", "db-reader", "--format", "json", "--out-dir"])
+                .arg(&dir)
+                .env("CREDBROKER_ID_TOKEN", token)
+                .env_remove("CREDBROKER_CONFIG")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let reply: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let user = reply["credential"]["username"].as_str().unwrap().to_owned();
+        let entry = std::fs::read_to_string(out.join("db-reader.connections.toml")).unwrap();
+        let expected = if key_pair {
+            let key_file = out.join("db-reader.snowflake-key.p8");
+            assert_eq!(std::fs::read_to_string(&key_file).unwrap(), common::rsa_pem(1));
+            assert!(entry.contains("authenticator = \"SNOWFLAKE_JWT\"") && !entry.contains("password"), "{entry}");
+            format!("{user}:{}", key_file.display())
+        } else {
+            format!("{user}:{}", reply["credential"]["password"].as_str().unwrap())
+        };
+        let connections = out.join("db-reader.connections.toml");
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3")
+                .arg(common::repo_path("tests/snowflake_login_standin.py"))
+                .args(["-", "-", "-", "-"])
+                .arg(connections)
+                .arg("db-reader")
+                .env("EXPECT_DATABASE_USER", expected)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let seen: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&output.stderr)));
+        assert!(output.status.success(), "key pair {key_pair}: {seen}");
+        assert_eq!(seen["login"]["ACCOUNT_NAME"], "ACME-PROD", "{seen}");
+        assert_eq!(seen["login"]["LOGIN_NAME"], user.as_str(), "{seen}");
+    }
+}

@@ -110,7 +110,34 @@ pub fn files(context: &Context<'_>, reply: &Value) -> Vec<NativeFile> {
         }
         return vec![file(format!("{role}.connections.toml"), entry)];
     }
+    if reply["target"] == "snowflake" && credential.get("lease_id").is_some() {
+        return snowflake_database_user(context, credential);
+    }
     Vec::new()
+}
+
+/// A Snowflake user from Vault's database engine: its connections.toml entry, with the password,
+/// or with the key pair as a private key file the connector reads and signs its own JWTs with.
+fn snowflake_database_user(context: &Context<'_>, credential: &Value) -> Vec<NativeFile> {
+    let role = context.role;
+    let mut entry = format!("[{}]\n", toml_key(role));
+    for (field, key) in [("account", "account"), ("username", "user"), ("warehouse", "warehouse"), ("database", "database"), ("schema", "schema"), ("role", "role")] {
+        if let Some(value) = credential[field].as_str() {
+            entry.push_str(&format!("{key} = {}\n", toml_string(value)));
+        }
+    }
+    let mut files = Vec::new();
+    match credential["private_key"].as_str() {
+        Some(private_key) => {
+            let key_name = format!("{role}.snowflake-key.p8");
+            let key_file = context.dir.join(&key_name);
+            entry.push_str(&format!("authenticator = \"SNOWFLAKE_JWT\"\nprivate_key_file = {}\n", toml_string(&key_file.display().to_string())));
+            files.push(NativeFile { name: key_name, content: private_key.to_owned() });
+        }
+        None => entry.push_str(&format!("password = {}\n", toml_string(credential["password"].as_str().unwrap_or_default()))),
+    }
+    files.insert(0, NativeFile { name: format!("{role}.connections.toml"), content: entry });
+    files
 }
 
 /// The one place a credential's files reach the disk.

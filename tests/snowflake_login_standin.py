@@ -9,7 +9,11 @@ data.TOKEN) and Snowflake's documented response ({"data": {"token", "masterToken
 independently of the broker, with PyJWT against the broker's JWKS fetched over HTTP: signature,
 issuer, audience, expiry, subject. Prints what it verified as JSON; exits 1 if the login failed.
 
-usage: snowflake_wif_login.py JWKS_URL ISSUER AUDIENCE SUBJECT CONNECTIONS_FILE CONNECTION_NAME
+usage: snowflake_login_standin.py JWKS_URL ISSUER AUDIENCE SUBJECT CONNECTIONS_FILE CONNECTION_NAME
+
+With EXPECT_DATABASE_USER set, the entry is instead a Vault database user's (password or key
+pair) and the stand-in checks that login (see verify_database_user); the first four arguments
+are then unused.
 """
 import gzip
 import json
@@ -25,7 +29,30 @@ jwks_url, issuer, audience, subject, connections_file, connection_name = sys.arg
 seen = {}
 
 
+def verify_database_user(data, expected):
+    """A user from Vault's database engine: its password, or a key-pair JWT (Snowflake's rules:
+    iss ACCOUNT.USER.SHA256:<fingerprint>, sub ACCOUNT.USER) the connector signed with the key
+    file, checked against the public half of that file."""
+    user, secret = expected.split(":", 1)
+    if data.get("LOGIN_NAME") != user:
+        raise ValueError(f"login {data.get('LOGIN_NAME')!r}, expected {user!r}")
+    if data.get("AUTHENTICATOR") == "SNOWFLAKE_JWT":
+        from cryptography.hazmat.primitives import serialization
+
+        private = serialization.load_pem_private_key(pathlib.Path(secret).read_bytes(), password=None)
+        claims = jwt.decode(data["TOKEN"], private.public_key(), algorithms=["RS256"], options={"require": ["iss", "sub", "exp"]})
+        if not claims["sub"].upper().endswith("." + user.upper()):
+            raise ValueError(f"key-pair JWT for {claims['sub']!r}")
+        return claims
+    if data.get("PASSWORD") != secret:
+        raise ValueError("wrong password")
+    return {"user": user}
+
+
 def verify(data):
+    # EXPECT_DATABASE_USER=user:password or user:/path/to/key.p8 switches to a database user.
+    if os.environ.get("EXPECT_DATABASE_USER"):
+        return verify_database_user(data, os.environ["EXPECT_DATABASE_USER"])
     if data.get("AUTHENTICATOR") != "WORKLOAD_IDENTITY" or data.get("PROVIDER") != "OIDC":
         raise ValueError(f"not an OIDC workload identity login: {data.get('AUTHENTICATOR')}/{data.get('PROVIDER')}")
     token = data["TOKEN"]
@@ -63,11 +90,12 @@ class SnowflakeLogin(BaseHTTPRequestHandler):
         if path == "/session/v1/login-request":
             data = json.loads(raw)["data"]
             seen["login"] = {name: data.get(name) for name in ("ACCOUNT_NAME", "LOGIN_NAME", "AUTHENTICATOR", "PROVIDER")}
+            authn = data.get("AUTHENTICATOR") or "SNOWFLAKE"
             try:
                 seen["verified"] = verify(data)
             except Exception as error:  # the refusal Snowflake would send, with the reason
                 seen["refused"] = str(error)
-                self.answer({"data": {"authnMethod": "WORKLOAD_IDENTITY"}, "code": "390144", "message": f"Invalid token: {error}", "success": False})
+                self.answer({"data": {"authnMethod": authn}, "code": "390144", "message": f"Invalid token: {error}", "success": False})
                 return
             self.answer(
                 {
