@@ -24,6 +24,7 @@ use crate::http::{self, AppState, DevIssuerDocuments};
 use crate::revocation::secret_encryption::RevocationKey;
 use crate::revocation::Revoker;
 use crate::oidc::Verifier;
+use crate::broker::policies::Policies;
 use crate::policy::{CompileContext, PolicySet};
 use crate::types::IssuerName;
 
@@ -56,19 +57,37 @@ struct Sealer {
 /// Everything checked at load: policies against the configured issuers and backends.
 /// In dev mode the built-in issuer counts as configured.
 pub fn load_policies(config: &Config, backends: &Backends, dev: bool) -> anyhow::Result<PolicySet> {
-    let mut issuers: Vec<IssuerName> = config.issuers.iter().map(|issuer| issuer.name.clone()).collect();
-    if dev {
-        issuers.push(IssuerName::parse(DEV_ISSUER_NAME).expect("reserved name is valid"));
+    PolicyLoader::new(config, backends, dev).load()
+}
+
+/// What compiling the policy directory needs from the configuration, kept so a reload
+/// compiles against exactly what startup did.
+struct PolicyLoader {
+    policy_dir: std::path::PathBuf,
+    issuers: Vec<IssuerName>,
+    backends: Backends,
+}
+
+impl PolicyLoader {
+    fn new(config: &Config, backends: &Backends, dev: bool) -> Self {
+        let mut issuers: Vec<IssuerName> = config.issuers.iter().map(|issuer| issuer.name.clone()).collect();
+        if dev {
+            issuers.push(IssuerName::parse(DEV_ISSUER_NAME).expect("reserved name is valid"));
+        }
+        if config.gogs.is_some() {
+            issuers.push(IssuerName::parse(crate::gogs::GOGS_ISSUER_NAME).expect("reserved name is valid"));
+        }
+        Self { policy_dir: config.policy_dir.clone(), issuers, backends: backends.clone() }
     }
-    if config.gogs.is_some() {
-        issuers.push(IssuerName::parse(crate::gogs::GOGS_ISSUER_NAME).expect("reserved name is valid"));
+
+    fn load(&self) -> anyhow::Result<PolicySet> {
+        let schemas = self.backends.schemas();
+        let all_schemas = backend::all_param_schemas();
+        let context = CompileContext { issuers: Some(&self.issuers), backends: Some(&schemas), all_schemas: &all_schemas };
+        let policies = PolicySet::load_dir(&self.policy_dir, &context)?;
+        self.backends.check_roles(policies.roles())?;
+        Ok(policies)
     }
-    let schemas = backends.schemas();
-    let all_schemas = backend::all_param_schemas();
-    let context = CompileContext { issuers: Some(&issuers), backends: Some(&schemas), all_schemas: &all_schemas };
-    let policies = PolicySet::load_dir(&config.policy_dir, &context)?;
-    backends.check_roles(policies.roles())?;
-    Ok(policies)
 }
 
 impl Application {
@@ -97,7 +116,8 @@ impl Application {
         }
         let dev_state_dir = options.dev.then(|| DevIssuer::state_dir(&config));
         let backends = Backends::build(&config, dev_state_dir.as_deref())?;
-        let policies = load_policies(&config, &backends, false)?;
+        let policy_loader = PolicyLoader::new(&config, &backends, false);
+        let policies = policy_loader.load()?;
         let revocation_key = RevocationKey::load(&config, backends.vault()).await?;
         if let (None, Some(first)) = (&revocation_key, backends.needing_revocation_key().first()) {
             bail!(
@@ -184,7 +204,7 @@ impl Application {
         });
         let broker = Broker {
             verifier,
-            policies: Arc::new(policies),
+            policies: Policies::new(policies, Box::new(move || policy_loader.load().map_err(|error| format!("{error:#}")))),
             backends,
             audit,
             max_uses_per_token: config.max_uses_per_token,
@@ -220,6 +240,7 @@ impl Application {
         let revoker = tokio::spawn(self.state.broker.revoker.clone().run_worker(audit.clone(), self.state.broker.backends.clone()));
         let sealer = self.sealer.map(|sealer| tokio::spawn(seal_periodically(audit.store().clone(), sealer)));
         let publisher = self.publisher.map(|events| tokio::spawn(publish_events(events)));
+        let reloader = tokio::spawn(reload_policies_on_sighup(self.state.broker.clone()));
         let router = http::app(self.state);
         tracing::info!(address = %self.listener.local_addr()?, "credbroker listening");
         axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
@@ -227,6 +248,7 @@ impl Application {
             .await?;
         flusher.abort();
         revoker.abort();
+        reloader.abort();
         if let Some(sealer) = sealer {
             sealer.abort();
         }
@@ -238,6 +260,21 @@ impl Application {
             tracing::error!(%error, "could not write aggregated denials at shutdown");
         }
         Ok(())
+    }
+}
+
+/// `SIGHUP` recompiles the policy directory and swaps the set in whole; a set that does not
+/// compile leaves the serving one in place, and says why in the log and in `/readyz`.
+async fn reload_policies_on_sighup(broker: Arc<Broker>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload policies with POST /v1/policies/reload");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match broker.policies.reload() {
+            Ok(version) => tracing::info!(policy_version = version, roles = broker.policies.current().len(), "policies reloaded on SIGHUP"),
+            Err(error) => tracing::error!(%error, "policy reload on SIGHUP failed; the previous policy set keeps serving"),
+        }
     }
 }
 

@@ -175,6 +175,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// A request body in a content type the endpoint does not read.
     UnsupportedMediaType,
+    /// A policy reload whose files do not compile; the serving set stays.
+    PolicyInvalid,
 }
 
 impl ErrorCode {
@@ -196,6 +198,7 @@ impl ErrorCode {
             ErrorCode::DeliveryReplayed => "delivery_replayed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::PolicyInvalid => "policy_invalid",
         }
     }
 }

@@ -113,6 +113,8 @@ pub struct AuditEvent {
     pub about_issuance: Option<Uuid>,
     /// On a credential request: the door it came through (`credentials`, `oauth_token`).
     pub endpoint: Option<&'static str>,
+    /// [`crate::policy::PolicySet::version`] of the set that decided the request.
+    pub policy_version: Option<String>,
 }
 
 impl AuditEvent {
@@ -144,6 +146,7 @@ impl AuditEvent {
             renews_issuance: None,
             about_issuance: None,
             endpoint: None,
+            policy_version: None,
         }
     }
 

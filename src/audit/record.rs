@@ -98,6 +98,7 @@ audit_columns! {
     user_agent "user_agent": Option<String> = "text", |event| event.user_agent.clone();
     occurrences "occurrences": i32 = "integer", |event| event.occurrences as i32;
     endpoint "endpoint": Option<String> = "text", |event| event.endpoint.map(str::to_owned);
+    policy_version "policy_version": Option<String> = "text", |event| event.policy_version.clone();
 }
 
 /// Column order of CSV output (and the fields the page's detail view lists).

@@ -1,5 +1,5 @@
 //! The security team's requests: revoke on demand (`POST /v1/revocations`), freeze and
-//! unfreeze (`POST` / `DELETE /v1/freezes`). The caller proves who they are with an OIDC token
+//! unfreeze (`POST` / `DELETE /v1/freezes`), reload the policy files (`POST /v1/policies/reload`). The caller proves who they are with an OIDC token
 //! from a trusted issuer, and `[admins]` in the policy decides whether they may. Every request
 //! is audited before anything is done: an `admin_request` row naming who asked and for what,
 //! or a `denied` row (403) for anyone else.
@@ -18,7 +18,7 @@ use crate::types::{parse_duration, rfc3339, BackendName};
 /// Returns who asked, as the `admin_request` row names them.
 async fn authorize(broker: &Broker, input: &ExchangeInput<'_>, event: &mut AuditEvent, action: &str, now: OffsetDateTime) -> Result<String, ExchangeError> {
     let caller = broker.identify_caller(input, event, now).await?;
-    if let Err(denial) = broker.policies.authorize_admin(&caller.token.issuer, &caller.token.claims) {
+    if let Err(denial) = broker.policies.current().authorize_admin(&caller.token.issuer, &caller.token.claims) {
         return Err(caller.forbidden(event, action, action, "admins", denial));
     }
     Ok(caller.name)
@@ -279,13 +279,39 @@ pub async fn freeze(broker: &Broker, input: ExchangeInput<'_>, lift: bool) -> Re
     }
 }
 
+/// `POST /v1/policies/reload`: the files are compiled in full before anything changes; the row
+/// says which version replaced which, or that the files did not compile (422 `policy_invalid`,
+/// the serving set untouched), and only a durable row lets the new set serve.
+pub async fn reload_policies(broker: &Broker, input: ExchangeInput<'_>) -> Result<Value, ExchangeFailure> {
+    let now = OffsetDateTime::now_utc();
+    let mut row = broker.open_row(&input, now, Some("policy_reload"))?;
+    let decided: Result<_, ExchangeError> = async {
+        let requested_by = authorize(broker, &input, &mut row.event, "reload policies", now).await?;
+        let serving = broker.policies.current().version().to_owned();
+        match broker.policies.compile() {
+            Ok(set) => {
+                admit(&mut row.event, format!("policy reload by {requested_by}: version {serving} replaced by {}", set.version()));
+                Ok(set)
+            }
+            Err(errors) => {
+                tracing::error!(%errors, "policy reload failed; the previous policy set keeps serving");
+                broker.policies.reload_failed(&errors);
+                Err(ExchangeError::PolicyInvalid(errors))
+            }
+        }
+    }
+    .await;
+    let set = broker.record(row, decided).await?;
+    Ok(json!({ "policy_version": broker.policies.install(set) }))
+}
+
 /// `(scope, value, until)` of a freeze or unfreeze request.
 fn parse_freeze(broker: &Broker, body: &[u8], lift: bool, now: OffsetDateTime) -> Result<(&'static str, String, Option<OffsetDateTime>), ExchangeError> {
     serde_json::from_slice::<FreezeRequest>(body)
         .map_err(|e| ExchangeError::InvalidRequest(format!("request body must be a JSON object with project, role or all: {e}")))
         .and_then(|request| {
             let (scope, value) = freeze_scope(&request)?;
-            if scope == "role" && broker.policies.role(&value).is_none() {
+            if scope == "role" && broker.policies.current().role(&value).is_none() {
                 return Err(ExchangeError::InvalidRequest(format!("no role named {value:?} in the loaded policy")));
             }
             let until = match (&request.until, lift) {

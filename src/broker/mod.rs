@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod audit_read;
+pub mod policies;
 pub mod release;
 
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use uuid::Uuid;
 use crate::audit::{log_unrecorded, project_identities, Audit, AuditError, AuditEvent, AuditSlot, Decision, RevocationReason, TokenUse};
 use crate::backend::{BackendError, Backends, Credential, MintRequest};
 use crate::oidc::{Verifier, VerifiedToken, VerifyError};
-use crate::policy::{self, PolicySet, TtlRequest};
+use crate::policy::{self, TtlRequest};
 use crate::revocation::{Revoker, Undelivered};
 use crate::types::{claim_text, rfc3339, Ttl};
 
@@ -40,6 +41,8 @@ pub enum ExchangeError {
     AuditUnavailable(#[source] AuditError),
     #[error("the broker is at capacity: {0}; retry shortly")]
     Overloaded(#[source] AuditError),
+    #[error("the policy files do not compile, so the loaded set keeps serving: {0}")]
+    PolicyInvalid(String),
 }
 
 impl ExchangeError {
@@ -55,6 +58,7 @@ impl ExchangeError {
             ExchangeError::BackendFailed(_) => ErrorCode::BackendFailed,
             ExchangeError::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
             ExchangeError::Overloaded(_) => ErrorCode::RateLimited,
+            ExchangeError::PolicyInvalid(_) => ErrorCode::PolicyInvalid,
         }
     }
 
@@ -77,7 +81,7 @@ impl ExchangeError {
     /// failing is `failed`.
     fn decision(&self) -> Decision {
         match self {
-            ExchangeError::BackendFailed(_) | ExchangeError::AuditUnavailable(_) => Decision::Failed,
+            ExchangeError::BackendFailed(_) | ExchangeError::AuditUnavailable(_) | ExchangeError::PolicyInvalid(_) => Decision::Failed,
             _ => Decision::Denied,
         }
     }
@@ -197,7 +201,7 @@ impl Caller {
 
 pub struct Broker {
     pub verifier: Verifier,
-    pub policies: Arc<PolicySet>,
+    pub policies: policies::Policies,
     pub backends: Backends,
     pub audit: Audit,
     pub max_uses_per_token: u32,
@@ -256,7 +260,9 @@ impl Broker {
         event.requested_ttl_seconds = request.ttl.ttl.map(Ttl::seconds);
 
         // Decide (pure).
-        let role = self.policies.decide(&request.role, &token.issuer, &token.claims).map_err(|denial| ExchangeError::AccessDenied {
+        let policies = self.policies.current();
+        event.policy_version = Some(policies.version().to_owned());
+        let role = policies.decide(&request.role, &token.issuer, &token.claims).map_err(|denial| ExchangeError::AccessDenied {
             role: request.role.clone(),
             reason: denial.0,
             client_may_see: false,
@@ -442,6 +448,7 @@ impl Broker {
         event.client_addr = input.client_addr.clone();
         event.user_agent = input.user_agent.clone();
         event.target = target.map(str::to_owned);
+        event.policy_version = Some(self.policies.current().version().to_owned());
         match self.audit.reserve() {
             Ok(slot) => Ok(RequestRow { event, slot }),
             Err(error @ AuditError::Overloaded { .. }) => {

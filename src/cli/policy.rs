@@ -4,12 +4,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::backend::{self, Backends};
 use crate::config::Config;
-use crate::policy::{CompileContext, PolicySet};
+use crate::policy::{CompileContext, PolicyError, PolicySet};
 use crate::startup::load_policies;
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Codequality,
+}
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
@@ -17,6 +23,10 @@ pub enum PolicyCommand {
     Check {
         /// Policy directory (default: the configuration's `policy_dir`).
         dir: Option<PathBuf>,
+        /// `text`, or `codequality`: GitLab's Code Quality report (a JSON array) on stdout, so
+        /// a broken policy shows in the merge request.
+        #[arg(long, value_enum, default_value_t = CheckFormat::Text)]
+        format: CheckFormat,
     },
     /// Show, condition by condition, whether a token's claims would get a role.
     Explain {
@@ -34,10 +44,20 @@ pub enum PolicyCommand {
 
 pub fn run(command: PolicyCommand, config_path: Option<&Path>) -> anyhow::Result<()> {
     match command {
-        PolicyCommand::Check { dir } => {
+        PolicyCommand::Check { dir, format: CheckFormat::Codequality } => {
+            let loaded = load(config_path, dir.as_deref());
+            let report = match &loaded {
+                Ok(_) => Vec::new(),
+                Err(error) => vec![code_quality_issue(error)],
+            };
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            loaded.map(drop)
+        }
+        PolicyCommand::Check { dir, format: CheckFormat::Text } => {
             let policies = load(config_path, dir.as_deref())?;
             let mode = if config_path.is_some() { "against the configuration" } else { "offline (no --config)" };
             println!("ok: {} roles valid, checked {mode}", policies.len());
+            println!("policy version {}", policies.version());
             for role in policies.roles() {
                 println!("  {} ({}): backend {}, issuer {}", role.name, role.file.display(), role.backend, role.issuer);
             }
@@ -53,6 +73,51 @@ pub fn run(command: PolicyCommand, config_path: Option<&Path>) -> anyhow::Result
             Ok(())
         }
     }
+}
+
+/// One entry of GitLab's Code Quality report for a failed check: where (the policy file
+/// relative to the working directory, and the line of the offending key, or 1) and why.
+fn code_quality_issue(error: &anyhow::Error) -> Value {
+    let policy = error.downcast_ref::<PolicyError>();
+    let path = match policy {
+        Some(policy) => {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            policy.file.strip_prefix(&cwd).unwrap_or(&policy.file).display().to_string()
+        }
+        None => "credbroker.toml".to_owned(),
+    };
+    let line = policy.map_or(1, offending_line);
+    let description = format!("{error:#}");
+    json!({
+        "description": description,
+        "check_name": "credbroker-policy",
+        "fingerprint": crate::types::sha256_hex(format!("{path}\0{description}").as_bytes()),
+        "severity": "major",
+        "location": { "path": path, "lines": { "begin": line } },
+    })
+}
+
+/// The line of the error's key inside its role's block (or anywhere, without a role), 1 when
+/// the file or key cannot be found.
+fn offending_line(error: &PolicyError) -> usize {
+    let Ok(text) = std::fs::read_to_string(&error.file) else { return 1 };
+    let lines: Vec<&str> = text.lines().collect();
+    let role_start = match &error.role {
+        Some(role) => {
+            let named = |line: &&str| line.trim().strip_prefix("name").map(|rest| rest.trim_start().trim_start_matches('=').trim()) == Some(&format!("\"{role}\""));
+            match lines.iter().position(|line| named(line)) {
+                Some(index) => index,
+                None => return 1,
+            }
+        }
+        None => 0,
+    };
+    let Some(key) = error.key.as_deref().and_then(|key| key.rsplit('.').next()) else { return role_start + 1 };
+    let block_end = lines.iter().skip(role_start + 1).position(|line| line.trim() == "[[role]]").map_or(lines.len(), |end| role_start + 1 + end);
+    lines[role_start..block_end]
+        .iter()
+        .position(|line| line.trim_start().strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('=')))
+        .map_or(role_start + 1, |offset| role_start + offset + 1)
 }
 
 fn load(config_path: Option<&Path>, dir: Option<&Path>) -> anyhow::Result<PolicySet> {

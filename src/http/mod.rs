@@ -60,6 +60,7 @@ pub fn app(state: AppState) -> Router {
             post(|state, parts| admin(state, parts, AdminAction::Freeze))
                 .delete(|state, parts| admin(state, parts, AdminAction::Unfreeze)),
         )
+        .route("/v1/policies/reload", post(|state, parts| admin(state, parts, AdminAction::ReloadPolicies)))
         .route("/v1/issuances", get(issuances::list))
         .route("/v1/issuances/{issuance_id}", get(issuances::one))
         .route("/v1/hooks/gogs/{hook}", post(gogs::receive))
@@ -160,6 +161,7 @@ enum AdminAction {
     Revoke,
     Freeze,
     Unfreeze,
+    ReloadPolicies,
 }
 
 async fn admin(State(state): State<AppState>, parts: RequestParts, action: AdminAction) -> Response {
@@ -167,6 +169,7 @@ async fn admin(State(state): State<AppState>, parts: RequestParts, action: Admin
         AdminAction::Revoke => admin::revoke(&state.broker, parts.input()).await,
         AdminAction::Freeze => admin::freeze(&state.broker, parts.input(), false).await,
         AdminAction::Unfreeze => admin::freeze(&state.broker, parts.input(), true).await,
+        AdminAction::ReloadPolicies => admin::reload_policies(&state.broker, parts.input()).await,
     };
     match outcome {
         Ok(body) => Json(body).into_response(),
@@ -250,11 +253,17 @@ async fn healthz() -> Json<Value> {
 /// balancer should look elsewhere.
 async fn readyz(State(state): State<AppState>) -> Response {
     let postgres = state.broker.audit.ping().await;
-    let roles = state.broker.policies.len();
+    let policies = state.broker.policies.current();
+    let roles = policies.len();
     let mut ready = postgres.is_ok() && roles > 0;
+    // A failed reload leaves the loaded set serving, so readiness stands; the detail says it.
+    let reload = match state.broker.policies.last_reload_error() {
+        Some(error) => format!("; the last reload failed and this set still serves: {error}"),
+        None => String::new(),
+    };
     let mut checks = json!({
         "postgres": match &postgres { Ok(()) => "ok".to_owned(), Err(e) => e.to_string() },
-        "policies": format!("{roles} roles loaded"),
+        "policies": format!("{roles} roles loaded, policy version {}{reload}", policies.version()),
     });
     if let Some(vault) = state.broker.backends.vault() {
         use crate::vault::Health;

@@ -19,7 +19,7 @@ pub fn status(code: ErrorCode) -> StatusCode {
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::TokenReplayed => StatusCode::CONFLICT,
-        ErrorCode::TtlNotSatisfiable => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::TtlNotSatisfiable | ErrorCode::PolicyInvalid => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::BackendFailed => StatusCode::BAD_GATEWAY,
         ErrorCode::AuditUnavailable | ErrorCode::IssuerUnavailable | ErrorCode::RequestTimeout => {

@@ -115,8 +115,24 @@ impl PolicySet {
                 auditor_bindings.extend(admins::compile_section(admins::Section::AUDITORS, file, raw_auditors, context)?);
             }
         }
-        Ok(Self { roles, admins: admin_bindings, auditors: auditor_bindings })
+        Ok(Self { roles, admins: admin_bindings, auditors: auditor_bindings, version: version_of(sources) })
     }
+}
+
+/// [`PolicySet::version`] of these files.
+fn version_of(sources: &[(PathBuf, String)]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut named: Vec<(String, &str)> =
+        sources.iter().map(|(file, text)| (file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), text.as_str())).collect();
+    named.sort();
+    let mut hash = Sha256::new();
+    for (name, text) in named {
+        hash.update(name.as_bytes());
+        hash.update([0]);
+        hash.update(text.as_bytes());
+        hash.update([0]);
+    }
+    hex::encode(hash.finalize())
 }
 
 /// Keys a role has besides its backend parameters.

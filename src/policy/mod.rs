@@ -279,9 +279,18 @@ pub struct PolicySet {
     roles: BTreeMap<RoleName, Role>,
     admins: Vec<admins::AdminBinding>,
     auditors: Vec<admins::AdminBinding>,
+    /// See [`PolicySet::version`].
+    version: String,
 }
 
 impl PolicySet {
+    /// Lowercase hex SHA-256 over the set's files, by file name (not path, so `policy check`
+    /// on a checkout and the server on its deployed copy agree) in name order, each as
+    /// `name NUL content NUL`. Every audit row records it: "granted by the policy at commit X".
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
     pub fn len(&self) -> usize {
         self.roles.len()
     }
