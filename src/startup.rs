@@ -39,6 +39,8 @@ pub struct Application {
     sealer: Option<Sealer>,
     /// The event stream's publisher, when `[events]` is configured.
     publisher: Option<EventPublisher>,
+    /// How far past its expiry a token still verifies (`clock_skew_seconds`).
+    clock_skew: Duration,
 }
 
 struct EventPublisher {
@@ -222,7 +224,7 @@ impl Application {
             audit_links: Arc::new(audit_links),
             secure_cookies: config.public_url.starts_with("https://"),
         };
-        Ok(Self { listener, state, sealer, publisher })
+        Ok(Self { listener, state, sealer, publisher, clock_skew: Duration::from_secs(config.clock_skew_seconds) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -241,6 +243,7 @@ impl Application {
         let sealer = self.sealer.map(|sealer| tokio::spawn(seal_periodically(audit.store().clone(), sealer)));
         let publisher = self.publisher.map(|events| tokio::spawn(publish_events(events)));
         let reloader = tokio::spawn(reload_policies_on_sighup(self.state.broker.clone()));
+        let purger = tokio::spawn(purge_token_uses_periodically(audit.store().clone(), self.clock_skew));
         let router = http::app(self.state);
         tracing::info!(address = %self.listener.local_addr()?, "credbroker listening");
         axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
@@ -249,6 +252,7 @@ impl Application {
         flusher.abort();
         revoker.abort();
         reloader.abort();
+        purger.abort();
         if let Some(sealer) = sealer {
             sealer.abort();
         }
@@ -296,6 +300,25 @@ async fn flush_unattributed_periodically(audit: Audit) {
         interval.tick().await;
         if let Err(error) = audit.flush_unattributed().await {
             tracing::error!(%error, "could not write aggregated denials; will retry");
+        }
+    }
+}
+
+/// How often, and in batches of how many rows, the single-use records of expired tokens go.
+const TOKEN_USE_PURGE_INTERVAL: Duration = Duration::from_secs(600);
+const TOKEN_USE_PURGE_BATCH: i64 = 1000;
+
+/// `token_uses` would grow by a row per exchange forever; a token past its expiry (and the
+/// clock skew verification allows) can never be presented again, so its rows can go.
+async fn purge_token_uses_periodically(store: PgAudit, clock_skew: Duration) {
+    let mut interval = tokio::time::interval(TOKEN_USE_PURGE_INTERVAL);
+    loop {
+        interval.tick().await;
+        let expired_before = time::OffsetDateTime::now_utc() - clock_skew;
+        match store.purge_token_uses(expired_before, TOKEN_USE_PURGE_BATCH).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "purged the single-use records of expired tokens"),
+            Err(error) => tracing::warn!(%error, "could not purge expired token uses; will retry"),
         }
     }
 }

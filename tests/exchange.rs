@@ -291,3 +291,73 @@ async fn jwks_publishes_only_public_key_material() {
     }
     let _ = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(keys[0]["n"].as_str().unwrap()).unwrap();
 }
+
+/// `token_uses` keeps a row per exchange; once a token is past its expiry it can never verify
+/// again, so its rows are purged, in bounded batches, and a live token's stay: its replay is
+/// still refused.
+#[tokio::test]
+async fn the_single_use_records_of_expired_tokens_are_purged_in_batches() {
+    let app = TestApp::spawn().await;
+    let token = app.issuer.token();
+    let (status, _, body) = app.exchange(&token, json!({"role": "orders-producer"})).await;
+    assert_eq!(status, 200, "{body}");
+    sqlx::query(
+        "insert into token_uses (issuer, jti, role, use_number, token_expires_at)
+         select 'gitlab', 'expired-' || n, 'orders-producer', 1, now() - interval '1 hour' from generate_series(1, 5) n",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let store = app.state.broker.audit.store();
+    let purged = store.purge_token_uses(time::OffsetDateTime::now_utc(), 2).await.unwrap();
+    assert_eq!(purged, 5, "all expired rows, two at a time");
+    let left: Vec<String> = sqlx::query_scalar("select jti from token_uses").fetch_all(&app.pool).await.unwrap();
+    assert_eq!(left.len(), 1, "only the live token's use stays: {left:?}");
+    let (status, _, body) = app.exchange(&token, json!({"role": "orders-producer"})).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("token_replayed")), "{body}");
+}
+
+/// SIGTERM to the binary while an exchange is in flight: the broker stops accepting, lets the
+/// exchange finish and write its issued row, answers it, and exits 0.
+#[tokio::test]
+async fn sigterm_lets_an_exchange_in_flight_finish_and_record() {
+    let issuer = common::TestIssuer::start().await;
+    let database_url = common::fresh_database().await;
+    let dir = common::temp_dir();
+    std::fs::write(dir.0.join("kafka.pem"), common::rsa_pem(2)).unwrap();
+    std::fs::write(dir.0.join("policies/test.toml"), common::POLICIES).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = dir.0.join("credbroker.toml");
+    std::fs::write(&config, common::config_text(&issuer.url, &database_url, &url, "")).unwrap();
+    let log = dir.0.join("broker.log");
+    let mut broker = common::start_binary(&config, port, &log).await;
+    // The issued row takes a second to write: the exchange is in flight when the signal comes.
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    sqlx::query(
+        "create function slow_issued() returns trigger language plpgsql as $$ begin
+             if new.decision = 'issued' then perform pg_sleep(1.5); end if; return new; end $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("create trigger slow_issued before insert on audit_events for each row execute function slow_issued()").execute(&pool).await.unwrap();
+
+    let request = reqwest::Client::new().post(format!("{url}/v1/credentials")).bearer_auth(issuer.token()).json(&json!({"role": "orders-producer"})).send();
+    let in_flight = tokio::spawn(request);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // SAFETY: a signal to the child process this test started.
+    unsafe { libc::kill(broker.0.id() as i32, libc::SIGTERM) };
+    let response = in_flight.await.unwrap().expect("the exchange in flight is answered");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let status = tokio::task::spawn_blocking(move || broker.0.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "exit {status:?}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    let issued: i64 = sqlx::query_scalar("select count(*) from audit_events where decision = 'issued' and id = $1::uuid")
+        .bind(body["issuance_id"].as_str().unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(issued, 1, "the answered credential has its row");
+    assert!(reqwest::get(format!("{url}/healthz")).await.is_err(), "no longer accepting");
+}

@@ -139,6 +139,31 @@ impl PgAudit {
 }
 
 impl PgAudit {
+    /// Deletes the single-use records of tokens that expired before `expired_before`, `batch`
+    /// rows per statement so no statement holds many locks or runs long; returns how many.
+    /// Only tokens that can no longer verify (past `exp` plus the clock skew) may be forgotten:
+    /// their uses can never be counted again.
+    pub async fn purge_token_uses(&self, expired_before: OffsetDateTime, batch: i64) -> Result<u64, AuditError> {
+        let mut purged = 0;
+        loop {
+            let deleted = sqlx::query(
+                "delete from token_uses where ctid = any(array(
+                     select ctid from token_uses where token_expires_at < $1 limit $2))",
+            )
+            .bind(expired_before)
+            .bind(batch)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            purged += deleted;
+            if deleted < batch as u64 {
+                return Ok(purged);
+            }
+        }
+    }
+}
+
+impl PgAudit {
     /// One row, one INSERT, one commit: what `audit_group_commit = false` does per request.
     /// Autocommit: the INSERT returns only once the row is durable (synchronous_commit).
     #[tracing::instrument(skip_all, fields(issuance_id = %event.id, decision = event.decision.as_str()))]
