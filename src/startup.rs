@@ -223,6 +223,7 @@ impl Application {
             request_timeout: Duration::from_secs(config.request_timeout_seconds),
             audit_links: Arc::new(audit_links),
             secure_cookies: config.public_url.starts_with("https://"),
+            trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         };
         Ok(Self { listener, state, sealer, publisher, clock_skew: Duration::from_secs(config.clock_skew_seconds) })
     }

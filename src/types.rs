@@ -203,6 +203,49 @@ impl ErrorCode {
     }
 }
 
+/// An IP network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`; a bare address is one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNetwork {
+    address: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpNetwork {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let (address, prefix) = match raw.trim().split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (raw.trim(), None),
+        };
+        let address: std::net::IpAddr = address.parse().map_err(|_| format!("{raw:?} is not an IP address or CIDR network"))?;
+        let bits = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(prefix) => prefix.parse::<u8>().ok().filter(|p| *p <= bits).ok_or_else(|| format!("{raw:?}: the prefix must be 0 to {bits}"))?,
+        };
+        Ok(Self { address, prefix })
+    }
+
+    pub fn contains(&self, candidate: std::net::IpAddr) -> bool {
+        // An IPv4 peer may arrive as an IPv4-mapped IPv6 address on a dual-stack socket.
+        let candidate = match candidate {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(candidate),
+            v4 => v4,
+        };
+        let mask = |bits: u32, total: u32| -> u128 { if bits == 0 { 0 } else { (!0u128) << (total - bits) } };
+        match (self.address, candidate) {
+            (std::net::IpAddr::V4(network), std::net::IpAddr::V4(ip)) => {
+                let mask = mask(u32::from(self.prefix), 32) as u32;
+                u32::from(network) & mask == u32::from(ip) & mask
+            }
+            (std::net::IpAddr::V6(network), std::net::IpAddr::V6(ip)) => {
+                let mask = mask(u32::from(self.prefix), 128);
+                u128::from(network) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The issuer name policies use for Gogs delivery tokens; reserved when `[gogs]` is configured.
 pub const GOGS_ISSUER_NAME: &str = "gogs";
 /// The claims of a delivery token a policy can bind (`[role.claims]` of a `gogs` role, or
@@ -212,6 +255,21 @@ pub const DELIVERY_CLAIMS: &[&str] = &["repository", "ref", "ref_type", "sha", "
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn networks_contain_their_addresses_and_no_others() {
+        let network = IpNetwork::parse("10.1.0.0/16").unwrap();
+        assert!(network.contains("10.1.200.3".parse().unwrap()));
+        assert!(!network.contains("10.2.0.1".parse().unwrap()));
+        assert!(network.contains("::ffff:10.1.0.9".parse().unwrap()), "IPv4-mapped peers count");
+        assert!(IpNetwork::parse("127.0.0.1").unwrap().contains("127.0.0.1".parse().unwrap()));
+        assert!(!IpNetwork::parse("127.0.0.1").unwrap().contains("127.0.0.2".parse().unwrap()));
+        assert!(IpNetwork::parse("2001:db8::/32").unwrap().contains("2001:db8:1::7".parse().unwrap()));
+        assert!(IpNetwork::parse("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::/129"] {
+            assert!(IpNetwork::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn ttl_parses_units_and_plain_seconds() {

@@ -361,3 +361,33 @@ async fn sigterm_lets_an_exchange_in_flight_finish_and_record() {
     assert_eq!(issued, 1, "the answered credential has its row");
     assert!(reqwest::get(format!("{url}/healthz")).await.is_err(), "no longer accepting");
 }
+
+/// `trusted_proxies`: the audit row's `client_addr` is the right-most `X-Forwarded-For`
+/// address that is not a trusted proxy, when the TCP peer is one; otherwise the header is
+/// ignored and the peer is recorded.
+#[tokio::test]
+async fn forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
+    for (trusted, expected) in [("trusted_proxies = [\"127.0.0.1/32\"]", "203.0.113.7"), ("", "127.0.0.1")] {
+        let app = TestApp::spawn_with(trusted, None).await;
+        let response = app
+            .client
+            .post(format!("{}/v1/credentials", app.url))
+            .bearer_auth(app.issuer.token())
+            .header("x-forwarded-for", "198.51.100.1, 203.0.113.7")
+            .json(&json!({"role": "orders-producer"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        let row = app.audit_row(body["issuance_id"].as_str().unwrap()).await;
+        assert_eq!(row["client_addr"], expected, "{trusted:?}");
+    }
+    let error = format!("{:#}", credbroker::config::Config::parse(
+        &common::config_text("https://gitlab.example.com", "postgres://127.0.0.1:1/x", "http://127.0.0.1:1", "trusted_proxies = [\"10.0.0.0/40\"]"),
+        std::path::Path::new("/etc/credbroker.toml"),
+        std::iter::empty(),
+    )
+    .unwrap_err());
+    assert!(error.contains("trusted_proxies") && error.contains("prefix"), "{error}");
+}

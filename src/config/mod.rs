@@ -53,6 +53,8 @@ pub struct Config {
     pub jwks_max_age_seconds: u64,
     pub jwks_min_refetch_seconds: u64,
     pub max_uses_per_token: u32,
+    /// Proxies whose `X-Forwarded-For` names the client (`trusted_proxies`); nobody else's counts.
+    pub trusted_proxies: Vec<crate::types::IpNetwork>,
     pub log_format: LogFormat,
     pub audit_writer: AuditWriterConfig,
     pub revocation_poll_seconds: u64,
@@ -182,6 +184,8 @@ struct RawConfig {
     jwks_min_refetch_seconds: u64,
     #[serde(default = "defaults::max_uses_per_token")]
     max_uses_per_token: u32,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
     #[serde(default = "defaults::log_format")]
     log_format: LogFormat,
     #[serde(default = "defaults::audit_group_commit")]
@@ -437,6 +441,12 @@ impl Config {
             backends.push((backend_name, table));
         }
         let vault = raw.vault.map(|table| VaultConfig::parse(&table, file, &base_dir, raw.dev.is_some())).transpose()?;
+        let trusted_proxies = raw
+            .trusted_proxies
+            .iter()
+            .map(|network| crate::types::IpNetwork::parse(network))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|message| err("trusted_proxies", message))?;
         let dev = raw.dev.map(|dev| DevConfig {
             state_dir: base_dir.join(dev.state_dir.unwrap_or_else(|| PathBuf::from(".credbroker-dev"))),
         });
@@ -455,6 +465,7 @@ impl Config {
             jwks_max_age_seconds: raw.jwks_max_age_seconds,
             jwks_min_refetch_seconds: raw.jwks_min_refetch_seconds,
             max_uses_per_token: raw.max_uses_per_token,
+            trusted_proxies,
             log_format: raw.log_format,
             audit_writer,
             revocation_poll_seconds: raw.revocation_poll_seconds,

@@ -2,9 +2,8 @@
 //! refusals are problem+json so the reason shows in Gogs' "Recent deliveries". Every delivery's
 //! audit row is written by [`crate::gogs::Gogs::receive`]; this only turns its result into the answer.
 
-use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -27,7 +26,7 @@ pub async fn receive(State(state): State<AppState>, Path(hook): Path<String>, re
     let incoming = IncomingDelivery {
         hook,
         request_id: parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default(),
-        client_addr: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string()),
+        client_addr: parts.extensions.get::<super::ClientAddr>().and_then(|addr| addr.0.clone()),
         user_agent: header_text(headers, header::USER_AGENT.as_str()).map(|agent| agent.chars().take(256).collect()),
         delivery_id: header_text(headers, "x-gogs-delivery").map(str::to_owned),
         event: header_text(headers, "x-gogs-event").map(str::to_owned),

@@ -41,6 +41,8 @@ pub struct AppState {
     pub audit_links: Arc<audit_page::git_links::GitLinks>,
     /// The `/audit` session cookie is `Secure` when `public_url` is https.
     pub secure_cookies: bool,
+    /// Whose `X-Forwarded-For` names the client for the audit row (`trusted_proxies`).
+    pub trusted_proxies: Arc<Vec<crate::types::IpNetwork>>,
 }
 
 #[derive(Clone)]
@@ -75,9 +77,11 @@ pub fn app(state: AppState) -> Router {
             .route("/dev/jwks.json", get(dev_jwks));
     }
     let timeout = state.request_timeout;
+    let trusted_proxies = state.trusted_proxies.clone();
     router
         .fallback(|| async { Problem::new(ErrorCode::NotFound, "no such endpoint") })
         .layer(middleware::from_fn(move |request, next| with_timeout(timeout, request, next)))
+        .layer(middleware::from_fn(move |request, next| with_client_addr(trusted_proxies.clone(), request, next)))
         .layer(middleware::from_fn(with_request_id))
         .with_state(state)
 }
@@ -113,6 +117,33 @@ async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Respon
 #[derive(Clone)]
 struct RequestId(String);
 
+/// The client's address as the audit row records it (see [`client_addr`]).
+#[derive(Clone)]
+pub(crate) struct ClientAddr(pub(crate) Option<String>);
+
+async fn with_client_addr(trusted: Arc<Vec<crate::types::IpNetwork>>, mut request: Request, next: Next) -> Response {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip());
+    let forwarded: Vec<&str> = request.headers().get_all("x-forwarded-for").iter().filter_map(|value| value.to_str().ok()).collect();
+    let address = peer.map(|peer| client_addr(peer, &forwarded.join(","), &trusted).to_string());
+    request.extensions_mut().insert(ClientAddr(address));
+    next.run(request).await
+}
+
+/// The TCP peer, unless it is a trusted proxy: then the right-most `X-Forwarded-For` address
+/// that is not itself a trusted proxy (each proxy appends the address it saw, so everything
+/// left of that one was written by the client and proves nothing). A header that does not
+/// parse is ignored, and the peer stands.
+fn client_addr(peer: std::net::IpAddr, forwarded_for: &str, trusted: &[crate::types::IpNetwork]) -> std::net::IpAddr {
+    let is_trusted = |ip: std::net::IpAddr| trusted.iter().any(|network| network.contains(ip));
+    if !is_trusted(peer) || forwarded_for.trim().is_empty() {
+        return peer;
+    }
+    let Ok(chain) = forwarded_for.split(',').map(|hop| hop.trim().parse::<std::net::IpAddr>()).collect::<Result<Vec<_>, _>>() else {
+        return peer;
+    };
+    chain.iter().rev().copied().find(|hop| !is_trusted(*hop)).or(chain.first().copied()).unwrap_or(peer)
+}
+
 /// A request taken apart: what [`ExchangeInput`] borrows from. As an extractor its rejection
 /// (a body over [`MAX_BODY_BYTES`]) is the crate's problem+json like every other refusal.
 pub(crate) struct RequestParts {
@@ -130,7 +161,7 @@ impl<S: Send + Sync> FromRequest<S> for RequestParts {
     async fn from_request(request: Request, _state: &S) -> Result<Self, Response> {
         let (parts, body) = request.into_parts();
         let request_id = parts.extensions.get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default();
-        let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
+        let client_addr = parts.extensions.get::<ClientAddr>().and_then(|addr| addr.0.clone());
         let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
             .await
             .map_err(|_| Problem::new(ErrorCode::PayloadTooLarge, format!("request body exceeds {MAX_BODY_BYTES} bytes")).into_response())?;
@@ -281,4 +312,22 @@ async fn readyz(State(state): State<AppState>) -> Response {
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_counts_only_from_trusted_proxies_and_only_its_right_most_untrusted_hop() {
+        let trusted = [crate::types::IpNetwork::parse("10.0.0.0/8").unwrap()];
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+        let proxy = ip("10.0.0.5");
+        assert_eq!(client_addr(proxy, "203.0.113.7", &trusted), ip("203.0.113.7"));
+        assert_eq!(client_addr(proxy, "198.51.100.1, 203.0.113.7, 10.0.0.9", &trusted), ip("203.0.113.7"), "the client wrote the left part");
+        assert_eq!(client_addr(ip("192.0.2.50"), "203.0.113.7", &trusted), ip("192.0.2.50"), "an untrusted peer's header is ignored");
+        assert_eq!(client_addr(proxy, "203.0.113.7, not-an-ip", &trusted), proxy, "an unparseable header is ignored");
+        assert_eq!(client_addr(proxy, "", &trusted), proxy);
+        assert_eq!(client_addr(proxy, "10.0.0.7, 10.0.0.8", &trusted), ip("10.0.0.7"), "all proxies: the first hop");
+    }
 }
