@@ -105,7 +105,7 @@ fn offending_line(error: &PolicyError) -> usize {
     let role_start = match &error.role {
         Some(role) => {
             let named = |line: &&str| line.trim().strip_prefix("name").map(|rest| rest.trim_start().trim_start_matches('=').trim()) == Some(&format!("\"{role}\""));
-            match lines.iter().position(|line| named(line)) {
+            match lines.iter().position(named) {
                 Some(index) => index,
                 None => return 1,
             }
