@@ -71,27 +71,29 @@ python3 -c 'import looker_sdk' 2>/dev/null \
     npm install --prefix .cache/prism --no-audit --no-fund --silent '@stoplight/prism-cli@5' </dev/null
 }
 
+# Debian packages, installed as root or through sudo when missing.
+apt_install() {
+    local sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || { echo "test.sh: need root or sudo to apt-get install $*" >&2; exit 1; }
+        sudo=(sudo -n)
+    fi
+    "${sudo[@]}" apt-get update -qq </dev/null
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" </dev/null >/dev/null
+}
+
 # The /audit page is tested in a real browser: Debian's headless Chromium and its driver
 # (tests/audit_page.rs), driven through selenium, which is told where the driver is and so
 # never downloads one.
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-    sudo=()
-    if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo >/dev/null 2>&1 || { echo "test.sh: need root or sudo to apt-get install chromium" >&2; exit 1; }
-        sudo=(sudo -n)
-    fi
-    "${sudo[@]}" apt-get update -qq </dev/null
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends chromium chromium-driver </dev/null >/dev/null
+    apt_install chromium chromium-driver
 fi
 # The Kafka Java client properties `--out-dir` writes are read with Java's own parser
 # (tests/KafkaJavaProperties.java, run by the JDK's single-file launcher).
-if ! command -v java >/dev/null 2>&1; then
-    sudo=()
-    [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
-    "${sudo[@]}" apt-get update -qq </dev/null
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jdk-headless </dev/null >/dev/null
-fi
+command -v java >/dev/null 2>&1 || apt_install openjdk-17-jdk-headless
+# /metrics is scraped by a real Prometheus, which tests/metrics.rs starts on loopback with its
+# own configuration (the package's service is not used).
+command -v prometheus >/dev/null 2>&1 || apt_install prometheus
 python3 -c 'import selenium' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check 'selenium>=4.11' </dev/null
 

@@ -16,6 +16,7 @@ pub mod dev;
 pub mod events;
 pub mod gogs;
 pub mod http;
+pub mod metrics;
 pub mod revocation;
 pub mod oidc;
 pub mod policy;

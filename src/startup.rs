@@ -20,7 +20,9 @@ use crate::events::kafka::{EventsConfig, KafkaSink};
 use crate::events::Publisher;
 use crate::gogs::{Gogs, GogsConfig};
 use crate::http::audit_page::git_links::GitLinks;
+use crate::http::tls::{PeerAddr, Tls};
 use crate::http::{self, AppState, DevIssuerDocuments};
+use crate::metrics::Metrics;
 use crate::revocation::secret_encryption::RevocationKey;
 use crate::revocation::Revoker;
 use crate::oidc::Verifier;
@@ -35,6 +37,10 @@ pub struct ServeOptions {
 
 pub struct Application {
     listener: TcpListener,
+    /// `[tls]`: the listener speaks TLS with these certificates (re-read on SIGHUP).
+    tls: Option<Arc<Tls>>,
+    /// `metrics_listen`: `/metrics` is served here instead of on the listener.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     sealer: Option<Sealer>,
     /// The event stream's publisher, when `[events]` is configured.
@@ -105,6 +111,21 @@ impl Application {
                 config.source_name()
             );
         }
+        let tls = config.tls.clone().map(|files| Tls::load(files, config.source_name())).transpose()?.map(Arc::new);
+        let address = listener.local_addr().context("the listener has no address")?;
+        if tls.is_none() && !address.ip().is_loopback() && !config.allow_plaintext {
+            bail!(
+                "{}: key `listen`: {address} is not a loopback address and there is no [tls] section, so credentials would cross \
+                 the network in plain text; add [tls] with cert_file and key_file, or set allow_plaintext = true if a \
+                 TLS-terminating proxy sits in front of the broker",
+                config.source_name()
+            );
+        }
+        let metrics_listener = match config.metrics_listen {
+            Some(address) => Some(TcpListener::bind(address).await.with_context(|| format!("{}: key `metrics_listen`: cannot listen on {address}", config.source_name()))?),
+            None => None,
+        };
+        let metrics = Arc::new(Metrics::default());
         let dev_issuer = if options.dev {
             tracing::warn!("development mode: trusting the built-in dev issuer; never use this in production");
             Some(DevIssuer::load_or_create(&config).context("cannot prepare the dev issuer")?)
@@ -161,7 +182,7 @@ impl Application {
             }
             None => None,
         };
-        let audit = Audit::new(store, config.audit_writer, config.unattributed_denials_per_minute);
+        let audit = Audit::new(store, config.audit_writer, config.unattributed_denials_per_minute, metrics.clone());
         let sealer = match &config.audit_seal_key_file {
             Some(path) => Some(Sealer {
                 key: Arc::new(SigningKey::from_pem_file(path).with_context(|| format!("{}: key `audit_seal_key_file`", config.source_name()))?),
@@ -179,6 +200,7 @@ impl Application {
             config.clock_skew_seconds,
             Duration::from_secs(config.jwks_max_age_seconds),
             Duration::from_secs(config.jwks_min_refetch_seconds),
+            metrics.jwks_fetches.clone(),
         )?;
         let audit_links = GitLinks::parse(config.audit_page.as_ref(), &config.issuer_names())
             .map_err(|error| ConfigError::new(config.source_name(), &error.key, error.message))?;
@@ -206,12 +228,17 @@ impl Application {
         });
         let broker = Broker {
             verifier,
-            policies: Policies::new(policies, Box::new(move || policy_loader.load().map_err(|error| format!("{error:#}")))),
+            policies: Policies::new(
+                policies,
+                Box::new(move || policy_loader.load().map_err(|error| format!("{error:#}"))),
+                metrics.policy_reloads.clone(),
+            ),
             backends,
             audit,
             max_uses_per_token: config.max_uses_per_token,
-            revoker: Revoker::new(Duration::from_secs(config.revocation_poll_seconds), revocation_key),
+            revoker: Revoker::new(Duration::from_secs(config.revocation_poll_seconds), revocation_key, metrics.revocations.clone()),
             gogs,
+            metrics,
         };
         let state = AppState {
             broker: Arc::new(broker),
@@ -224,12 +251,18 @@ impl Application {
             audit_links: Arc::new(audit_links),
             secure_cookies: config.public_url.starts_with("https://"),
             trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+            metrics_on_listener: metrics_listener.is_none(),
         };
-        Ok(Self { listener, state, sealer, publisher, clock_skew: Duration::from_secs(config.clock_skew_seconds) })
+        Ok(Self { listener, tls, metrics_listener, state, sealer, publisher, clock_skew: Duration::from_secs(config.clock_skew_seconds) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Where `/metrics` is served when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|listener| listener.local_addr().expect("a bound listener has an address"))
     }
 
     pub fn state(&self) -> &AppState {
@@ -243,13 +276,21 @@ impl Application {
         let revoker = tokio::spawn(self.state.broker.revoker.clone().run_worker(audit.clone(), self.state.broker.backends.clone()));
         let sealer = self.sealer.map(|sealer| tokio::spawn(seal_periodically(audit.store().clone(), sealer)));
         let publisher = self.publisher.map(|events| tokio::spawn(publish_events(events)));
-        let reloader = tokio::spawn(reload_policies_on_sighup(self.state.broker.clone()));
-        let purger = tokio::spawn(purge_token_uses_periodically(audit.store().clone(), self.clock_skew));
-        let router = http::app(self.state);
-        tracing::info!(address = %self.listener.local_addr()?, "credbroker listening");
-        axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        let reloader = tokio::spawn(reload_on_sighup(self.state.broker.clone(), self.tls.clone()));
+        let purger = tokio::spawn(purge_token_uses_periodically(audit.store().clone(), self.clock_skew, self.state.broker.metrics.clone()));
+        let metrics_server = self.metrics_listener.map(|listener| {
+            tracing::info!(address = %listener.local_addr().expect("a bound listener has an address"), "serving /metrics");
+            tokio::spawn(std::future::IntoFuture::into_future(axum::serve(listener, http::metrics_app(self.state.clone()))))
+        });
+        let router = http::app(self.state).into_make_service_with_connect_info::<PeerAddr>();
+        tracing::info!(address = %self.listener.local_addr()?, tls = self.tls.is_some(), "credbroker listening");
+        match self.tls {
+            None => axum::serve(self.listener, router).with_graceful_shutdown(shutdown_signal()).await?,
+            Some(tls) => axum::serve(tls.listen(self.listener), router).with_graceful_shutdown(shutdown_signal()).await?,
+        }
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
+        }
         flusher.abort();
         revoker.abort();
         reloader.abort();
@@ -269,8 +310,9 @@ impl Application {
 }
 
 /// `SIGHUP` recompiles the policy directory and swaps the set in whole; a set that does not
-/// compile leaves the serving one in place, and says why in the log and in `/readyz`.
-async fn reload_policies_on_sighup(broker: Arc<Broker>) {
+/// compile leaves the serving one in place, and says why in the log and in `/readyz`. It also
+/// re-reads the TLS certificate and key, for connections accepted from then on.
+async fn reload_on_sighup(broker: Arc<Broker>, tls: Option<Arc<Tls>>) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; reload policies with POST /v1/policies/reload");
         return;
@@ -279,6 +321,11 @@ async fn reload_policies_on_sighup(broker: Arc<Broker>) {
         match broker.policies.reload() {
             Ok(version) => tracing::info!(policy_version = version, roles = broker.policies.current().len(), "policies reloaded on SIGHUP"),
             Err(error) => tracing::error!(%error, "policy reload on SIGHUP failed; the previous policy set keeps serving"),
+        }
+        match tls.as_deref().map(Tls::reload) {
+            None => {}
+            Some(Ok(())) => tracing::info!("TLS certificate reloaded on SIGHUP"),
+            Some(Err(error)) => tracing::error!(%error, "TLS reload on SIGHUP failed; the previous certificate keeps serving"),
         }
     }
 }
@@ -311,14 +358,17 @@ const TOKEN_USE_PURGE_BATCH: i64 = 1000;
 
 /// `token_uses` would grow by a row per exchange forever; a token past its expiry (and the
 /// clock skew verification allows) can never be presented again, so its rows can go.
-async fn purge_token_uses_periodically(store: PgAudit, clock_skew: Duration) {
+async fn purge_token_uses_periodically(store: PgAudit, clock_skew: Duration, metrics: Arc<Metrics>) {
     let mut interval = tokio::time::interval(TOKEN_USE_PURGE_INTERVAL);
     loop {
         interval.tick().await;
         let expired_before = time::OffsetDateTime::now_utc() - clock_skew;
         match store.purge_token_uses(expired_before, TOKEN_USE_PURGE_BATCH).await {
             Ok(0) => {}
-            Ok(purged) => tracing::info!(purged, "purged the single-use records of expired tokens"),
+            Ok(purged) => {
+                metrics.token_uses_purged.inc_by(purged);
+                tracing::info!(purged, "purged the single-use records of expired tokens");
+            }
             Err(error) => tracing::warn!(%error, "could not purge expired token uses; will retry"),
         }
     }

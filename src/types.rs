@@ -252,6 +252,18 @@ pub const GOGS_ISSUER_NAME: &str = "gogs";
 /// `[role.delivery]` of a role that also wants the automation's own identity token).
 pub const DELIVERY_CLAIMS: &[&str] = &["repository", "ref", "ref_type", "sha", "pusher", "event", "delivery_id", "hook"];
 
+/// An error and its causes on one line, the way an operator reads it (`a: b: c`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,4 +374,3 @@ mod tests {
         );
     }
 }
-

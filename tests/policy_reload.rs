@@ -142,6 +142,11 @@ async fn a_set_that_does_not_compile_is_refused_and_the_loaded_one_keeps_serving
     assert_eq!(status, 200);
     let ready: Value = app.client.get(format!("{}/readyz", app.url)).send().await.unwrap().json().await.unwrap();
     assert!(!ready["checks"]["policies"].as_str().unwrap().contains("failed"), "{ready}");
+
+    // The failure and the recovery, where monitoring sees them.
+    let metrics = app.client.get(format!("{}/metrics", app.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("credbroker_policy_reloads_total{outcome=\"failed\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("credbroker_policy_reloads_total{outcome=\"ok\"} 1\n"), "{metrics}");
 }
 
 /// The real binary reloads on SIGHUP.

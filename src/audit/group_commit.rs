@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{AuditError, AuditEvent, PgAudit};
@@ -35,11 +36,16 @@ pub struct QueueSlot(mpsc::OwnedPermit<Pending>);
 
 impl GroupCommit {
     /// Starts the collector; it stops once every handle (and slot) is dropped and the queue is drained.
-    pub fn start(store: PgAudit, config: AuditWriterConfig) -> Self {
+    pub fn start(store: PgAudit, config: AuditWriterConfig, batch_rows: Histogram) -> Self {
         let capacity = config.queue_capacity as usize;
         let (queue, receiver) = mpsc::channel(capacity);
-        tokio::spawn(collect(store, receiver, config));
+        tokio::spawn(collect(store, receiver, config, batch_rows));
         Self { queue, capacity }
+    }
+
+    /// Places taken in the queue: reserved by a request in progress, or waiting to commit.
+    pub fn depth(&self) -> usize {
+        self.capacity - self.queue.capacity()
     }
 
     pub fn reserve(&self) -> Result<QueueSlot, AuditError> {
@@ -63,7 +69,7 @@ impl GroupCommit {
     }
 }
 
-async fn collect(store: PgAudit, mut receiver: mpsc::Receiver<Pending>, config: AuditWriterConfig) {
+async fn collect(store: PgAudit, mut receiver: mpsc::Receiver<Pending>, config: AuditWriterConfig, batch_rows: Histogram) {
     let batch_max = config.batch_max as usize;
     let writers = Arc::new(Semaphore::new(config.writers as usize));
     while let Some(first) = receiver.recv().await {
@@ -80,6 +86,7 @@ async fn collect(store: PgAudit, mut receiver: mpsc::Receiver<Pending>, config: 
                 Err(_) => break,
             }
         }
+        batch_rows.observe(batch.len() as f64);
         let store = store.clone();
         tokio::spawn(async move {
             commit(&store, batch).await;

@@ -3,6 +3,7 @@
 //! which returns once the row is durably committed. Rows reach Postgres through the
 //! group-commit writer (many per commit) or, with `audit_group_commit = false`, one INSERT each.
 
+pub mod backlog;
 pub mod csv;
 pub mod deliveries;
 mod filter;
@@ -22,6 +23,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::config::AuditWriterConfig;
+use crate::metrics::Metrics;
 
 use group_commit::{GroupCommit, QueueSlot};
 pub use revocations::{project_identities, ClaimedRevocation, Freeze, IssuanceSelector, IssuedCredential, RevocationReason, PROJECT_IDENTITY_CLAIMS, SELECTOR_LIMIT};
@@ -185,6 +187,7 @@ pub struct Audit {
     store: PgAudit,
     writer: Writer,
     unattributed: Arc<UnattributedLimiter>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Clone)]
@@ -198,13 +201,21 @@ pub struct AuditSlot(Option<QueueSlot>);
 
 impl Audit {
     /// Starts the group-commit writer when configured, so call it inside the runtime.
-    pub fn new(store: PgAudit, writer: AuditWriterConfig, unattributed_per_minute: u32) -> Self {
+    pub fn new(store: PgAudit, writer: AuditWriterConfig, unattributed_per_minute: u32, metrics: Arc<Metrics>) -> Self {
         let writer = if writer.group_commit {
-            Writer::GroupCommit(GroupCommit::start(store.clone(), writer))
+            Writer::GroupCommit(GroupCommit::start(store.clone(), writer, metrics.audit_batch_rows.clone()))
         } else {
             Writer::PerRequest
         };
-        Self { store, writer, unattributed: Arc::new(UnattributedLimiter::new(unattributed_per_minute)) }
+        Self { store, writer, unattributed: Arc::new(UnattributedLimiter::new(unattributed_per_minute)), metrics }
+    }
+
+    /// Rows reserved or queued and not yet committed.
+    pub fn queue_depth(&self) -> usize {
+        match &self.writer {
+            Writer::PerRequest => 0,
+            Writer::GroupCommit(group) => group.depth(),
+        }
     }
 
     /// Reserves the place of a request's row before any work is done for it. Fails with
@@ -219,10 +230,17 @@ impl Audit {
 
     /// Returns once the row is durably committed.
     pub async fn record_in(&self, slot: AuditSlot, event: AuditEvent) -> Result<(), AuditError> {
-        match slot.0 {
-            None => self.store.write(&event).await,
+        let written = match slot.0 {
+            None => {
+                self.metrics.audit_batch_rows.observe(1.0);
+                self.store.write(&event).await
+            }
             Some(slot) => GroupCommit::write(slot, event).await,
+        };
+        if written.is_err() {
+            self.metrics.audit_write_failures.inc();
         }
+        written
     }
 
     /// For work no client waits on: waits for room in the queue rather than refusing.

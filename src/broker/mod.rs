@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::audit::{log_unrecorded, project_identities, Audit, AuditError, AuditEvent, AuditSlot, Decision, RevocationReason, TokenUse};
 use crate::backend::{BackendError, Backends, Credential, MintRequest};
+use crate::metrics::{BackendLabel, DecisionLabel, ExchangeLabels, Metrics};
 use crate::oidc::{Verifier, VerifiedToken, VerifyError};
 use crate::policy::{self, TtlRequest};
 use crate::revocation::{Revoker, Undelivered};
@@ -208,6 +209,7 @@ pub struct Broker {
     pub revoker: Revoker,
     /// Gogs webhooks and delivery tokens, when `[gogs]` is configured.
     pub gogs: Option<Arc<crate::gogs::Gogs>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A credential minted for an exchange whose issued row is still to be written.
@@ -233,14 +235,51 @@ impl Broker {
 
     #[tracing::instrument(skip_all, fields(request_id = input.request_id, issuance_id, role))]
     async fn exchange_through(&self, input: ExchangeInput<'_>, door: Door) -> Result<Issued, ExchangeFailure> {
+        let started = std::time::Instant::now();
         let now = OffsetDateTime::now_utc();
-        let mut row = self.open_row(&input, now, None)?;
+        let mut row = self.open_row(&input, now, None).inspect_err(|failure| self.count_exchange(None, None, Err(&failure.error), started))?;
         tracing::Span::current().record("issuance_id", tracing::field::display(row.event.id));
         let outcome = self.issue(&input, &door, &mut row.event, now).await;
-        let minted = self.record(row, outcome).await?;
+        let (role, backend) = (row.event.role.clone(), row.event.backend.clone());
+        let recorded = self.record(row, outcome).await;
+        self.count_exchange(role.as_deref(), backend.as_deref(), recorded.as_ref().map(|_| ()).map_err(|failure| &failure.error), started);
+        let minted = recorded?;
         tracing::info!(issuance_id = %minted.issued.issuance_id, role = %minted.issued.role, ttl = minted.issued.ttl.seconds(), "credential issued");
         minted.undelivered.delivered();
         Ok(minted.issued)
+    }
+
+    /// One exchange in the metrics, labelled only with names from the configuration and the
+    /// fixed sets of decisions and codes: a role no policy declares counts as `unknown`.
+    fn count_exchange(&self, role: Option<&str>, backend: Option<&str>, outcome: Result<(), &ExchangeError>, started: std::time::Instant) {
+        let role = role.filter(|name| self.policies.current().role(name).is_some()).unwrap_or(crate::metrics::UNKNOWN_ROLE);
+        let (decision, code) = match outcome {
+            Ok(()) => (Decision::Issued, crate::metrics::NONE),
+            Err(error) => (error.decision(), error.code().as_str()),
+        };
+        let labels = ExchangeLabels {
+            role: role.to_owned(),
+            backend: backend.unwrap_or(crate::metrics::NONE).to_owned(),
+            decision: decision.as_str().to_owned(),
+            code: code.to_owned(),
+        };
+        self.metrics.exchanges.get_or_create(&labels).inc();
+        self.metrics.exchange_duration.get_or_create(&DecisionLabel { decision: labels.decision }).observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The metrics text, with the gauges read now. A database that cannot be read leaves the
+    /// database gauges at their last values; the failure shows in the readiness check.
+    pub async fn render_metrics(&self) -> String {
+        self.metrics.audit_queue_depth.set(self.audit.queue_depth() as i64);
+        match self.audit.store().backlog().await {
+            Ok(backlog) => {
+                self.metrics.revocations_due.set(backlog.revocations_due);
+                self.metrics.outbox_backlog.set(backlog.outbox_events);
+                self.metrics.outbox_oldest_age.set(backlog.outbox_oldest_age_seconds);
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the revocation and outbox backlog for /metrics"),
+        }
+        self.metrics.render()
     }
 
     async fn issue(&self, input: &ExchangeInput<'_>, door: &Door, event: &mut AuditEvent, now: OffsetDateTime) -> Result<Minted, ExchangeError> {
@@ -353,7 +392,10 @@ impl Broker {
             issued_at: now,
             expires_at: granted.expires_at,
         };
-        let credential = backend.mint(mint).await?;
+        let minting = std::time::Instant::now();
+        let credential = backend.mint(mint).await;
+        self.metrics.mint_duration.get_or_create(&BackendLabel { backend: role.backend.to_string() }).observe(minting.elapsed().as_secs_f64());
+        let credential = credential?;
         // The target may have set an earlier end than asked (Vault capped the lease): report
         // and record what really holds.
         let (ttl, expires_at) = match credential.expires_at.filter(|at| *at < granted.expires_at) {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+use crate::metrics::{Metrics, Outcomes};
 use crate::policy::PolicySet;
 
 /// Compiles the set from its files again; startup builds it from the configuration.
@@ -16,11 +17,13 @@ pub struct Policies {
     /// Why the last reload failed, until one succeeds (`/readyz` shows it).
     last_reload_error: Mutex<Option<String>>,
     source: PolicySource,
+    /// Reloads by outcome, for `credbroker_policy_reloads_total`.
+    reloads: Outcomes,
 }
 
 impl Policies {
-    pub fn new(initial: PolicySet, source: PolicySource) -> Self {
-        Self { current: ArcSwap::from_pointee(initial), last_reload_error: Mutex::new(None), source }
+    pub fn new(initial: PolicySet, source: PolicySource, reloads: Outcomes) -> Self {
+        Self { current: ArcSwap::from_pointee(initial), last_reload_error: Mutex::new(None), source, reloads }
     }
 
     /// The set serving now; a request keeps this one until it ends.
@@ -35,6 +38,7 @@ impl Policies {
 
     /// Replaces the serving set; returns its version.
     pub fn install(&self, set: PolicySet) -> String {
+        Metrics::count(&self.reloads, "ok");
         let version = set.version().to_owned();
         self.current.store(Arc::new(set));
         *self.last_reload_error.lock().expect("reload error lock") = None;
@@ -43,6 +47,7 @@ impl Policies {
 
     /// Remembers a failed reload; the set serving stays.
     pub fn reload_failed(&self, error: &str) {
+        Metrics::count(&self.reloads, "failed");
         *self.last_reload_error.lock().expect("reload error lock") = Some(error.to_owned());
     }
 

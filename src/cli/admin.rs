@@ -8,13 +8,12 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Args};
 use serde_json::{json, Map, Value};
 
-use super::exchange::{call, finish, read_token};
+use super::exchange::{call, finish, read_token, BrokerEndpoint};
 
 #[derive(Args)]
 pub struct Connection {
-    /// The broker's URL.
-    #[arg(long, env = "CREDBROKER_URL")]
-    url: String,
+    #[command(flatten)]
+    broker: BrokerEndpoint,
     /// Environment variable holding the caller's OIDC token.
     #[arg(long, default_value = "CREDBROKER_ID_TOKEN", conflicts_with = "token_file")]
     token_env: String,
@@ -116,7 +115,7 @@ async fn revoke_inner(args: &RevokeArgs) -> Result<String, (u8, String)> {
         insert(&mut body, key, value);
     }
     body.insert("dry_run".into(), json!(args.dry_run));
-    let report = call(reqwest::Method::POST, &args.connection.url, "/v1/revocations", &token, &Value::Object(body)).await?;
+    let report = call(reqwest::Method::POST, &args.connection.broker, "/v1/revocations", &token, &Value::Object(body)).await?;
     if args.json {
         return Ok(format!("{report:#}\n"));
     }
@@ -164,6 +163,6 @@ async fn send_freeze(connection: &Connection, method: reqwest::Method, body: Val
     let token = read_token(&connection.token_env, connection.token_file.as_deref())?;
     // The broker's freeze body has no nulls: absent means absent.
     let body: Map<String, Value> = body.as_object().into_iter().flatten().filter(|(_, v)| !v.is_null() && **v != json!(false)).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let reply = call(method, &connection.url, "/v1/freezes", &token, &Value::Object(body)).await?;
+    let reply = call(method, &connection.broker, "/v1/freezes", &token, &Value::Object(body)).await?;
     Ok(format!("{reply:#}\n"))
 }

@@ -3,20 +3,31 @@
 //! `credential_process` document. Problems go to stderr with
 //! their code, and each code has its own exit status so a job script can branch on it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
-use crate::types::Ttl;
+use crate::types::{error_chain, Ttl};
+
+/// Where the broker is, and whom to trust for its TLS certificate.
+#[derive(Args)]
+pub struct BrokerEndpoint {
+    /// The broker's URL.
+    #[arg(long, env = "CREDBROKER_URL")]
+    pub url: String,
+    /// PEM file of the CA certificate(s) that issued the broker's TLS certificate, trusted
+    /// besides the system's roots (for a broker behind a private CA).
+    #[arg(long, env = "CREDBROKER_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+}
 
 #[derive(Args)]
 pub struct ExchangeArgs {
-    /// The broker's URL.
-    #[arg(long, env = "CREDBROKER_URL")]
-    url: String,
+    #[command(flatten)]
+    broker: BrokerEndpoint,
     /// The role to request.
     #[arg(long)]
     role: String,
@@ -102,9 +113,9 @@ async fn exchange(args: &ExchangeArgs) -> Result<String, (u8, String)> {
         body["min_ttl_seconds"] = json!(min_ttl);
     }
 
-    let reply = call(reqwest::Method::POST, &args.url, "/v1/credentials", &token, &body).await?;
+    let reply = call(reqwest::Method::POST, &args.broker, "/v1/credentials", &token, &body).await?;
     if let Some(dir) = &args.out_dir {
-        write_native_files(dir, &args.role, &reply, &args.url, &token)?;
+        write_native_files(dir, &args.role, &reply, &args.broker.url, &token)?;
     }
     render(&reply, args.format)
 }
@@ -137,20 +148,16 @@ pub(super) fn read_token(token_env: &str, token_file: Option<&std::path::Path>) 
 }
 
 /// One JSON request to the broker; a problem answer becomes its exit status and message.
-pub(super) async fn call(method: reqwest::Method, base: &str, path: &str, token: &str, body: &Value) -> Result<Value, (u8, String)> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .user_agent(concat!("credbroker-exchange/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| (3, e.to_string()))?;
-    let url = format!("{}{path}", base.trim_end_matches('/'));
+pub(super) async fn call(method: reqwest::Method, broker: &BrokerEndpoint, path: &str, token: &str, body: &Value) -> Result<Value, (u8, String)> {
+    let client = http_client(broker.ca_file.as_deref(), concat!("credbroker-exchange/", env!("CARGO_PKG_VERSION"))).map_err(|message| (3, message))?;
+    let url = format!("{}{path}", broker.url.trim_end_matches('/'));
     let response = client
         .request(method, &url)
         .bearer_auth(token)
         .json(body)
         .send()
         .await
-        .map_err(|e| (3, format!("cannot reach {url}: {e}")))?;
+        .map_err(|e| (3, format!("cannot reach {url}: {}", error_chain(&e))))?;
     let status = response.status();
     let text = response.text().await.map_err(|e| (3, format!("cannot read the response: {e}")))?;
     let reply: Value = serde_json::from_str(&text).map_err(|_| (3, format!("{url} answered {status} with a body that is not JSON")))?;
@@ -161,6 +168,23 @@ pub(super) async fn call(method: reqwest::Method, base: &str, path: &str, token:
         return Err((exit_code_for(code), format!("{code}: {detail}{id}")));
     }
     Ok(reply)
+}
+
+/// The client every command talks to the broker with; `ca_file` is trusted besides the
+/// system's roots.
+pub(super) fn http_client(ca_file: Option<&Path>, user_agent: &'static str) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60)).user_agent(user_agent);
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
+        if certificates.is_empty() {
+            return Err(format!("--ca-file {}: holds no PEM certificate", path.display()));
+        }
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|e| e.to_string())
 }
 
 fn render(reply: &Value, format: Format) -> Result<String, (u8, String)> {

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::exchange::{call, read_token, write_native_files};
+use super::exchange::{call, read_token, write_native_files, BrokerEndpoint};
 use crate::types::{rfc3339, Ttl};
 
 #[derive(Args)]
@@ -41,9 +41,8 @@ expiry. A tool that runs longer than one credential lifetime must read the file,
 When CMD exits, exec revokes what it still holds and exits with CMD's status (128 + N if CMD died \
 of signal N; 5 if CMD could not be started, after revoking what it had obtained).")]
 pub struct ExecArgs {
-    /// The broker's URL.
-    #[arg(long, env = "CREDBROKER_URL")]
-    url: String,
+    #[command(flatten)]
+    broker: BrokerEndpoint,
     /// A role to obtain a credential for; repeat for several.
     #[arg(long = "role", required = true)]
     roles: Vec<String>,
@@ -132,7 +131,7 @@ async fn run_with_credentials(args: &ExecArgs, token: &str, ttl: Option<Ttl>, di
         held.last_mut().expect("just pushed").schedule(&reply)?;
         write_files(dir, role, &reply).map_err(|e| (EXEC_FAILED, format!("cannot write the credential files: {e}")))?;
         if let Some(out_dir) = &args.out_dir {
-            write_native_files(out_dir, role, &reply, &args.url, token).map_err(|(_, message)| (EXEC_FAILED, message))?;
+            write_native_files(out_dir, role, &reply, &args.broker.url, token).map_err(|(_, message)| (EXEC_FAILED, message))?;
         }
         for (name, value) in reply["env"].as_object().into_iter().flatten() {
             if let Some(value) = value.as_str() {
@@ -219,7 +218,7 @@ async fn obtain(args: &ExecArgs, token: &str, role: &str, ttl: Option<Ttl>, rene
     if let Some(first) = renews {
         body["renews"] = json!(first);
     }
-    call(reqwest::Method::POST, &args.url, "/v1/credentials", token, &body).await
+    call(reqwest::Method::POST, &args.broker, "/v1/credentials", token, &body).await
 }
 
 /// One renewal attempt. Failing for want of uses is final and said plainly; anything else is
@@ -228,7 +227,7 @@ async fn renew(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path, entry
     match obtain(args, token, &entry.role, ttl, Some(&entry.first_issuance)).await {
         Ok(reply) => {
             let written = write_files(dir, &entry.role, &reply).map_err(|e| e.to_string()).and_then(|()| match &args.out_dir {
-                Some(out_dir) => write_native_files(out_dir, &entry.role, &reply, &args.url, token).map_err(|(_, message)| message),
+                Some(out_dir) => write_native_files(out_dir, &entry.role, &reply, &args.broker.url, token).map_err(|(_, message)| message),
                 None => Ok(()),
             });
             if let Err(error) = &written {
@@ -283,7 +282,7 @@ async fn release(args: &ExecArgs, token: &str, role: &str, issuance: &str, super
         Some(by) => json!({ "superseded_by": by }),
         None => json!({}),
     };
-    match call(reqwest::Method::DELETE, &args.url, &path, token, &body).await {
+    match call(reqwest::Method::DELETE, &args.broker, &path, token, &body).await {
         Ok(reply) if matches!(reply["outcome"].as_str(), Some("not_revocable" | "revoked" | "already_revoked")) => true,
         Ok(reply) => {
             eprintln!("credbroker exec: {role} ({issuance}): {}", reply["outcome"]);

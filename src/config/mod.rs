@@ -55,6 +55,13 @@ pub struct Config {
     pub max_uses_per_token: u32,
     /// Proxies whose `X-Forwarded-For` names the client (`trusted_proxies`); nobody else's counts.
     pub trusted_proxies: Vec<crate::types::IpNetwork>,
+    /// `[tls]`: the listener speaks TLS with these files (read at startup and on SIGHUP).
+    pub tls: Option<TlsConfig>,
+    /// Plain HTTP on a non-loopback `listen` is refused unless this says a TLS-terminating
+    /// proxy sits in front.
+    pub allow_plaintext: bool,
+    /// Where `GET /metrics` is served instead of on `listen`, to keep it off the public port.
+    pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub audit_writer: AuditWriterConfig,
     pub revocation_poll_seconds: u64,
@@ -84,6 +91,18 @@ pub struct Config {
     /// `events::kafka::EventsConfig::parse` (its password may come from Vault).
     pub events: Option<toml::Table>,
     pub dev: Option<DevConfig>,
+}
+
+/// `[tls]`, paths resolved against the configuration file's directory.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, every connection must present a client certificate
+    /// they issued (mTLS).
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +173,8 @@ const SCALAR_KEYS: &[(&str, ScalarType)] = &[
     ("audit_seal_key_file", ScalarType::Text),
     ("audit_seal_interval_seconds", ScalarType::Integer),
     ("migrate_on_start", ScalarType::Boolean),
+    ("allow_plaintext", ScalarType::Boolean),
+    ("metrics_listen", ScalarType::Text),
 ];
 
 /// The name a dev-mode issuer is registered under; reserved so no real config can claim it.
@@ -186,6 +207,10 @@ struct RawConfig {
     max_uses_per_token: u32,
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    #[serde(default)]
+    allow_plaintext: bool,
+    metrics_listen: Option<String>,
+    tls: Option<RawTls>,
     #[serde(default = "defaults::log_format")]
     log_format: LogFormat,
     #[serde(default = "defaults::audit_group_commit")]
@@ -226,6 +251,14 @@ struct RawIssuer {
     algorithms: Option<Vec<String>>,
     #[serde(default = "defaults::require_nbf")]
     require_nbf: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -447,6 +480,15 @@ impl Config {
             .map(|network| crate::types::IpNetwork::parse(network))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|message| err("trusted_proxies", message))?;
+        let metrics_listen = raw
+            .metrics_listen
+            .map(|address| address.parse().map_err(|_| err("metrics_listen", format!("{address:?} is not an address like 127.0.0.1:9090"))))
+            .transpose()?;
+        let tls = raw.tls.map(|tls| TlsConfig {
+            cert_file: base_dir.join(tls.cert_file),
+            key_file: base_dir.join(tls.key_file),
+            client_ca_file: tls.client_ca_file.map(|file| base_dir.join(file)),
+        });
         let dev = raw.dev.map(|dev| DevConfig {
             state_dir: base_dir.join(dev.state_dir.unwrap_or_else(|| PathBuf::from(".credbroker-dev"))),
         });
@@ -466,6 +508,9 @@ impl Config {
             jwks_min_refetch_seconds: raw.jwks_min_refetch_seconds,
             max_uses_per_token: raw.max_uses_per_token,
             trusted_proxies,
+            tls,
+            allow_plaintext: raw.allow_plaintext,
+            metrics_listen,
             log_format: raw.log_format,
             audit_writer,
             revocation_poll_seconds: raw.revocation_poll_seconds,

@@ -14,6 +14,7 @@ use super::{AppState, Problem, RequestId};
 use crate::types::rfc3339;
 use crate::broker::ErrorCode;
 use crate::gogs::{IncomingDelivery, Received, Refused};
+use crate::metrics::Metrics;
 
 pub async fn receive(State(state): State<AppState>, Path(hook): Path<String>, request: Request) -> Response {
     // Not configured: the endpoint does not exist, so there is no delivery to record.
@@ -37,9 +38,16 @@ pub async fn receive(State(state): State<AppState>, Path(hook): Path<String>, re
     // On a task of its own, so a client that goes away or the request timeout cannot stop it
     // between claiming the delivery and writing its row (or forwarding its token).
     let audit = state.broker.audit.clone();
+    let deliveries = &state.broker.metrics.gogs_deliveries;
     match tokio::spawn(async move { gogs.receive(incoming, &audit).await }).await {
-        Ok(Ok(received)) => accepted(received),
-        Ok(Err(refused)) => refusal(refused),
+        Ok(Ok(received)) => {
+            Metrics::count(deliveries, if received.acted_on { "accepted" } else { "ignored" });
+            accepted(received)
+        }
+        Ok(Err(refused)) => {
+            Metrics::count(deliveries, refused.error.code().as_str());
+            refusal(refused)
+        }
         Err(error) => {
             tracing::error!(%error, "Gogs delivery handling panicked");
             Problem::new(ErrorCode::AuditUnavailable, SERVER_SIDE_DETAIL).into_response()

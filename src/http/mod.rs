@@ -6,8 +6,8 @@ mod issuances;
 mod gogs;
 pub mod oauth;
 mod problem;
+pub mod tls;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,8 @@ pub struct AppState {
     pub secure_cookies: bool,
     /// Whose `X-Forwarded-For` names the client for the audit row (`trusted_proxies`).
     pub trusted_proxies: Arc<Vec<crate::types::IpNetwork>>,
+    /// `/metrics` is served on the main listener (no `metrics_listen`).
+    pub metrics_on_listener: bool,
 }
 
 #[derive(Clone)]
@@ -71,6 +73,9 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(audit_page::router());
+    if state.metrics_on_listener {
+        router = router.route("/metrics", get(metrics));
+    }
     if state.dev_issuer.is_some() {
         router = router
             .route("/dev/.well-known/openid-configuration", get(dev_openid_configuration))
@@ -114,6 +119,17 @@ async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Respon
     }
 }
 
+/// `/metrics` alone, for `metrics_listen`.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(state)
+}
+
+/// No token: Prometheus scrapes without one. Keep it private with `metrics_listen`.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.broker.render_metrics().await;
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
 #[derive(Clone)]
 struct RequestId(String);
 
@@ -122,7 +138,7 @@ struct RequestId(String);
 pub(crate) struct ClientAddr(pub(crate) Option<String>);
 
 async fn with_client_addr(trusted: Arc<Vec<crate::types::IpNetwork>>, mut request: Request, next: Next) -> Response {
-    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip());
+    let peer = request.extensions().get::<ConnectInfo<tls::PeerAddr>>().map(|info| info.0 .0.ip());
     let forwarded: Vec<&str> = request.headers().get_all("x-forwarded-for").iter().filter_map(|value| value.to_str().ok()).collect();
     let address = peer.map(|peer| client_addr(peer, &forwarded.join(","), &trusted).to_string());
     request.extensions_mut().insert(ClientAddr(address));

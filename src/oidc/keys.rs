@@ -15,6 +15,8 @@ use tokio::sync::Mutex;
 use url::Url;
 
 use super::fetch::DiscoveryClient;
+use crate::metrics::{IssuerOutcomeLabels, JwksFetches};
+use crate::types::error_chain;
 use crate::types::IssuerName;
 
 pub struct VerificationKey {
@@ -40,6 +42,7 @@ pub struct IssuerKeys {
     /// Serialises refetches and remembers when the last one was attempted.
     last_attempt: Mutex<Option<Instant>>,
     client: DiscoveryClient,
+    fetches: JwksFetches,
 }
 
 pub enum Lookup {
@@ -58,6 +61,7 @@ impl IssuerKeys {
         max_age: Duration,
         min_refetch: Duration,
         client: DiscoveryClient,
+        fetches: JwksFetches,
     ) -> Self {
         Self {
             name,
@@ -69,6 +73,7 @@ impl IssuerKeys {
             current: ArcSwap::from_pointee(KeySet::default()),
             last_attempt: Mutex::new(None),
             client,
+            fetches,
         }
     }
 
@@ -99,7 +104,10 @@ impl IssuerKeys {
             return Ok(());
         }
         *last_attempt = Some(Instant::now());
-        match self.fetch().await {
+        let fetched = self.fetch().await;
+        let outcome = if fetched.is_ok() { "ok" } else { "failed" };
+        self.fetches.get_or_create(&IssuerOutcomeLabels { issuer: self.name.to_string(), outcome }).inc();
+        match fetched {
             Ok(keys) => {
                 tracing::info!(issuer = %self.name, keys = keys.len(), "fetched issuer keys");
                 self.current.store(Arc::new(KeySet { keys, fetched_at: Some(Instant::now()) }));
@@ -198,15 +206,4 @@ fn algorithms_for(jwk: &Jwk) -> Vec<Algorithm> {
             _ => vec![],
         },
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

@@ -88,6 +88,7 @@ impl Verifier {
         leeway_seconds: u64,
         jwks_max_age: Duration,
         jwks_min_refetch: Duration,
+        jwks_fetches: crate::metrics::JwksFetches,
     ) -> Result<Self, reqwest::Error> {
         rsa_verify::install();
         let client = DiscoveryClient::new()?;
@@ -102,6 +103,7 @@ impl Verifier {
                     jwks_max_age,
                     jwks_min_refetch,
                     client.clone(),
+                    jwks_fetches.clone(),
                 );
                 (issuer.issuer.clone(), TrustedIssuer { keys, require_nbf: issuer.require_nbf })
             })

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::audit::{Audit, AuditError, AuditEvent, ClaimedRevocation, Decision, RevocationReason};
 use crate::backend::{Backend, Backends, Credential};
+use crate::metrics::{Metrics, Outcomes};
 use crate::types::BackendName;
 use secret_encryption::RevocationKey;
 
@@ -37,6 +38,8 @@ pub struct Revoker {
     pub poll_interval: Duration,
     /// Seals and opens the secrets revocations need (`revocation_secret_key`).
     key: Option<Arc<RevocationKey>>,
+    /// Attempts by outcome, for `credbroker_revocations_total`.
+    outcomes: Outcomes,
 }
 
 /// The outcome of one attempt, for an on-demand request's report.
@@ -48,8 +51,8 @@ pub struct Attempt {
 }
 
 impl Revoker {
-    pub fn new(poll_interval: Duration, key: Option<RevocationKey>) -> Self {
-        Self { wake: Arc::new(Notify::new()), poll_interval, key: key.map(Arc::new) }
+    pub fn new(poll_interval: Duration, key: Option<RevocationKey>, outcomes: Outcomes) -> Self {
+        Self { wake: Arc::new(Notify::new()), poll_interval, key: key.map(Arc::new), outcomes }
     }
 
     /// Seals a credential's revocation secret for the schedule. Err when no key is configured
@@ -84,6 +87,7 @@ impl Revoker {
             (None, _) => Err(format!("backend {} is not configured on this broker", revocation.backend)),
             (_, Err(error)) => Err(error),
         };
+        Metrics::count(&self.outcomes, if result.is_ok() { "done" } else { "failed" });
         let retry_in = (revocation.attempts < MAX_ATTEMPTS).then(|| backoff(revocation.attempts));
         let stored = match &result {
             Ok(()) => audit.store().revocation_succeeded(revocation.issuance_id).await,

@@ -364,7 +364,8 @@ impl TestApp {
         std::fs::write(dir.0.join("kafka.pem"), rsa_pem(2)).unwrap();
         std::fs::write(dir.0.join("policies/test.toml"), policies).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tables.contains("[tls]") { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let text = config_text_with_tables(&issuer.url, &database_url, &url, extra, tables);
         let config_path = dir.0.join("credbroker.toml");
         std::fs::write(&config_path, &text).unwrap();
@@ -457,6 +458,13 @@ impl Drop for BrokerProcess {
 /// Starts the real binary with `config` on 127.0.0.1:`port`, its stderr appended to `log`, and
 /// waits until it is ready.
 pub async fn start_binary(config: &Path, port: u16, log: &Path) -> BrokerProcess {
+    start_binary_at(config, &format!("http://127.0.0.1:{port}"), log, &reqwest::Client::new()).await
+}
+
+/// As [`start_binary`], on `url`'s port, asking for readiness there with `client` (one that
+/// trusts the broker's TLS certificate, say).
+pub async fn start_binary_at(config: &Path, url: &str, log: &Path, client: &reqwest::Client) -> BrokerProcess {
+    let port = url::Url::parse(url).unwrap().port().expect("a URL with a port");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
         .arg("--config")
         .arg(config)
@@ -469,7 +477,7 @@ pub async fn start_binary(config: &Path, port: u16, log: &Path) -> BrokerProcess
         .unwrap();
     let child = BrokerProcess(child);
     for _ in 0..150 {
-        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+        if let Ok(response) = client.get(format!("{url}/readyz")).send().await {
             if response.status() == 200 {
                 return child;
             }
