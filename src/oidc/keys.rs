@@ -15,6 +15,7 @@ use tokio::sync::Mutex;
 use url::Url;
 
 use super::fetch::DiscoveryClient;
+use crate::config::IssuerConfig;
 use crate::metrics::{IssuerOutcomeLabels, JwksFetches};
 use crate::types::error_chain;
 use crate::types::IssuerName;
@@ -53,21 +54,12 @@ pub enum Lookup {
 }
 
 impl IssuerKeys {
-    pub fn new(
-        name: IssuerName,
-        issuer: String,
-        jwks_uri: Option<Url>,
-        configured_algorithms: Option<Vec<Algorithm>>,
-        max_age: Duration,
-        min_refetch: Duration,
-        client: DiscoveryClient,
-        fetches: JwksFetches,
-    ) -> Self {
+    pub fn new(issuer: &IssuerConfig, max_age: Duration, min_refetch: Duration, client: DiscoveryClient, fetches: JwksFetches) -> Self {
         Self {
-            name,
-            issuer,
-            jwks_uri,
-            configured_algorithms,
+            name: issuer.name.clone(),
+            issuer: issuer.issuer.clone(),
+            jwks_uri: issuer.jwks_uri.clone(),
+            configured_algorithms: issuer.algorithms.clone(),
             max_age,
             min_refetch,
             current: ArcSwap::from_pointee(KeySet::default()),

@@ -95,16 +95,7 @@ impl Verifier {
         let by_issuer_url = issuers
             .iter()
             .map(|issuer| {
-                let keys = IssuerKeys::new(
-                    issuer.name.clone(),
-                    issuer.issuer.clone(),
-                    issuer.jwks_uri.clone(),
-                    issuer.algorithms.clone(),
-                    jwks_max_age,
-                    jwks_min_refetch,
-                    client.clone(),
-                    jwks_fetches.clone(),
-                );
+                let keys = IssuerKeys::new(issuer, jwks_max_age, jwks_min_refetch, client.clone(), jwks_fetches.clone());
                 (issuer.issuer.clone(), TrustedIssuer { keys, require_nbf: issuer.require_nbf })
             })
             .collect();
