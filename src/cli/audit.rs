@@ -10,7 +10,7 @@ use clap::Args;
 use time::OffsetDateTime;
 
 use super::exchange::{http_client, read_token};
-use super::load_config;
+use super::server::load_config;
 use crate::audit::query::{IssuanceFilter, IssuancePage};
 use crate::audit::AuditRecord;
 use crate::types::rfc3339;

@@ -1,28 +1,30 @@
 //! Command-line edge. Each subcommand parses its flags, calls the library, and maps the result
-//! to output and an exit code; `anyhow` stops here.
+//! to output and an exit code; `anyhow` stops here. The clients a CI job runs (`exchange`,
+//! `exec`) and the security team's `revoke`, `freeze` and `unfreeze` speak only HTTP and build
+//! without the server (`--no-default-features --features client`).
 
 mod admin;
+#[cfg(feature = "server")]
 mod audit;
 mod exchange;
 mod exec;
 mod native;
+#[cfg(feature = "server")]
 mod policy;
+#[cfg(feature = "server")]
+mod server;
 
-use std::path::{Path, PathBuf};
+#[cfg(feature = "server")]
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
-
-use crate::config::{Config, LogFormat};
-use crate::dev::{parse_claim_override, DevIssuer};
-use crate::startup::{Application, ServeOptions};
-use crate::types::Ttl;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "credbroker", version, about = "Exchange CI job tokens for short-lived credentials")]
 struct Cli {
     /// Configuration file (TOML).
+    #[cfg(feature = "server")]
     #[arg(long, global = true, env = "CREDBROKER_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -31,12 +33,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the broker.
-    Serve {
-        /// Trust the built-in development issuer (never in production).
-        #[arg(long)]
-        dev: bool,
-    },
+    #[cfg(feature = "server")]
+    #[command(flatten)]
+    Server(server::ServerCommand),
     /// Exchange this job's OIDC token for a credential and print it.
     Exchange(exchange::ExchangeArgs),
     /// Run a command with credentials for its whole life: renewed before expiry, revoked when it exits.
@@ -47,58 +46,6 @@ enum Command {
     Freeze(admin::FreezeArgs),
     /// End a freeze (needs `[admins]` rights).
     Unfreeze(admin::UnfreezeArgs),
-    /// Check or explain trust policies.
-    #[command(subcommand)]
-    Policy(policy::PolicyCommand),
-    /// Read the audit log.
-    #[command(subcommand)]
-    Audit(AuditCommand),
-    /// Apply database migrations and exit.
-    Migrate,
-    /// Development helpers.
-    #[command(subcommand)]
-    Dev(DevCommand),
-}
-
-#[derive(Subcommand)]
-enum AuditCommand {
-    /// Print the latest decisions, newest first.
-    Tail(TailArgs),
-    /// Search the log: who got which credential, what was denied (filters as in GET /v1/issuances).
-    Query(Box<audit::QueryArgs>),
-    /// Check the signed checkpoints: report the first row altered, deleted or out of order.
-    Verify(audit::VerifyArgs),
-    /// Move whole sealed checkpoints older than a time to a file and out of the database.
-    Archive(audit::ArchiveArgs),
-}
-
-#[derive(Args)]
-struct TailArgs {
-    /// How many rows.
-    #[arg(short = 'n', long = "lines", default_value_t = 20)]
-    lines: i64,
-    /// One JSON object per line.
-    #[arg(long)]
-    json: bool,
-    /// Postgres URL, instead of the configuration's `database_url`.
-    #[arg(long, env = "CREDBROKER_DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
-}
-
-#[derive(Subcommand)]
-enum DevCommand {
-    /// Mint a GitLab-shaped job token from the dev issuer (trusted only by `serve --dev`).
-    Token {
-        /// Override a claim: NAME=VALUE sets a string, NAME:=JSON any JSON value.
-        #[arg(long = "claim", value_name = "NAME=VALUE")]
-        claims: Vec<String>,
-        /// Job timeout: the token's `exp` is now plus this.
-        #[arg(long, default_value = "1h")]
-        job_timeout: String,
-        /// The token's `aud`; defaults to the configured audience.
-        #[arg(long)]
-        audience: Option<String>,
-    },
 }
 
 pub fn main() -> ExitCode {
@@ -111,109 +58,19 @@ pub fn main() -> ExitCode {
         }
     };
     // The clients have their own exit codes, one per problem code.
-    let command = match cli.command {
-        Command::Exchange(args) => return runtime.block_on(exchange::run(args)),
-        Command::Exec(args) => return runtime.block_on(exec::run(args)),
-        Command::Revoke(args) => return runtime.block_on(admin::revoke(args)),
-        Command::Freeze(args) => return runtime.block_on(admin::freeze(args)),
-        Command::Unfreeze(args) => return runtime.block_on(admin::unfreeze(args)),
-        command => command,
-    };
-    let cli = Cli { config: cli.config, command };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("credbroker: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config_path = cli.config.as_deref();
     match cli.command {
-        Command::Serve { dev } => {
-            let config = load_config(config_path)?;
-            init_logging(if dev { LogFormat::Text } else { config.log_format });
-            let application = Application::build(config, ServeOptions { dev }).await?;
-            application.run_until_stopped().await
-        }
-        Command::Migrate => {
-            let config = load_config(config_path)?;
-            let pool = crate::audit::connect(&config.database_url, 1, std::time::Duration::from_secs(10))?;
-            crate::audit::migrate(&pool).await?;
-            println!("migrations applied");
-            Ok(())
-        }
-        Command::Policy(command) => policy::run(command, config_path),
-        Command::Audit(AuditCommand::Tail(args)) => tail(args, config_path).await,
-        Command::Audit(AuditCommand::Query(args)) => audit::query(*args, config_path).await,
-        Command::Audit(AuditCommand::Verify(args)) => {
-            if audit::verify(args, config_path).await? {
-                Ok(())
-            } else {
-                bail!("the audit log does not match its checkpoints")
+        Command::Exchange(args) => runtime.block_on(exchange::run(args)),
+        Command::Exec(args) => runtime.block_on(exec::run(args)),
+        Command::Revoke(args) => runtime.block_on(admin::revoke(args)),
+        Command::Freeze(args) => runtime.block_on(admin::freeze(args)),
+        Command::Unfreeze(args) => runtime.block_on(admin::unfreeze(args)),
+        #[cfg(feature = "server")]
+        Command::Server(command) => match runtime.block_on(server::run(command, cli.config.as_deref())) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("credbroker: {error:#}");
+                ExitCode::FAILURE
             }
-        }
-        Command::Audit(AuditCommand::Archive(args)) => audit::archive(args, config_path).await,
-        Command::Dev(DevCommand::Token { claims, job_timeout, audience }) => {
-            let config = load_config(config_path)?;
-            let overrides = claims.iter().map(|raw| parse_claim_override(raw)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
-            let job_timeout = Ttl::parse(&job_timeout).map_err(anyhow::Error::msg).context("--job-timeout")?;
-            let issuer = DevIssuer::load_or_create(&config)?;
-            let token = issuer.mint(audience.as_deref().unwrap_or(&config.audience), i64::from(job_timeout.seconds()), overrides)?;
-            println!("{token}");
-            Ok(())
-        }
-        Command::Exchange(_) | Command::Exec(_) | Command::Revoke(_) | Command::Freeze(_) | Command::Unfreeze(_) => {
-            unreachable!("clients are handled before")
-        }
-    }
-}
-
-fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
-    let path = path.context("no configuration: pass --config FILE or set CREDBROKER_CONFIG")?;
-    Ok(Config::load(path)?)
-}
-
-async fn tail(args: TailArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
-    let url = match args.database_url {
-        Some(url) => secrecy::SecretString::from(url),
-        None => load_config(config_path)?.database_url,
-    };
-    let store = crate::audit::PgAudit::connect(&url, 1, std::time::Duration::from_secs(10))?;
-    let lines = args.lines.clamp(1, 10_000);
-    audit::record_direct_read(&store, &format!("audit tail -n {lines}")).await?;
-    let rows = store.tail(lines).await?;
-    for row in rows {
-        if args.json {
-            // `issuance_id` and `ttl_seconds` are the names `audit tail --json` has always used.
-            let mut json = serde_json::to_value(&row)?;
-            json["issuance_id"] = json["id"].clone();
-            json["ttl_seconds"] = json["granted_ttl_seconds"].clone();
-            println!("{json}");
-        } else {
-            println!(
-                "{}  {:<7} {:<20} {:<24} {:<24} ttl={:<6} {}",
-                row.occurred_at.format(&time::format_description::well_known::Rfc3339)?,
-                row.decision,
-                row.code.as_deref().unwrap_or("-"),
-                row.role.as_deref().unwrap_or("-"),
-                row.project_path.as_deref().unwrap_or("-"),
-                row.granted_ttl_seconds.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
-                row.id,
-            );
-        }
-    }
-    Ok(())
-}
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CREDBROKER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
-        LogFormat::Text => builder.init(),
+        },
     }
 }

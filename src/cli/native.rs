@@ -152,8 +152,11 @@ pub fn write(dir: &Path, files: &[NativeFile]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A TOML basic string. JSON's string escapes (`\"`, `\\`, `\n`, `\uXXXX`, ...) are all TOML
+/// escapes too and serde_json writes no other (never `\/`); TOML also wants DEL escaped, which
+/// JSON leaves raw. (The client build has no TOML crate.)
 fn toml_string(value: &str) -> String {
-    toml::Value::String(value.to_owned()).to_string()
+    serde_json::Value::String(value.to_owned()).to_string().replace('\u{7f}', "\\u007f")
 }
 
 /// A bare key when it is one, quoted otherwise.
@@ -185,6 +188,14 @@ mod tests {
         assert!(files[1].content.contains("sasl.oauthbearer.token.endpoint.url=file:/run/job/orders.kafka-token\n"), "{}", files[1].content);
         assert!(files[2].content.contains("sasl.oauthbearer.token.endpoint.url=https://credbroker.example.com/oauth/token\n"));
         assert!(files[2].content.contains("sasl.oauthbearer.assertion.file=/run/job/orders.kafka-assertion\n"));
+    }
+
+    #[test]
+    fn toml_strings_read_back_as_written() {
+        for value in ["plain", "quote \" and backslash \\", "line\nbreak\ttab", "\u{0}\u{1f}\u{7f}", "é 雪 \u{2028} 🔑", ""] {
+            let document: toml::Table = format!("key = {}", toml_string(value)).parse().unwrap_or_else(|e| panic!("{value:?}: {e}"));
+            assert_eq!(document["key"].as_str(), Some(value));
+        }
     }
 
     #[test]
