@@ -457,10 +457,16 @@ impl Drop for BrokerProcess {
 /// Starts the real binary with `config` on 127.0.0.1:`port`, its stderr appended to `log`, and
 /// waits until it is ready.
 pub async fn start_binary(config: &Path, port: u16, log: &Path) -> BrokerProcess {
+    start_binary_with(config, port, log, &[]).await
+}
+
+/// As [`start_binary`], with more flags for `serve` (`--dev`).
+pub async fn start_binary_with(config: &Path, port: u16, log: &Path, serve_flags: &[&str]) -> BrokerProcess {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
         .arg("--config")
         .arg(config)
         .arg("serve")
+        .args(serve_flags)
         .env("CREDBROKER_LISTEN", format!("127.0.0.1:{port}"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
