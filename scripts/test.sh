@@ -64,6 +64,12 @@ python3 -c 'import confluent_kafka' 2>/dev/null \
 python3 -c 'import looker_sdk' 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check looker-sdk </dev/null
 
+# The API contract is fuzzed against a live broker by schemathesis (tests/openapi.rs runs
+# `python3 -m schemathesis.cli`). Pinned: the run is seeded, and another version would generate
+# other cases from the same seed.
+python3 -c 'import importlib.metadata as m; assert m.version("schemathesis") == "4.32.5"' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check 'schemathesis==4.32.5' </dev/null
+
 # The Looker peer: Prism serving Looker's official API 4.0 spec (tests/looker.rs starts it).
 # Installed once into .cache/prism (gitignored), never globally.
 [ -x .cache/prism/node_modules/.bin/prism ] || {

@@ -189,6 +189,20 @@ async fn policy_denials_do_not_reveal_whether_a_role_exists() {
     assert!(row["detail"].as_str().unwrap().contains("no role named"), "{row}");
 }
 
+/// Postgres cannot store U+0000: the row of a request carrying one used to fail, and with it
+/// the whole group-commit batch it was in, so an exchange committed alongside got 503.
+#[tokio::test]
+async fn a_nul_in_a_request_is_recorded_and_fails_nobody_else() {
+    let app = TestApp::spawn().await;
+    let (first, second) = (app.issuer.token(), app.issuer.token());
+    let poisoned = app.exchange(&first, role("orders\0producer"));
+    let honest = app.exchange(&second, role("orders-producer"));
+    let ((status, _, refused), (honest_status, _, issued)) = tokio::join!(poisoned, honest);
+    assert_eq!((status, honest_status), (403, 200), "{refused} {issued}");
+    let row = app.audit_row(refused["issuance_id"].as_str().unwrap()).await;
+    assert_eq!(row["role"], "orders\u{FFFD}producer", "{row}");
+}
+
 #[tokio::test]
 async fn a_claim_that_cannot_render_is_access_denied_not_a_malformed_credential() {
     let app = TestApp::spawn().await;

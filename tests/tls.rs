@@ -300,7 +300,7 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_open_ones() 
     let config = dir.0.join("credbroker.toml");
     std::fs::write(&config, common::config_text_with_tables(&issuer.url, &database_url, &url, "", TLS_TABLE)).unwrap();
     let log = dir.0.join("broker.log");
-    let broker = common::start_binary_at(&config, &url, &log, &client_trusting(&first).build().unwrap()).await;
+    let broker = common::start_binary_at(&config, &url, &log, &client_trusting(&first).build().unwrap(), &[]).await;
 
     let (before, mut open) = connect(&url, &first.pem()).await;
     assert_eq!(get_on(&mut open).await, "HTTP/1.1 200 OK");

@@ -47,8 +47,8 @@ macro_rules! audit_columns {
 
         impl ColumnArrays {
             fn push(&mut self, row: &AuditEvent) {
-                $( { let $event = row; self.$field.push($value); } )*
-                self.claims.push(row.claims.clone().map(Value::Object));
+                $( { let $event = row; self.$field.push(Storable::storable($value)); } )*
+                self.claims.push(row.claims.clone().map(Value::Object).storable());
             }
 
             fn bind(self, query: Query<'_, Postgres, PgArguments>) -> Query<'_, Postgres, PgArguments> {
@@ -57,6 +57,41 @@ macro_rules! audit_columns {
         }
     };
 }
+
+/// Postgres' `text` and `jsonb` cannot hold U+0000, and one row that carries it (a caller's
+/// field, a claim) fails the INSERT of its whole batch, and with it every other request in that
+/// batch. Such a character is stored as U+FFFD instead: the row is written, and shows where.
+trait Storable {
+    fn storable(self) -> Self;
+}
+
+impl Storable for String {
+    fn storable(self) -> Self {
+        if self.contains('\0') { self.replace('\0', "\u{FFFD}") } else { self }
+    }
+}
+
+impl Storable for Value {
+    fn storable(self) -> Self {
+        match self {
+            Value::String(text) => Value::String(text.storable()),
+            Value::Array(items) => Value::Array(items.into_iter().map(Storable::storable).collect()),
+            Value::Object(fields) => Value::Object(fields.into_iter().map(|(name, value)| (name.storable(), value.storable())).collect()),
+            other => other,
+        }
+    }
+}
+
+impl<T: Storable> Storable for Option<T> {
+    fn storable(self) -> Self {
+        self.map(Storable::storable)
+    }
+}
+
+macro_rules! storable_as_is {
+    ($($type:ty),*) => { $( impl Storable for $type { fn storable(self) -> Self { self } } )* };
+}
+storable_as_is!(Uuid, OffsetDateTime, i32, i64);
 
 audit_columns! {
     id "id": Uuid = "uuid", |event| event.id;
@@ -144,6 +179,17 @@ pub(super) fn insert<'a>(events: impl Iterator<Item = &'a AuditEvent>) -> Query<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nul_is_stored_as_a_replacement_character() {
+        let mut event = AuditEvent::new(Uuid::new_v4(), crate::audit::Decision::Denied, OffsetDateTime::now_utc(), "r");
+        event.role = Some("a\0b".into());
+        event.claims = Some(serde_json::json!({"sub\0": ["x\0"]}).as_object().unwrap().clone());
+        let mut columns = ColumnArrays::default();
+        columns.push(&event);
+        assert_eq!(columns.role, [Some("a\u{FFFD}b".to_owned())]);
+        assert_eq!(columns.claims, [Some(serde_json::json!({"sub\u{FFFD}": ["x\u{FFFD}"]}))]);
+    }
 
     #[test]
     fn the_insert_binds_one_array_per_column() {

@@ -84,8 +84,12 @@ fn parse_revocation(body: &[u8], now: OffsetDateTime) -> Result<(IssuanceSelecto
     if chosen != 1 {
         return Err(invalid(format!("exactly one selector is required ({SELECTORS}), optionally with role; got {chosen}")));
     }
-    if [&request.job, &request.pipeline, &request.project, &request.subject, &request.role].iter().any(|f| f.as_deref() == Some("")) {
+    let texts = [&request.job, &request.pipeline, &request.project, &request.subject, &request.role];
+    if texts.iter().any(|f| f.as_deref() == Some("")) {
         return Err(invalid("a selector must not be empty".into()));
+    }
+    if texts.iter().any(|f| f.as_deref().is_some_and(has_control_characters)) {
+        return Err(invalid("a selector must not contain control characters".into()));
     }
     let issuance = request
         .issuance
@@ -241,8 +245,17 @@ struct FreezeRequest {
     until: Option<String>,
 }
 
+/// No project path, subject or role name holds one (and Postgres refuses U+0000 outright): a
+/// selector or scope with one is malformed, not something to look up or store.
+fn has_control_characters(text: &str) -> bool {
+    text.chars().any(char::is_control)
+}
+
 /// `(scope, value)` of a freeze request: exactly one of project, role, all.
 fn freeze_scope(request: &FreezeRequest) -> Result<(&'static str, String), ExchangeError> {
+    if [&request.project, &request.role].iter().any(|f| f.as_deref().is_some_and(has_control_characters)) {
+        return Err(ExchangeError::InvalidRequest("project and role must not contain control characters".into()));
+    }
     match (&request.project, &request.role, request.all) {
         (Some(project), None, false) if !project.is_empty() => Ok(("project", project.clone())),
         (None, Some(role), false) if !role.is_empty() => Ok(("role", role.clone())),
@@ -337,7 +350,7 @@ mod tests {
         let (selector, dry_run, _) = parse_revocation(br#"{"issued_since": "2h", "dry_run": true}"#, now).unwrap();
         assert!(dry_run);
         assert_eq!(selector.issued_since, Some(now - time::Duration::hours(2)));
-        for bad in [r#"{}"#, r#"{"role": "r"}"#, r#"{"job": "1", "pipeline": "2"}"#, r#"{"issuance": "nope"}"#, r#"{"jobs": "1"}"#, r#"{"project": ""}"#] {
+        for bad in [r#"{}"#, r#"{"role": "r"}"#, r#"{"job": "1", "pipeline": "2"}"#, r#"{"issuance": "nope"}"#, r#"{"jobs": "1"}"#, r#"{"project": ""}"#, r#"{"subject": "a\u0000b"}"#] {
             assert!(parse_revocation(bad.as_bytes(), now).is_err(), "{bad}");
         }
     }
@@ -349,5 +362,6 @@ mod tests {
         assert_eq!(freeze_scope(&request(r#"{"project": "a/b"}"#)).unwrap(), ("project", "a/b".to_owned()));
         assert!(freeze_scope(&request(r#"{"project": "a/b", "all": true}"#)).is_err());
         assert!(freeze_scope(&request(r#"{}"#)).is_err());
+        assert!(freeze_scope(&request(r#"{"project": "a\u0000b"}"#)).is_err());
     }
 }

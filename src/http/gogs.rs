@@ -3,20 +3,20 @@
 //! audit row is written by [`crate::gogs::Gogs::receive`]; this only turns its result into the answer.
 
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use secrecy::ExposeSecret;
 use serde_json::json;
 
-use super::{AppState, Problem, RequestId};
+use super::{AppState, PathParam, Problem, RequestId};
 use crate::types::rfc3339;
 use crate::broker::ErrorCode;
 use crate::gogs::{IncomingDelivery, Received, Refused};
 use crate::metrics::Metrics;
 
-pub async fn receive(State(state): State<AppState>, Path(hook): Path<String>, request: Request) -> Response {
+pub async fn receive(State(state): State<AppState>, PathParam(hook): PathParam, request: Request) -> Response {
     // Not configured: the endpoint does not exist, so there is no delivery to record.
     let Some(gogs) = state.broker.gogs.clone() else {
         return Problem::new(ErrorCode::NotFound, "Gogs webhooks are not configured on this broker").into_response();

@@ -1,14 +1,14 @@
 //! `GET /v1/issuances` (filtered, paged; JSON or `Accept: text/csv`) and
 //! `GET /v1/issuances/{id}` (one record with its lifecycle), for `[auditors]`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{AppState, Problem, RequestParts};
+use super::{AppState, PathParam, Problem, RequestParts};
 use crate::audit::query::IssuanceFilter;
 use crate::audit::csv;
 use crate::broker::audit_read;
@@ -58,7 +58,7 @@ pub async fn list(State(state): State<AppState>, parts: RequestParts) -> Respons
     no_store(Json(page).into_response())
 }
 
-pub async fn one(State(state): State<AppState>, Path(issuance_id): Path<String>, parts: RequestParts) -> Response {
+pub async fn one(State(state): State<AppState>, PathParam(issuance_id): PathParam, parts: RequestParts) -> Response {
     let what = format!("GET /v1/issuances/{issuance_id}");
     if let Err(failure) = audit_read::authorize_read(&state.broker, &parts.input(), &what).await {
         return Problem::from(failure).into_response();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequest, Path, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -70,6 +70,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/hooks/gogs/{hook}", post(gogs::receive))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(openid_configuration))
+        .route("/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(audit_page::router());
@@ -160,6 +161,22 @@ fn client_addr(peer: std::net::IpAddr, forwarded_for: &str, trusted: &[crate::ty
     chain.iter().rev().copied().find(|hop| !is_trusted(*hop)).or(chain.first().copied()).unwrap_or(peer)
 }
 
+/// A route's one path parameter, percent-decoded. As an extractor its rejection (a value that
+/// is not UTF-8 once decoded) is the crate's problem+json, not axum's plain text; like a body
+/// over the limit it is refused unread, before any audit row.
+pub(crate) struct PathParam(pub(crate) String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(Problem::new(ErrorCode::InvalidRequest, rejection.body_text()).into_response()),
+        }
+    }
+}
+
 /// A request taken apart: what [`ExchangeInput`] borrows from. As an extractor its rejection
 /// (a body over [`MAX_BODY_BYTES`]) is the crate's problem+json like every other refusal.
 pub(crate) struct RequestParts {
@@ -225,7 +242,7 @@ async fn admin(State(state): State<AppState>, parts: RequestParts, action: Admin
 }
 
 /// A job ending its own credential early (`credbroker exec` when its command exits).
-async fn release_credential(State(state): State<AppState>, Path(issuance_id): Path<String>, parts: RequestParts) -> Response {
+async fn release_credential(State(state): State<AppState>, PathParam(issuance_id): PathParam, parts: RequestParts) -> Response {
     match release::release(&state.broker, parts.input(), &issuance_id).await {
         Ok(body) => Json(body).into_response(),
         Err(failure) => Problem::from(failure).into_response(),
@@ -274,6 +291,13 @@ async fn jwks(State(state): State<AppState>) -> Response {
     keys.extend(state.broker.gogs.iter().flat_map(|gogs| gogs.published_keys()));
     let keys = json!({ "keys": keys });
     json_document(&Bytes::from(keys.to_string()))
+}
+
+/// The API contract, written by hand next to this file and kept true by tests/openapi.rs.
+const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    json_document(&Bytes::from_static(OPENAPI.as_bytes()))
 }
 
 async fn openid_configuration(State(state): State<AppState>) -> Response {

@@ -458,17 +458,18 @@ impl Drop for BrokerProcess {
 /// Starts the real binary with `config` on 127.0.0.1:`port`, its stderr appended to `log`, and
 /// waits until it is ready.
 pub async fn start_binary(config: &Path, port: u16, log: &Path) -> BrokerProcess {
-    start_binary_at(config, &format!("http://127.0.0.1:{port}"), log, &reqwest::Client::new()).await
+    start_binary_at(config, &format!("http://127.0.0.1:{port}"), log, &reqwest::Client::new(), &[]).await
 }
 
 /// As [`start_binary`], on `url`'s port, asking for readiness there with `client` (one that
-/// trusts the broker's TLS certificate, say).
-pub async fn start_binary_at(config: &Path, url: &str, log: &Path, client: &reqwest::Client) -> BrokerProcess {
+/// trusts the broker's TLS certificate, say), with more flags for `serve` (`--dev`).
+pub async fn start_binary_at(config: &Path, url: &str, log: &Path, client: &reqwest::Client, serve_flags: &[&str]) -> BrokerProcess {
     let port = url::Url::parse(url).unwrap().port().expect("a URL with a port");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
         .arg("--config")
         .arg(config)
         .arg("serve")
+        .args(serve_flags)
         .env("CREDBROKER_LISTEN", format!("127.0.0.1:{port}"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
