@@ -122,6 +122,12 @@ echo "test.sh: CREDBROKER_TEST_DATABASE_URL=$CREDBROKER_TEST_DATABASE_URL" >&2
 # Keep going after a failure so one run reports every broken step, then fail at the end.
 failed=()
 
+# The client job images carry, built alone (no server dependencies) in a target directory of
+# its own so it does not replace the full binary; tests/client_build.rs runs it.
+cargo build --locked --no-default-features --features client --target-dir target/client </dev/null \
+    || failed+=("client-only build")
+export CREDBROKER_CLIENT_BIN="$PWD/target/client/debug/credbroker"
+
 # nextest runs each test in its own process (no shared global state between tests,
 # better timeouts and output); plain cargo test is the fallback so the script still
 # works where nextest is not installed.

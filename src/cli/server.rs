@@ -46,7 +46,7 @@ pub enum AuditCommand {
 }
 
 #[derive(Args)]
-struct TailArgs {
+pub struct TailArgs {
     /// How many rows.
     #[arg(short = 'n', long = "lines", default_value_t = 20)]
     lines: i64,
