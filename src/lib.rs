@@ -5,37 +5,15 @@
 //! and [`http`] / [`cli`] are thin edges. [`broker`] wires verify → decide → claim → mint →
 //! record → hand over, for every kind of request. Under them: [`config`] and [`types`] (the
 //! bottom layer), [`signing`] (JWT signing keys), [`vault`] (the Vault client), [`revocation`]
-//! (the durable revocation schedule), [`gogs`] (webhooks), [`events`] (the outbox publisher).
+//! (the durable revocation schedule), [`gogs`] (webhooks), [`events`] (the outbox publisher),
+//! [`metrics`] (the Prometheus registry every part counts into).
 
-#[cfg(feature = "server")]
-pub mod audit;
-#[cfg(feature = "server")]
-pub mod backend;
-#[cfg(feature = "server")]
-pub mod broker;
+/// The broker's modules, built with the `server` feature (the default); the job-image client
+/// (`--no-default-features --features client`) is `cli` and `types` alone.
+macro_rules! server_modules {
+    ($($module:ident),* $(,)?) => { $( #[cfg(feature = "server")] pub mod $module; )* };
+}
+
+server_modules!(audit, backend, broker, config, dev, events, gogs, http, metrics, oidc, policy, revocation, signing, startup, vault);
 pub mod cli;
-#[cfg(feature = "server")]
-pub mod config;
-#[cfg(feature = "server")]
-pub mod dev;
-#[cfg(feature = "server")]
-pub mod events;
-#[cfg(feature = "server")]
-pub mod gogs;
-#[cfg(feature = "server")]
-pub mod http;
-#[cfg(feature = "server")]
-pub mod metrics;
-#[cfg(feature = "server")]
-pub mod revocation;
-#[cfg(feature = "server")]
-pub mod oidc;
-#[cfg(feature = "server")]
-pub mod policy;
-#[cfg(feature = "server")]
-pub mod signing;
-#[cfg(feature = "server")]
-pub mod startup;
 pub mod types;
-#[cfg(feature = "server")]
-pub mod vault;
