@@ -174,12 +174,28 @@ pub fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
     );
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One use of a job token for a role, to claim before minting ([`Audit::claim_token_use`]).
+#[derive(Debug, Clone, Copy)]
+pub struct UseClaim<'a> {
+    pub issuer: &'a str,
+    pub jti: &'a str,
+    pub role: &'a str,
+    pub max_uses: u32,
+    pub token_expires_at: OffsetDateTime,
+    /// The project identities of the request (`project_identities`): the claim is refused while
+    /// a freeze covers the role or one of them, checked in the same statement. None: no check
+    /// (a second token of a request whose first claim checked it).
+    pub unless_frozen_for: Option<&'a [String]>,
+}
+
+#[derive(Debug, Clone)]
 pub enum TokenUse {
     /// This exchange is use number N of the token for the role.
     Claimed(u32),
     /// Every permitted use is taken.
     Exhausted,
+    /// A freeze covers the request; nothing was claimed.
+    Frozen(Freeze),
 }
 
 #[derive(Clone)]
@@ -281,15 +297,8 @@ impl Audit {
         Ok(())
     }
 
-    pub async fn claim_token_use(
-        &self,
-        issuer: &str,
-        jti: &str,
-        role: &str,
-        max_uses: u32,
-        token_expires_at: OffsetDateTime,
-    ) -> Result<TokenUse, AuditError> {
-        self.store.claim_token_use(issuer, jti, role, max_uses, token_expires_at).await
+    pub async fn claim_token_use(&self, claim: UseClaim<'_>) -> Result<TokenUse, AuditError> {
+        self.store.claim_token_use(claim).await
     }
 
     pub async fn ping(&self) -> Result<(), AuditError> {

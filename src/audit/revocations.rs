@@ -100,6 +100,11 @@ pub struct IssuanceSelector {
     pub role: Option<String>,
 }
 
+/// The condition on a `freezes` row that it is in force now and covers role `$1` or one of the
+/// project identities `$2` (the token-use claim refuses on it in the same statement).
+pub(super) const FREEZE_COVERS: &str = "lifted_at is null and (until is null or until > now())
+     and (scope = 'all' or (scope = 'role' and value = $1) or (scope = 'project' and value = any($2)))";
+
 /// An active freeze.
 #[derive(Debug, Clone)]
 pub struct Freeze {
@@ -329,13 +334,9 @@ impl PgAudit {
     /// The freeze that stops an exchange for this role or any of the token's project
     /// identities ([`project_identities`]), if any (the earliest).
     pub async fn active_freeze(&self, role: &str, project_identities: &[String]) -> Result<Option<Freeze>, AuditError> {
-        let row = sqlx::query(
-            "select scope, value, frozen_by, frozen_at, until from freezes
-             where lifted_at is null and (until is null or until > now())
-               and (scope = 'all' or (scope = 'role' and value = $1) or (scope = 'project' and value = any($2)))
-             order by frozen_at
-             limit 1",
-        )
+        let row = sqlx::query(&format!(
+            "select scope, value, frozen_by, frozen_at, until from freezes where {FREEZE_COVERS} order by frozen_at limit 1"
+        ))
         .bind(role)
         .bind(project_identities)
         .fetch_optional(self.pool())

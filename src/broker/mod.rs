@@ -14,7 +14,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::audit::{log_unrecorded, project_identities, Audit, AuditError, AuditEvent, AuditSlot, Decision, RevocationReason, TokenUse};
+use crate::audit::{log_unrecorded, project_identities, Audit, AuditError, AuditEvent, AuditSlot, Decision, RevocationReason, TokenUse, UseClaim};
 use crate::backend::{BackendError, Backends, Credential, MintRequest};
 use crate::metrics::{BackendLabel, DecisionLabel, ExchangeLabels, Metrics};
 use crate::oidc::{Verifier, VerifiedToken, VerifyError};
@@ -352,31 +352,48 @@ impl Broker {
         event.overshoot_seconds = granted.overshoot_seconds;
 
         // A freeze (`credbroker freeze`) stops issuance on every replica at once.
-        let identities = project_identities(event);
-        if let Some(freeze) = self.audit.store().active_freeze(role.name.as_str(), &identities).await.map_err(ExchangeError::AuditUnavailable)? {
-            let until = freeze.until.map(|until| format!(" until {}", rfc3339(until))).unwrap_or_default();
-            let reason = format!(
-                "frozen: new credentials for {} {} are stopped by {} since {}{until}",
-                freeze.scope,
-                freeze.value,
-                freeze.frozen_by,
-                rfc3339(freeze.frozen_at)
-            );
-            return Err(ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true });
-        }
         if let Some(first) = request.renews {
             event.renews_issuance = Some(self.check_renewal(first, &token, role.name.as_str()).await?);
         }
 
-        // Claim the use before minting, so two replicas racing on one token cannot both mint.
+        // Claim the use before minting, so two replicas racing on one token cannot both mint;
+        // the same statement refuses while a freeze (`credbroker freeze`) covers the request,
+        // which stops issuance on every replica at once.
+        let identities = project_identities(event);
         let max_uses = role.max_uses_per_token.unwrap_or(self.max_uses_per_token);
-        let claim = self.audit.claim_token_use(token.issuer.as_str(), &token.jti, role.name.as_str(), max_uses, token.job_deadline);
-        if claim.await.map_err(ExchangeError::AuditUnavailable)? == TokenUse::Exhausted {
-            return Err(ExchangeError::TokenReplayed(max_uses));
+        let claim = UseClaim {
+            issuer: token.issuer.as_str(),
+            jti: &token.jti,
+            role: role.name.as_str(),
+            max_uses,
+            token_expires_at: token.job_deadline,
+            unless_frozen_for: Some(&identities),
+        };
+        match self.audit.claim_token_use(claim).await.map_err(ExchangeError::AuditUnavailable)? {
+            TokenUse::Claimed(_) => {}
+            TokenUse::Exhausted => return Err(ExchangeError::TokenReplayed(max_uses)),
+            TokenUse::Frozen(freeze) => {
+                let until = freeze.until.map(|until| format!(" until {}", rfc3339(until))).unwrap_or_default();
+                let reason = format!(
+                    "frozen: new credentials for {} {} are stopped by {} since {}{until}",
+                    freeze.scope,
+                    freeze.value,
+                    freeze.frozen_by,
+                    rfc3339(freeze.frozen_at)
+                );
+                return Err(ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true });
+            }
         }
         if let Some((delivery, max_uses)) = &delivery {
-            let claim = self.audit.claim_token_use(delivery.issuer.as_str(), &delivery.jti, role.name.as_str(), *max_uses, delivery.job_deadline);
-            if claim.await.map_err(ExchangeError::AuditUnavailable)? == TokenUse::Exhausted {
+            let claim = UseClaim {
+                issuer: delivery.issuer.as_str(),
+                jti: &delivery.jti,
+                role: role.name.as_str(),
+                max_uses: *max_uses,
+                token_expires_at: delivery.job_deadline,
+                unless_frozen_for: None,
+            };
+            if !matches!(self.audit.claim_token_use(claim).await.map_err(ExchangeError::AuditUnavailable)?, TokenUse::Claimed(_)) {
                 let reason = format!("the delivery token was already used {max_uses} time(s) for role {}", role.name);
                 return Err(ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true });
             }
