@@ -260,11 +260,6 @@ impl Application {
         self.listener.local_addr().expect("a bound listener has an address")
     }
 
-    /// Where `/metrics` is served when `metrics_listen` is set.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener.as_ref().map(|listener| listener.local_addr().expect("a bound listener has an address"))
-    }
-
     pub fn state(&self) -> &AppState {
         &self.state
     }

@@ -494,21 +494,33 @@ impl Prism {
         spec["paths"] = Value::Object(paths);
         let spec_file = dir.0.join("looker-api-4.0.prefixed.json");
         std::fs::write(&spec_file, spec.to_string()).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log = dir.0.join("prism.log");
-        let child = Command::new(&binary)
-            .args(["mock", "-h", "127.0.0.1", "-p", &port.to_string()])
-            .arg(&spec_file)
-            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(90), "Prism did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(250));
+        // The free port is only free when asked; another test's server may take it before Prism
+        // binds. So Prism is ready when its own log says it listens (a connect could reach the
+        // other server), and a Prism that exited is started again on another port.
+        for _attempt in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut child = Command::new(&binary)
+                .args(["mock", "-h", "127.0.0.1", "-p", &port.to_string()])
+                .arg(&spec_file)
+                .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let started = Instant::now();
+            let listening = format!("listening on http://127.0.0.1:{port}");
+            loop {
+                if std::fs::read_to_string(&log).unwrap_or_default().contains(&listening) {
+                    return Self { child, url: format!("http://127.0.0.1:{port}"), log, _dir: dir };
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(started.elapsed() < Duration::from_secs(90), "Prism did not listen on {port}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+                std::thread::sleep(Duration::from_millis(250));
+            }
         }
-        Self { child, url: format!("http://127.0.0.1:{port}"), log, _dir: dir }
+        panic!("Prism exited three times: {}", std::fs::read_to_string(&log).unwrap_or_default());
     }
 
     fn log(&self) -> String {

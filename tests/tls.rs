@@ -192,6 +192,24 @@ async fn client_ca_file_requires_a_client_certificate_from_that_ca_on_every_conn
         .output()
         .unwrap();
     assert!(curl.status.success(), "{}", String::from_utf8_lossy(&curl.stderr));
+
+    // The CLI, with --client-cert (certificate and key in one PEM file), and without.
+    let (certificate, key) = clients.issue("ci-job", ExtendedKeyUsagePurpose::ClientAuth);
+    std::fs::write(client_files.0.join("cli.pem"), format!("{certificate}{key}")).unwrap();
+    let cli = |extra: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(["exchange", "--url", &app.url, "--role", "orders-producer", "--ca-file"])
+            .arg(app.dir.0.join("ca.pem"))
+            .args(extra)
+            .env("CREDBROKER_ID_TOKEN", app.issuer.token())
+            .env_remove("CREDBROKER_CLIENT_CERT")
+            .output()
+            .unwrap()
+    };
+    let with_certificate = cli(&["--client-cert", client_files.0.join("cli.pem").to_str().unwrap()]);
+    assert!(with_certificate.status.success(), "{}", String::from_utf8_lossy(&with_certificate.stderr));
+    assert!(String::from_utf8_lossy(&with_certificate.stdout).contains("export KAFKA_OAUTHBEARER_TOKEN='"));
+    assert_eq!(cli(&[]).status.code(), Some(3), "no client certificate, no connection");
 }
 
 /// Builds (not runs) a broker from `tables` on `listener`; the error text when it refuses.

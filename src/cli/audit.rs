@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use time::OffsetDateTime;
 
-use super::exchange::{http_client, read_token};
+use super::exchange::{http_client, read_token, ClientTls};
 use super::server::load_config;
 use crate::audit::query::{IssuanceFilter, IssuancePage};
 use crate::audit::AuditRecord;
@@ -82,9 +82,9 @@ pub struct QueryArgs {
     /// may come from the environment).
     #[arg(long)]
     url: Option<String>,
-    /// With --url: PEM file of the CA certificate(s) that issued the broker's TLS certificate.
-    #[arg(long, env = "CREDBROKER_CA_FILE", value_name = "FILE")]
-    ca_file: Option<PathBuf>,
+    /// With --url: how to speak TLS to the broker.
+    #[command(flatten)]
+    tls: ClientTls,
     /// With --url: environment variable holding the caller's OIDC token.
     #[arg(long, default_value = "CREDBROKER_ID_TOKEN", conflicts_with = "token_file")]
     token_env: String,
@@ -202,7 +202,7 @@ pub async fn query(args: QueryArgs, config_path: Option<&Path>) -> anyhow::Resul
     let source = match &args.url {
         Some(url) => {
             let token = read_token(&args.token_env, args.token_file.as_deref()).map_err(|(_, message)| anyhow::anyhow!(message))?;
-            let client = http_client(args.ca_file.as_deref(), concat!("credbroker-audit/", env!("CARGO_PKG_VERSION"))).map_err(anyhow::Error::msg)?;
+            let client = http_client(&args.tls, concat!("credbroker-audit/", env!("CARGO_PKG_VERSION"))).map_err(anyhow::Error::msg)?;
             Source::Api { url: url.clone(), token, client }
         }
         None => Source::Database(database(args.database_url.clone(), config_path)?),

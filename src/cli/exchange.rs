@@ -3,7 +3,7 @@
 //! `credential_process` document. Problems go to stderr with
 //! their code, and each code has its own exit status so a job script can branch on it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,16 +12,28 @@ use serde_json::{json, Value};
 
 use crate::types::{error_chain, Ttl};
 
-/// Where the broker is, and whom to trust for its TLS certificate.
+/// Where the broker is, and how to speak TLS to it.
 #[derive(Args)]
 pub struct BrokerEndpoint {
     /// The broker's URL.
     #[arg(long, env = "CREDBROKER_URL")]
     pub url: String,
+    #[command(flatten)]
+    pub tls: ClientTls,
+}
+
+/// Whom to trust for the broker's TLS certificate, and what to show a broker that requires
+/// client certificates (`[tls] client_ca_file`).
+#[derive(Args)]
+pub struct ClientTls {
     /// PEM file of the CA certificate(s) that issued the broker's TLS certificate, trusted
     /// besides the system's roots (for a broker behind a private CA).
     #[arg(long, env = "CREDBROKER_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// PEM file holding this client's certificate (chain) and its private key, for a broker
+    /// that requires client certificates (mTLS).
+    #[arg(long, env = "CREDBROKER_CLIENT_CERT", value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -149,7 +161,7 @@ pub(super) fn read_token(token_env: &str, token_file: Option<&std::path::Path>) 
 
 /// One JSON request to the broker; a problem answer becomes its exit status and message.
 pub(super) async fn call(method: reqwest::Method, broker: &BrokerEndpoint, path: &str, token: &str, body: &Value) -> Result<Value, (u8, String)> {
-    let client = http_client(broker.ca_file.as_deref(), concat!("credbroker-exchange/", env!("CARGO_PKG_VERSION"))).map_err(|message| (3, message))?;
+    let client = http_client(&broker.tls, concat!("credbroker-exchange/", env!("CARGO_PKG_VERSION"))).map_err(|message| (3, message))?;
     let url = format!("{}{path}", broker.url.trim_end_matches('/'));
     let response = client
         .request(method, &url)
@@ -170,11 +182,17 @@ pub(super) async fn call(method: reqwest::Method, broker: &BrokerEndpoint, path:
     Ok(reply)
 }
 
-/// The client every command talks to the broker with; `ca_file` is trusted besides the
+/// The client every command talks to the broker with; `--ca-file` is trusted besides the
 /// system's roots.
-pub(super) fn http_client(ca_file: Option<&Path>, user_agent: &'static str) -> Result<reqwest::Client, String> {
+pub(super) fn http_client(tls: &ClientTls, user_agent: &'static str) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60)).user_agent(user_agent);
-    if let Some(path) = ca_file {
+    if let Some(path) = &tls.client_cert {
+        let pem = std::fs::read(path).map_err(|e| format!("--client-cert {}: {e}", path.display()))?;
+        let identity = reqwest::Identity::from_pem(&pem)
+            .map_err(|e| format!("--client-cert {}: not a PEM certificate with its private key: {}", path.display(), error_chain(&e)))?;
+        builder = builder.identity(identity);
+    }
+    if let Some(path) = &tls.ca_file {
         let pem = std::fs::read(path).map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
         let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("--ca-file {}: {e}", path.display()))?;
         if certificates.is_empty() {
