@@ -4,7 +4,12 @@
 //! - `serve-issuer --key K.pem --listen ADDR --issuers N`: an OIDC issuer (discovery + JWKS)
 //!   under `/i01` .. `/iNN`, all signing with one RSA key, for the broker to trust.
 //! - `run --url BROKER --issuer URL --key K.pem ...`: N keep-alive connections exchanging job
-//!   tokens for the measured duration; prints one JSON line of results.
+//!   tokens for the measured duration; prints one JSON line of results. `--url` may list
+//!   several comma-separated brokers (replicas): connections are spread over them. With
+//!   `--kind openbao-jwt-login` the same tokens go to OpenBao's JWT auth login instead
+//!   (`--roles` then names OpenBao roles), the way a team using Vault for this job would log in.
+//!   `--ids-file F` writes the `issuance_id` of every 200 (the fault run checks each has its
+//!   row). A connection that fails (a replica killed) counts as status 0 and reconnects.
 //!
 //! The HTTP client is a minimal HTTP/1.1 writer/reader on a single-threaded runtime, so the
 //! generator costs little CPU on the machine it shares with the broker and Postgres.
@@ -36,7 +41,10 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!("usage: loadgen serve-issuer --key K --listen ADDR [--issuers N]");
-    eprintln!("       loadgen run --url URL --issuer ISS --key K --audience A --roles R1,R2 [--connections N] [--duration S] [--warmup S] [--uses-per-token N]");
+    eprintln!(
+        "       loadgen run --url URL[,URL..] --issuer ISS --key K --audience A --roles R1,R2 [--connections N] [--duration S] [--warmup S] \\
+         [--uses-per-token N] [--kind credbroker|openbao-jwt-login] [--ids-file F]"
+    );
     std::process::exit(2)
 }
 
@@ -159,13 +167,35 @@ fn time_now() -> u64 {
 
 #[derive(Default)]
 struct Tally {
+    /// Status 0: the connection failed (refused, reset, closed mid-response).
     statuses: std::collections::BTreeMap<u16, u64>,
     latencies_micros: Vec<u32>,
+    /// The `issuance_id` of each 200, when asked for (`--ids-file`).
+    issuance_ids: Vec<String>,
+    /// The problem `code` of each other response that has one.
+    codes: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `POST /v1/credentials` with the job token as bearer token.
+    Credbroker,
+    /// `POST /v1/auth/jwt/login` with `{"role", "jwt"}`: OpenBao's (and Vault's) JWT auth.
+    OpenbaoJwtLogin,
 }
 
 async fn run(options: Options) {
-    let url = options.required("url").trim_start_matches("http://").trim_end_matches('/').to_owned();
-    let address: SocketAddr = url.parse().expect("--url http://IP:PORT");
+    let addresses: Vec<SocketAddr> = options
+        .required("url")
+        .split(',')
+        .map(|url| url.trim_start_matches("http://").trim_end_matches('/').parse().expect("--url http://IP:PORT[,http://IP:PORT..]"))
+        .collect();
+    let kind = match options.get("kind").unwrap_or("credbroker") {
+        "credbroker" => Kind::Credbroker,
+        "openbao-jwt-login" => Kind::OpenbaoJwtLogin,
+        _ => usage(),
+    };
+    let ids_file = options.get("ids-file").map(str::to_owned);
     let connections = options.number("connections", 16) as usize;
     let duration = Duration::from_secs(options.number("duration", 10));
     let warmup = Duration::from_secs(options.number("warmup", 2));
@@ -192,7 +222,8 @@ async fn run(options: Options) {
             uses: 0,
         };
         let roles = roles.clone();
-        tasks.push(tokio::spawn(connection_loop(address, tokens, roles, connection, measure_from, stop_at)));
+        let target = Target { address: addresses[connection % addresses.len()], kind, keep_ids: ids_file.is_some() };
+        tasks.push(tokio::spawn(connection_loop(target, tokens, roles, connection, measure_from, stop_at)));
     }
     let mut measured = Tally::default();
     let mut ok_total = 0;
@@ -203,6 +234,15 @@ async fn run(options: Options) {
             *measured.statuses.entry(status).or_default() += count;
         }
         measured.latencies_micros.extend(tally.latencies_micros);
+        measured.issuance_ids.extend(tally.issuance_ids);
+        for (code, count) in tally.codes {
+            *measured.codes.entry(code).or_default() += count;
+        }
+    }
+    if let Some(path) = ids_file {
+        let mut text = measured.issuance_ids.join("\n");
+        text.push('\n');
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
     }
     measured.latencies_micros.sort_unstable();
     let percentile = |p: f64| {
@@ -224,6 +264,7 @@ async fn run(options: Options) {
             "ok": ok,
             "ok_including_warmup": ok_total,
             "statuses": statuses,
+            "codes": measured.codes,
             "requests_per_second": ok as f64 / duration.as_secs_f64(),
             "p50_ms": percentile(0.50),
             "p99_ms": percentile(0.99),
@@ -231,18 +272,24 @@ async fn run(options: Options) {
     );
 }
 
-/// One keep-alive connection: request, wait for the whole response, repeat. Stops between
-/// requests, never in the middle of one, so every 200 counted is a complete exchange.
-async fn connection_loop(
+struct Target {
     address: SocketAddr,
+    kind: Kind,
+    keep_ids: bool,
+}
+
+/// One keep-alive connection: request, wait for the whole response, repeat. Stops between
+/// requests, never in the middle of one, so every 200 counted is a complete exchange. Counts
+/// (warm-up included) every 200 and, with `keep_ids`, the issuance id each one carried.
+async fn connection_loop(
+    target: Target,
     mut tokens: Tokens,
     roles: Vec<String>,
     connection: usize,
     measure_from: Instant,
     stop_at: Instant,
 ) -> (Tally, u64) {
-    let mut stream = TcpStream::connect(address).await.expect("connect to the broker");
-    stream.set_nodelay(true).unwrap();
+    let mut stream = None;
     let mut tally = Tally::default();
     let mut ok_total = 0;
     let mut buffer = Vec::with_capacity(16 * 1024);
@@ -255,15 +302,37 @@ async fn connection_loop(
         }
         let role = &roles[(connection + sent as usize) % roles.len()];
         sent += 1;
-        let body = format!(r#"{{"role":"{role}"}}"#);
         request.clear();
-        request.extend_from_slice(b"POST /v1/credentials HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\nAuthorization: Bearer ");
-        request.extend_from_slice(tokens.next().as_bytes());
-        request.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
-        stream.write_all(&request).await.expect("send request");
-        let status = read_response(&mut stream, &mut buffer).await;
+        match target.kind {
+            Kind::Credbroker => {
+                let body = format!(r#"{{"role":"{role}"}}"#);
+                request.extend_from_slice(b"POST /v1/credentials HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\nAuthorization: Bearer ");
+                request.extend_from_slice(tokens.next().as_bytes());
+                request.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+            }
+            Kind::OpenbaoJwtLogin => {
+                let body = format!(r#"{{"role":"{role}","jwt":"{}"}}"#, tokens.next());
+                request.extend_from_slice(b"POST /v1/auth/jwt/login HTTP/1.1\r\nHost: openbao\r\nContent-Type: application/json");
+                request.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+            }
+        }
+        let outcome = exchange_once(&mut stream, target.address, &request, &mut buffer).await;
+        let status = match outcome {
+            Ok(status) => status,
+            Err(_) => {
+                // A replica killed or restarting: count it, and connect again shortly.
+                stream = None;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                0
+            }
+        };
         if status == 200 {
             ok_total += 1;
+            if target.keep_ids {
+                tally.issuance_ids.push(string_field(&buffer, "issuance_id").expect("a 200 without an issuance_id"));
+            }
+        } else if let Some(code) = string_field(&buffer, "code") {
+            *tally.codes.entry(code).or_default() += 1;
         }
         if began >= measure_from {
             *tally.statuses.entry(status).or_default() += 1;
@@ -273,8 +342,30 @@ async fn connection_loop(
     (tally, ok_total)
 }
 
-/// Reads one response (headers plus a Content-Length body) and returns its status.
-async fn read_response(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> u16 {
+async fn exchange_once(stream: &mut Option<TcpStream>, address: SocketAddr, request: &[u8], buffer: &mut Vec<u8>) -> std::io::Result<u16> {
+    if stream.is_none() {
+        let connected = TcpStream::connect(address).await?;
+        connected.set_nodelay(true)?;
+        *stream = Some(connected);
+    }
+    let connected = stream.as_mut().expect("connected above");
+    connected.write_all(request).await?;
+    read_response(connected, buffer).await
+}
+
+/// The first `"name":"…"` in the response held in `buffer` (a credential's `issuance_id`, a
+/// problem's `code`): the broker writes compact JSON whose string values need no unescaping.
+fn string_field(buffer: &[u8], name: &str) -> Option<String> {
+    let key = format!("\"{name}\":\"");
+    let key = key.as_bytes();
+    let start = buffer.windows(key.len()).position(|window| window == key)? + key.len();
+    let length = buffer[start..].iter().position(|byte| *byte == b'"')?;
+    String::from_utf8(buffer[start..start + length].to_vec()).ok()
+}
+
+/// Reads one response (headers plus a Content-Length body) into `buffer` and returns its status.
+async fn read_response(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result<u16> {
+    let closed = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-response");
     buffer.clear();
     let mut chunk = [0u8; 8192];
     loop {
@@ -289,14 +380,18 @@ async fn read_response(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> u16 {
                 })
                 .expect("a Content-Length header");
             while buffer.len() < end + 4 + length {
-                let read = stream.read(&mut chunk).await.expect("read body");
-                assert!(read > 0, "connection closed mid-response");
+                let read = stream.read(&mut chunk).await?;
+                if read == 0 {
+                    return Err(closed());
+                }
                 buffer.extend_from_slice(&chunk[..read]);
             }
-            return status;
+            return Ok(status);
         }
-        let read = stream.read(&mut chunk).await.expect("read response");
-        assert!(read > 0, "connection closed by the broker");
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Err(closed());
+        }
         buffer.extend_from_slice(&chunk[..read]);
     }
 }

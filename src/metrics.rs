@@ -60,6 +60,7 @@ pub struct Metrics {
     pub mint_duration: Histograms<BackendLabel>,
     pub audit_queue_depth: Gauge,
     pub audit_batch_rows: Histogram,
+    pub token_claim_batch_size: Histogram,
     /// Rows that did not commit; their requests were refused.
     pub audit_write_failures: Counter,
     pub revocations_due: Gauge,
@@ -99,6 +100,8 @@ impl Default for Metrics {
         registry.register("audit_queue_depth", "Decisions waiting for the audit writer", audit_queue_depth.clone());
         let audit_batch_rows = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         registry.register("audit_batch_rows", "Rows per audit commit", audit_batch_rows.clone());
+        let token_claim_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register("token_claim_batch_size", "Token-use claims per claim statement", token_claim_batch_size.clone());
         let audit_write_failures = Counter::default();
         registry.register("audit_write_failures", "Audit rows whose write failed (their requests were refused)", audit_write_failures.clone());
         let revocations_due = Gauge::default();
@@ -124,6 +127,7 @@ impl Default for Metrics {
             mint_duration,
             audit_queue_depth,
             audit_batch_rows,
+            token_claim_batch_size,
             audit_write_failures,
             revocations_due,
             revocations,

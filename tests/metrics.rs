@@ -133,6 +133,9 @@ async fn prometheus_counts_exchanges_by_role_backend_decision_and_code() {
     // Each exchange's row was committed; none failed; nothing is due or waiting.
     let rows = prometheus.query("sum(credbroker_audit_batch_rows_sum)").await;
     assert!(rows[0].1 >= 7.0, "{rows:?}");
+    // Each issued exchange claimed its token use through the claim batches.
+    let claims = prometheus.query("sum(credbroker_token_claim_batch_size_sum)").await;
+    assert!(claims[0].1 >= 3.0, "{claims:?}");
     prometheus.wait_for("credbroker_audit_write_failures_total", 0.0).await;
     prometheus.wait_for("credbroker_revocations_due", 0.0).await;
     prometheus.wait_for("credbroker_outbox_backlog", 0.0).await;

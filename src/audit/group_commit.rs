@@ -1,16 +1,18 @@
-//! Group commit: many decisions, one INSERT, one commit, and still no request answered before
-//! its own row is durable.
+//! Group commit: many requests, one statement, one commit, and still no request answered before
+//! its own work is committed. Two kinds of work go this way ([`Batch`]): audit rows
+//! ([`AuditRows`]) and token-use claims (`TokenClaims`, in `claims.rs`).
 //!
-//! Requests queue their event with a oneshot to wait on. A collector task takes whatever has
-//! queued (up to `batch_max`), waits for a free writer slot (while it waits, more rows
+//! Requests queue their job with a oneshot to wait on. A collector task takes whatever has
+//! queued (up to `batch_max`), waits for a free writer slot (while it waits, more jobs
 //! queue, so batches grow exactly when the database is the bottleneck), tops the batch up
-//! and hands it to a writer task, which commits it and then answers every waiter with the
-//! commit's outcome. A failed commit fails every request in the batch.
+//! and hands it to a writer task, which runs it and then answers every waiter with its own
+//! outcome. A failed statement fails every request in the batch.
 //!
-//! The queue is bounded. A request reserves its slot when it arrives ([`GroupCommit::reserve`]),
-//! before any work is done, so an overloaded broker refuses early with `rate_limited` rather
-//! than minting a credential it then cannot record.
+//! The queue is bounded. An exchange reserves its audit slot when it arrives
+//! ([`GroupCommit::reserve`]), before any work is done, so an overloaded broker refuses early
+//! with `rate_limited` rather than minting a credential it then cannot record.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,35 +22,76 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::{AuditError, AuditEvent, PgAudit};
 use crate::config::AuditWriterConfig;
 
-struct Pending {
-    event: AuditEvent,
-    committed: oneshot::Sender<Result<(), AuditError>>,
+/// Work that is cheaper done many at a time: one statement for the whole batch.
+pub(super) trait Batch: Send + Sync + 'static {
+    type Job: Send + 'static;
+    type Answer: Send + 'static;
+    /// One answer per job, in the jobs' order; an error fails every job of the batch.
+    fn run(&self, jobs: &[Self::Job]) -> impl Future<Output = Result<Vec<Self::Answer>, AuditError>> + Send;
 }
 
-#[derive(Clone)]
-pub struct GroupCommit {
-    queue: mpsc::Sender<Pending>,
+/// Audit rows: one multi-row INSERT and one durable commit per batch.
+pub(super) struct AuditRows(pub PgAudit);
+
+impl Batch for AuditRows {
+    type Job = AuditEvent;
+    type Answer = ();
+
+    async fn run(&self, events: &[AuditEvent]) -> Result<Vec<()>, AuditError> {
+        self.0.write_batch(events.iter()).await?;
+        Ok(vec![(); events.len()])
+    }
+}
+
+struct Pending<B: Batch> {
+    job: B::Job,
+    answer: oneshot::Sender<Result<B::Answer, AuditError>>,
+}
+
+pub(super) struct GroupCommit<B: Batch> {
+    queue: mpsc::Sender<Pending<B>>,
     capacity: usize,
 }
 
-/// A place in the queue, held from the start of an exchange until its row is handed over.
-pub struct QueueSlot(mpsc::OwnedPermit<Pending>);
+impl<B: Batch> Clone for GroupCommit<B> {
+    fn clone(&self) -> Self {
+        Self { queue: self.queue.clone(), capacity: self.capacity }
+    }
+}
 
-impl GroupCommit {
+/// A place in the queue, held from the start of an exchange until its job is handed over.
+pub(super) struct QueueSlot<B: Batch>(mpsc::OwnedPermit<Pending<B>>);
+
+/// How a batcher runs: `writers` batches at once, up to `batch_max` jobs each, waiting up to
+/// `batch_wait` for a batch to fill, with room for `queue_capacity` jobs.
+pub(super) struct Shape {
+    pub writers: u32,
+    pub batch_max: u32,
+    pub batch_wait: Duration,
+    pub queue_capacity: u32,
+}
+
+impl From<&AuditWriterConfig> for Shape {
+    fn from(config: &AuditWriterConfig) -> Self {
+        Self { writers: config.writers, batch_max: config.batch_max, batch_wait: config.batch_wait, queue_capacity: config.queue_capacity }
+    }
+}
+
+impl<B: Batch> GroupCommit<B> {
     /// Starts the collector; it stops once every handle (and slot) is dropped and the queue is drained.
-    pub fn start(store: PgAudit, config: AuditWriterConfig, batch_rows: Histogram) -> Self {
-        let capacity = config.queue_capacity as usize;
+    pub fn start(work: B, shape: Shape, batch_sizes: Histogram) -> Self {
+        let capacity = shape.queue_capacity as usize;
         let (queue, receiver) = mpsc::channel(capacity);
-        tokio::spawn(collect(store, receiver, config, batch_rows));
+        tokio::spawn(collect(Arc::new(work), receiver, shape, batch_sizes));
         Self { queue, capacity }
     }
 
-    /// Places taken in the queue: reserved by a request in progress, or waiting to commit.
+    /// Places taken in the queue: reserved by a request in progress, or waiting to run.
     pub fn depth(&self) -> usize {
         self.capacity - self.queue.capacity()
     }
 
-    pub fn reserve(&self) -> Result<QueueSlot, AuditError> {
+    pub fn reserve(&self) -> Result<QueueSlot<B>, AuditError> {
         match self.queue.clone().try_reserve_owned() {
             Ok(permit) => Ok(QueueSlot(permit)),
             Err(mpsc::error::TrySendError::Full(_)) => Err(AuditError::Overloaded { capacity: self.capacity }),
@@ -56,27 +99,27 @@ impl GroupCommit {
         }
     }
 
-    /// For background work (aggregated rows, revocations): waits for room instead of refusing.
-    pub async fn reserve_waiting(&self) -> Result<QueueSlot, AuditError> {
+    /// For work that must not be refused: waits for room instead.
+    pub async fn reserve_waiting(&self) -> Result<QueueSlot<B>, AuditError> {
         self.queue.clone().reserve_owned().await.map(QueueSlot).map_err(|_| AuditError::WriterStopped)
     }
 
-    /// Returns once the event's row is committed, or with the error that failed its batch.
-    pub async fn write(slot: QueueSlot, event: AuditEvent) -> Result<(), AuditError> {
-        let (committed, outcome) = oneshot::channel();
-        slot.0.send(Pending { event, committed });
+    /// Returns once the job's batch has run, with the job's answer or the error that failed the batch.
+    pub async fn submit(slot: QueueSlot<B>, job: B::Job) -> Result<B::Answer, AuditError> {
+        let (answer, outcome) = oneshot::channel();
+        slot.0.send(Pending { job, answer });
         outcome.await.unwrap_or(Err(AuditError::WriterStopped))
     }
 }
 
-async fn collect(store: PgAudit, mut receiver: mpsc::Receiver<Pending>, config: AuditWriterConfig, batch_rows: Histogram) {
-    let batch_max = config.batch_max as usize;
-    let writers = Arc::new(Semaphore::new(config.writers as usize));
+async fn collect<B: Batch>(work: Arc<B>, mut receiver: mpsc::Receiver<Pending<B>>, shape: Shape, batch_sizes: Histogram) {
+    let batch_max = shape.batch_max as usize;
+    let writers = Arc::new(Semaphore::new(shape.writers as usize));
     while let Some(first) = receiver.recv().await {
         let mut batch = Vec::with_capacity(batch_max.min(64));
         batch.push(first);
-        if !config.batch_wait.is_zero() {
-            fill_for(&mut receiver, &mut batch, batch_max, config.batch_wait).await;
+        if !shape.batch_wait.is_zero() {
+            fill_for(&mut receiver, &mut batch, batch_max, shape.batch_wait).await;
         }
         let Ok(writer) = writers.clone().acquire_owned().await else { return };
         // Everything that queued while all writers were busy joins this batch.
@@ -86,16 +129,22 @@ async fn collect(store: PgAudit, mut receiver: mpsc::Receiver<Pending>, config: 
                 Err(_) => break,
             }
         }
-        batch_rows.observe(batch.len() as f64);
-        let store = store.clone();
+        batch_sizes.observe(batch.len() as f64);
+        if shape.writers == 1 {
+            // The only writer: nothing else could run meanwhile, so run it here and save a task
+            // hand-off per batch (what a lone exchange waits for).
+            run(&*work, batch).await;
+            continue;
+        }
+        let work = work.clone();
         tokio::spawn(async move {
-            commit(&store, batch).await;
+            run(&*work, batch).await;
             drop(writer);
         });
     }
 }
 
-async fn fill_for(receiver: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>, batch_max: usize, wait: Duration) {
+async fn fill_for<B: Batch>(receiver: &mut mpsc::Receiver<Pending<B>>, batch: &mut Vec<Pending<B>>, batch_max: usize, wait: Duration) {
     let deadline = tokio::time::Instant::now() + wait;
     while batch.len() < batch_max {
         match tokio::time::timeout_at(deadline, receiver.recv()).await {
@@ -105,14 +154,22 @@ async fn fill_for(receiver: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pendin
     }
 }
 
-async fn commit(store: &PgAudit, batch: Vec<Pending>) {
-    let outcome = store.write_batch(batch.iter().map(|pending| &pending.event)).await;
-    if let Err(error) = &outcome {
-        tracing::error!(rows = batch.len(), %error, "audit batch not committed; failing every request in it");
-    }
-    let shared = outcome.map_err(Arc::new);
-    for pending in batch {
-        // The waiter may be gone (request timed out); its row is committed all the same.
-        let _ = pending.committed.send(shared.clone().map_err(AuditError::BatchFailed));
+async fn run<B: Batch>(work: &B, batch: Vec<Pending<B>>) {
+    let (jobs, waiters): (Vec<B::Job>, Vec<_>) = batch.into_iter().map(|pending| (pending.job, pending.answer)).unzip();
+    match work.run(&jobs).await {
+        Ok(answers) => {
+            debug_assert_eq!(answers.len(), waiters.len());
+            for (waiter, answer) in waiters.into_iter().zip(answers) {
+                // The waiter may be gone (request timed out); its work is done all the same.
+                let _ = waiter.send(Ok(answer));
+            }
+        }
+        Err(error) => {
+            tracing::error!(jobs = waiters.len(), %error, "batch not committed; failing every request in it");
+            let shared = Arc::new(error);
+            for waiter in waiters {
+                let _ = waiter.send(Err(AuditError::BatchFailed(shared.clone())));
+            }
+        }
     }
 }

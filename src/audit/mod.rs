@@ -4,6 +4,7 @@
 //! group-commit writer (many per commit) or, with `audit_group_commit = false`, one INSERT each.
 
 pub mod backlog;
+mod claims;
 pub mod csv;
 pub mod deliveries;
 mod filter;
@@ -25,7 +26,9 @@ use uuid::Uuid;
 use crate::config::AuditWriterConfig;
 use crate::metrics::Metrics;
 
-use group_commit::{GroupCommit, QueueSlot};
+use group_commit::{AuditRows, GroupCommit, QueueSlot, Shape};
+use claims::TokenClaims;
+pub use claims::{TokenUse, UseClaim};
 pub use revocations::{project_identities, ClaimedRevocation, Freeze, IssuanceSelector, IssuedCredential, RevocationReason, PROJECT_IDENTITY_CLAIMS, SELECTOR_LIMIT};
 pub use postgres::{connect, migrate, PgAudit};
 pub use record::{AuditRecord, RECORD_FIELDS};
@@ -174,30 +177,6 @@ pub fn log_unrecorded(event: &AuditEvent, error: &AuditError) {
     );
 }
 
-/// One use of a job token for a role, to claim before minting ([`Audit::claim_token_use`]).
-#[derive(Debug, Clone, Copy)]
-pub struct UseClaim<'a> {
-    pub issuer: &'a str,
-    pub jti: &'a str,
-    pub role: &'a str,
-    pub max_uses: u32,
-    pub token_expires_at: OffsetDateTime,
-    /// The project identities of the request (`project_identities`): the claim is refused while
-    /// a freeze covers the role or one of them, checked in the same statement. None: no check
-    /// (a second token of a request whose first claim checked it).
-    pub unless_frozen_for: Option<&'a [String]>,
-}
-
-#[derive(Debug, Clone)]
-pub enum TokenUse {
-    /// This exchange is use number N of the token for the role.
-    Claimed(u32),
-    /// Every permitted use is taken.
-    Exhausted,
-    /// A freeze covers the request; nothing was claimed.
-    Frozen(Freeze),
-}
-
 #[derive(Clone)]
 pub struct Audit {
     store: PgAudit,
@@ -209,17 +188,25 @@ pub struct Audit {
 #[derive(Clone)]
 enum Writer {
     PerRequest,
-    GroupCommit(GroupCommit),
+    /// Audit rows and token-use claims, each batched.
+    GroupCommit { rows: GroupCommit<AuditRows>, claims: GroupCommit<TokenClaims> },
 }
 
 /// A reserved place for one row (see [`Audit::reserve`]).
-pub struct AuditSlot(Option<QueueSlot>);
+pub struct AuditSlot(Option<QueueSlot<AuditRows>>);
 
 impl Audit {
     /// Starts the group-commit writer when configured, so call it inside the runtime.
     pub fn new(store: PgAudit, writer: AuditWriterConfig, unattributed_per_minute: u32, metrics: Arc<Metrics>) -> Self {
         let writer = if writer.group_commit {
-            Writer::GroupCommit(GroupCommit::start(store.clone(), writer, metrics.audit_batch_rows.clone()))
+            // One claim writer: batches of claims then never race each other for a token's
+            // use numbers (each batch sees the one before it), and without a disk flush per
+            // commit (see `PgAudit`) one writer keeps up.
+            let claim_shape = Shape { writers: 1, ..Shape::from(&writer) };
+            Writer::GroupCommit {
+                rows: GroupCommit::start(AuditRows(store.clone()), Shape::from(&writer), metrics.audit_batch_rows.clone()),
+                claims: GroupCommit::start(TokenClaims(store.clone()), claim_shape, metrics.token_claim_batch_size.clone()),
+            }
         } else {
             Writer::PerRequest
         };
@@ -230,7 +217,7 @@ impl Audit {
     pub fn queue_depth(&self) -> usize {
         match &self.writer {
             Writer::PerRequest => 0,
-            Writer::GroupCommit(group) => group.depth(),
+            Writer::GroupCommit { rows, .. } => rows.depth(),
         }
     }
 
@@ -240,7 +227,7 @@ impl Audit {
     pub fn reserve(&self) -> Result<AuditSlot, AuditError> {
         match &self.writer {
             Writer::PerRequest => Ok(AuditSlot(None)),
-            Writer::GroupCommit(group) => group.reserve().map(|slot| AuditSlot(Some(slot))),
+            Writer::GroupCommit { rows, .. } => rows.reserve().map(|slot| AuditSlot(Some(slot))),
         }
     }
 
@@ -251,7 +238,7 @@ impl Audit {
                 self.metrics.audit_batch_rows.observe(1.0);
                 self.store.write(&event).await
             }
-            Some(slot) => GroupCommit::write(slot, event).await,
+            Some(slot) => GroupCommit::submit(slot, event).await,
         };
         if written.is_err() {
             self.metrics.audit_write_failures.inc();
@@ -263,7 +250,7 @@ impl Audit {
     pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
         let slot = match &self.writer {
             Writer::PerRequest => AuditSlot(None),
-            Writer::GroupCommit(group) => AuditSlot(Some(group.reserve_waiting().await?)),
+            Writer::GroupCommit { rows, .. } => AuditSlot(Some(rows.reserve_waiting().await?)),
         };
         self.record_in(slot, event).await
     }
@@ -297,8 +284,13 @@ impl Audit {
         Ok(())
     }
 
-    pub async fn claim_token_use(&self, claim: UseClaim<'_>) -> Result<TokenUse, AuditError> {
-        self.store.claim_token_use(claim).await
+    /// Claims one use, in the next batch of claims with group commit. Every exchange in
+    /// flight holds an audit slot, so the claim queue (as large as the audit queue) has room.
+    pub async fn claim_token_use(&self, claim: UseClaim) -> Result<TokenUse, AuditError> {
+        match &self.writer {
+            Writer::PerRequest => self.store.claim_token_use(&claim).await,
+            Writer::GroupCommit { claims, .. } => GroupCommit::submit(claims.reserve_waiting().await?, claim).await,
+        }
     }
 
     pub async fn ping(&self) -> Result<(), AuditError> {

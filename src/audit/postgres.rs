@@ -8,8 +8,7 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 
 use super::record::{self, AuditRecord, SELECT_LIST};
-use super::revocations::FREEZE_COVERS;
-use super::{AuditError, AuditEvent, TokenUse, UseClaim};
+use super::{AuditError, AuditEvent};
 
 /// A lazy pool: the broker starts serving health checks even if Postgres is briefly away, and
 /// once it comes back new connections are made without a restart. Acquiring fails after
@@ -76,59 +75,13 @@ impl PgAudit {
         &self.pool
     }
 
+    pub(super) fn claims_pool(&self) -> &PgPool {
+        &self.claims
+    }
+
     pub async fn ping(&self) -> Result<(), AuditError> {
         sqlx::query("select 1").execute(&self.pool).await?;
         Ok(())
-    }
-
-    #[tracing::instrument(skip_all, fields(issuer = claim.issuer, role = claim.role))]
-    pub async fn claim_token_use(&self, claim: UseClaim<'_>) -> Result<TokenUse, AuditError> {
-        // One round trip takes the next use number if any is left and no freeze covers the
-        // request (the freeze is read in the same statement, so an exchange that starts after a
-        // freeze was acknowledged sees it). No row back means a freeze, every use taken, or a
-        // concurrent exchange that took the same number (the primary key decides); the rare
-        // follow-up queries tell which, and only a lost race tries again.
-        let statement = format!(
-            "insert into token_uses (issuer, jti, role, use_number, token_expires_at)
-             select $3, $4, $1, coalesce(max(use_number), 0) + 1, $6
-             from token_uses
-             where issuer = $3 and jti = $4 and role = $1
-             having coalesce(max(use_number), 0) < $5
-                and not ($7 and exists (select from freezes where {FREEZE_COVERS}))
-             on conflict do nothing
-             returning use_number"
-        );
-        let identities = claim.unless_frozen_for.unwrap_or_default();
-        loop {
-            let claimed: Option<i32> = sqlx::query_scalar(&statement)
-                .bind(claim.role)
-                .bind(identities)
-                .bind(claim.issuer)
-                .bind(claim.jti)
-                .bind(claim.max_uses as i32)
-                .bind(claim.token_expires_at)
-                .bind(claim.unless_frozen_for.is_some())
-                .fetch_optional(&self.claims)
-                .await?;
-            if let Some(use_number) = claimed {
-                return Ok(TokenUse::Claimed(use_number as u32));
-            }
-            if claim.unless_frozen_for.is_some() {
-                if let Some(freeze) = self.active_freeze(claim.role, identities).await? {
-                    return Ok(TokenUse::Frozen(freeze));
-                }
-            }
-            let used: i64 =
-                sqlx::query_scalar("select count(*) from token_uses where issuer = $1 and jti = $2 and role = $3")
-                    .bind(claim.issuer)
-                    .bind(claim.jti)
-                    .bind(claim.role)
-                    .fetch_one(&self.claims)
-                    .await?;
-            if used >= i64::from(claim.max_uses) {
-                return Ok(TokenUse::Exhausted);
-            }
-        }
     }
 
     /// The latest rows, newest first (`audit tail`).

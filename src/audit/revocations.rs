@@ -100,10 +100,25 @@ pub struct IssuanceSelector {
     pub role: Option<String>,
 }
 
-/// The condition on a `freezes` row that it is in force now and covers role `$1` or one of the
-/// project identities `$2` (the token-use claim refuses on it in the same statement).
-pub(super) const FREEZE_COVERS: &str = "lifted_at is null and (until is null or until > now())
-     and (scope = 'all' or (scope = 'role' and value = $1) or (scope = 'project' and value = any($2)))";
+/// The condition on a `freezes` row that it is in force now and covers the role `role` or one
+/// of the project identities in the array `identities` (SQL expressions). The token-use claims
+/// refuse on it in the same statement.
+pub(super) fn freeze_covers(role: &str, identities: &str) -> String {
+    format!(
+        "lifted_at is null and (until is null or until > now())
+         and (scope = 'all' or (scope = 'role' and value = {role}) or (scope = 'project' and value = any({identities})))"
+    )
+}
+
+pub(super) fn freeze_from_row(row: &sqlx::postgres::PgRow) -> Result<Freeze, sqlx::Error> {
+    Ok(Freeze {
+        scope: row.try_get("scope")?,
+        value: row.try_get("value")?,
+        frozen_by: row.try_get("frozen_by")?,
+        frozen_at: row.try_get("frozen_at")?,
+        until: row.try_get("until")?,
+    })
+}
 
 /// An active freeze.
 #[derive(Debug, Clone)]
@@ -335,22 +350,13 @@ impl PgAudit {
     /// identities ([`project_identities`]), if any (the earliest).
     pub async fn active_freeze(&self, role: &str, project_identities: &[String]) -> Result<Option<Freeze>, AuditError> {
         let row = sqlx::query(&format!(
-            "select scope, value, frozen_by, frozen_at, until from freezes where {FREEZE_COVERS} order by frozen_at limit 1"
+            "select scope, value, frozen_by, frozen_at, until from freezes where {} order by frozen_at limit 1",
+            freeze_covers("$1", "$2")
         ))
         .bind(role)
         .bind(project_identities)
         .fetch_optional(self.pool())
         .await?;
-        row.map(|row| {
-            Ok(Freeze {
-                scope: row.try_get("scope")?,
-                value: row.try_get("value")?,
-                frozen_by: row.try_get("frozen_by")?,
-                frozen_at: row.try_get("frozen_at")?,
-                until: row.try_get("until")?,
-            })
-        })
-        .transpose()
-        .map_err(|e: sqlx::Error| AuditError::from(e))
+        Ok(row.as_ref().map(freeze_from_row).transpose()?)
     }
 }

@@ -359,15 +359,14 @@ impl Broker {
         // Claim the use before minting, so two replicas racing on one token cannot both mint;
         // the same statement refuses while a freeze (`credbroker freeze`) covers the request,
         // which stops issuance on every replica at once.
-        let identities = project_identities(event);
         let max_uses = role.max_uses_per_token.unwrap_or(self.max_uses_per_token);
         let claim = UseClaim {
-            issuer: token.issuer.as_str(),
-            jti: &token.jti,
-            role: role.name.as_str(),
+            issuer: token.issuer.as_str().to_owned(),
+            jti: token.jti.clone(),
+            role: role.name.as_str().to_owned(),
             max_uses,
             token_expires_at: token.job_deadline,
-            unless_frozen_for: Some(&identities),
+            unless_frozen_for: Some(project_identities(event)),
         };
         match self.audit.claim_token_use(claim).await.map_err(ExchangeError::AuditUnavailable)? {
             TokenUse::Claimed(_) => {}
@@ -386,9 +385,9 @@ impl Broker {
         }
         if let Some((delivery, max_uses)) = &delivery {
             let claim = UseClaim {
-                issuer: delivery.issuer.as_str(),
-                jti: &delivery.jti,
-                role: role.name.as_str(),
+                issuer: delivery.issuer.as_str().to_owned(),
+                jti: delivery.jti.clone(),
+                role: role.name.as_str().to_owned(),
                 max_uses: *max_uses,
                 token_expires_at: delivery.job_deadline,
                 unless_frozen_for: None,

@@ -1,0 +1,124 @@
+//! Token-use claims in batches (group commit): one statement answers each claim of a batch
+//! claimed, exhausted or frozen, in order, and two replicas claiming the same token at once on
+//! one database never exceed its uses. Postgres is real.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use credbroker::audit::{Audit, PgAudit, TokenUse, UseClaim};
+use credbroker::config::AuditWriterConfig;
+use credbroker::metrics::Metrics;
+use secrecy::SecretString;
+use time::OffsetDateTime;
+
+async fn store() -> PgAudit {
+    let url = SecretString::from(common::fresh_database().await);
+    let store = PgAudit::connect(&url, 8, Duration::from_secs(5)).unwrap();
+    credbroker::audit::migrate(store.pool()).await.unwrap();
+    store
+}
+
+fn claim(jti: &str, role: &str, max_uses: u32, identities: Option<&[&str]>) -> UseClaim {
+    UseClaim {
+        issuer: "https://gitlab.example.com".into(),
+        jti: jti.into(),
+        role: role.into(),
+        max_uses,
+        token_expires_at: OffsetDateTime::now_utc() + time::Duration::hours(1),
+        unless_frozen_for: identities.map(|identities| identities.iter().map(|identity| identity.to_string()).collect()),
+    }
+}
+
+fn describe(answer: &TokenUse) -> String {
+    match answer {
+        TokenUse::Claimed(use_number) => format!("claimed {use_number}"),
+        TokenUse::Exhausted => "exhausted".into(),
+        TokenUse::Frozen(freeze) => format!("frozen {} {}", freeze.scope, freeze.value),
+    }
+}
+
+#[tokio::test]
+async fn one_statement_answers_each_claim_of_a_batch_in_order() {
+    let store = store().await;
+    store.freeze("role", "frozen-role", "sec-eve", None).await.unwrap();
+    store.freeze("project", "grp/frozen-app", "sec-eve", None).await.unwrap();
+    // A use taken before the batch counts against the token.
+    assert_eq!(describe(&store.claim_token_use(&claim("t-b", "deploy", 2, Some(&[]))).await.unwrap()), "claimed 1");
+
+    let batch = [
+        claim("t-a", "deploy", 2, Some(&["grp/app"])),
+        claim("t-a", "deploy", 2, Some(&["grp/app"])),
+        claim("t-a", "deploy", 2, Some(&["grp/app"])),
+        claim("t-b", "deploy", 2, Some(&["grp/app"])),
+        claim("t-b", "deploy", 2, Some(&["grp/app"])),
+        claim("t-c", "frozen-role", 5, Some(&["grp/app"])),
+        claim("t-d", "deploy", 5, Some(&["grp/other", "grp/frozen-app"])),
+        // No freeze check asked (a request's second token): the role's freeze does not apply.
+        claim("t-e", "frozen-role", 5, None),
+        // Another role is another budget.
+        claim("t-a", "deploy-other", 1, Some(&["grp/app"])),
+    ];
+    let answers: Vec<String> = store.claim_token_uses(&batch).await.unwrap().iter().map(describe).collect();
+    assert_eq!(
+        answers,
+        [
+            "claimed 1",
+            "claimed 2",
+            "exhausted",
+            "claimed 2",
+            "exhausted",
+            "frozen role frozen-role",
+            "frozen project grp/frozen-app",
+            "claimed 1",
+            "claimed 1",
+        ]
+    );
+    // Frozen and exhausted claims took nothing.
+    let rows: i64 = sqlx::query_scalar("select count(*) from token_uses").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(rows, 6);
+    // A lifted freeze no longer stops the claim.
+    store.unfreeze("role", "frozen-role", "sec-eve").await.unwrap();
+    let again = store.claim_token_uses(&[claim("t-c", "frozen-role", 5, Some(&["grp/app"]))]).await.unwrap();
+    assert_eq!(describe(&again[0]), "claimed 1");
+}
+
+#[tokio::test]
+async fn two_replicas_claiming_one_token_at_once_never_exceed_its_uses() {
+    let store_url = common::fresh_database().await;
+    let replica = |url: String| async move {
+        let store = PgAudit::connect(&SecretString::from(url), 8, Duration::from_secs(5)).unwrap();
+        credbroker::audit::migrate(store.pool()).await.unwrap();
+        let writer = AuditWriterConfig {
+            group_commit: true,
+            writers: 2,
+            batch_max: 64,
+            batch_wait: Duration::from_millis(2),
+            queue_capacity: 1024,
+        };
+        Audit::new(store, writer, 100, Arc::new(Metrics::default()))
+    };
+    let replicas = [replica(store_url.clone()).await, replica(store_url).await];
+    const MAX_USES: u32 = 37;
+    let claims: Vec<_> = (0..240)
+        .map(|attempt| {
+            let audit = replicas[attempt % 2].clone();
+            tokio::spawn(async move { audit.claim_token_use(claim("shared", "deploy", MAX_USES, Some(&["grp/app"]))).await.unwrap() })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    let mut exhausted = 0;
+    for claim in claims {
+        match claim.await.unwrap() {
+            TokenUse::Claimed(use_number) => claimed.push(use_number),
+            TokenUse::Exhausted => exhausted += 1,
+            TokenUse::Frozen(freeze) => panic!("no freeze was set: {freeze:?}"),
+        }
+    }
+    claimed.sort_unstable();
+    assert_eq!(claimed, (1..=MAX_USES).collect::<Vec<_>>(), "each use exactly once");
+    assert_eq!(exhausted, 240 - MAX_USES as usize);
+    let rows: i64 = sqlx::query_scalar("select count(*) from token_uses").fetch_one(replicas[0].store().pool()).await.unwrap();
+    assert_eq!(rows, i64::from(MAX_USES));
+}
