@@ -2,11 +2,11 @@
 //! its own work is committed. Two kinds of work go this way ([`Batch`]): audit rows
 //! ([`AuditRows`]) and token-use claims (`TokenClaims`, in `claims.rs`).
 //!
-//! Requests queue their job with a oneshot to wait on. A collector task takes whatever has
-//! queued (up to `batch_max`), waits for a free writer slot (while it waits, more jobs
-//! queue, so batches grow exactly when the database is the bottleneck), tops the batch up
-//! and hands it to a writer task, which runs it and then answers every waiter with its own
-//! outcome. A failed statement fails every request in the batch.
+//! Requests queue their job with a oneshot to wait on. Writer tasks take turns at the queue:
+//! the one holding it takes whatever has queued (up to `batch_max`), lets go and runs the batch,
+//! then answers every waiter with its own outcome; while it runs, more jobs queue for the next
+//! writer, so batches grow exactly when the database is the bottleneck. A failed statement
+//! fails every request in the batch.
 //!
 //! The queue is bounded. An exchange reserves its audit slot when it arrives
 //! ([`GroupCommit::reserve`]), before any work is done, so an overloaded broker refuses early
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::histogram::Histogram;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::{AuditError, AuditEvent, PgAudit};
 use crate::config::AuditWriterConfig;
@@ -78,11 +78,14 @@ impl From<&AuditWriterConfig> for Shape {
 }
 
 impl<B: Batch> GroupCommit<B> {
-    /// Starts the collector; it stops once every handle (and slot) is dropped and the queue is drained.
+    /// Starts the writers; they stop once every handle (and slot) is dropped and the queue is drained.
     pub fn start(work: B, shape: Shape, batch_sizes: Histogram) -> Self {
         let capacity = shape.queue_capacity as usize;
         let (queue, receiver) = mpsc::channel(capacity);
-        tokio::spawn(collect(Arc::new(work), receiver, shape, batch_sizes));
+        let (work, receiver, shape) = (Arc::new(work), Arc::new(Mutex::new(receiver)), Arc::new(shape));
+        for _ in 0..shape.writers.max(1) {
+            tokio::spawn(write_batches(work.clone(), receiver.clone(), shape.clone(), batch_sizes.clone()));
+        }
         Self { queue, capacity }
     }
 
@@ -112,35 +115,31 @@ impl<B: Batch> GroupCommit<B> {
     }
 }
 
-async fn collect<B: Batch>(work: Arc<B>, mut receiver: mpsc::Receiver<Pending<B>>, shape: Shape, batch_sizes: Histogram) {
+/// One writer: takes the queue, waits for a first job, takes whatever else has queued (up to
+/// `batch_max`), lets go of the queue and runs the batch. While it runs, the next writer holds
+/// the queue and its batch gathers, so batches grow exactly when the database is the
+/// bottleneck, and a lone exchange waits for no task but its writer.
+async fn write_batches<B: Batch>(work: Arc<B>, queue: Arc<Mutex<mpsc::Receiver<Pending<B>>>>, shape: Arc<Shape>, batch_sizes: Histogram) {
     let batch_max = shape.batch_max as usize;
-    let writers = Arc::new(Semaphore::new(shape.writers as usize));
-    while let Some(first) = receiver.recv().await {
-        let mut batch = Vec::with_capacity(batch_max.min(64));
-        batch.push(first);
-        if !shape.batch_wait.is_zero() {
-            fill_for(&mut receiver, &mut batch, batch_max, shape.batch_wait).await;
-        }
-        let Ok(writer) = writers.clone().acquire_owned().await else { return };
-        // Everything that queued while all writers were busy joins this batch.
-        while batch.len() < batch_max {
-            match receiver.try_recv() {
-                Ok(pending) => batch.push(pending),
-                Err(_) => break,
+    loop {
+        let batch = {
+            let mut receiver = queue.lock().await;
+            let Some(first) = receiver.recv().await else { return };
+            let mut batch = Vec::with_capacity(batch_max.min(64));
+            batch.push(first);
+            if !shape.batch_wait.is_zero() {
+                fill_for(&mut receiver, &mut batch, batch_max, shape.batch_wait).await;
             }
-        }
+            while batch.len() < batch_max {
+                match receiver.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
         batch_sizes.observe(batch.len() as f64);
-        if shape.writers == 1 {
-            // The only writer: nothing else could run meanwhile, so run it here and save a task
-            // hand-off per batch (what a lone exchange waits for).
-            run(&*work, batch).await;
-            continue;
-        }
-        let work = work.clone();
-        tokio::spawn(async move {
-            run(&*work, batch).await;
-            drop(writer);
-        });
+        run(&*work, batch).await;
     }
 }
 
