@@ -195,6 +195,10 @@ impl Batch for TokenClaims {
     type Answer = TokenUse;
 
     async fn run(&self, claims: &[UseClaim]) -> Result<Vec<TokenUse>, AuditError> {
-        self.0.claim_token_uses(claims).await
+        match claims {
+            // The one-claim statement is cheaper for Postgres to plan and run than the batch's.
+            [claim] => Ok(vec![self.0.claim_token_use(claim).await?]),
+            _ => self.0.claim_token_uses(claims).await,
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! with `rate_limited` rather than minting a credential it then cannot record.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,11 +52,21 @@ struct Pending<B: Batch> {
 pub(super) struct GroupCommit<B: Batch> {
     queue: mpsc::Sender<Pending<B>>,
     capacity: usize,
+    work: Arc<B>,
+    /// Batches running now, the writers' and a lone job's (see [`GroupCommit::submit`]).
+    running: Arc<AtomicUsize>,
+    batch_sizes: Histogram,
 }
 
 impl<B: Batch> Clone for GroupCommit<B> {
     fn clone(&self) -> Self {
-        Self { queue: self.queue.clone(), capacity: self.capacity }
+        Self {
+            queue: self.queue.clone(),
+            capacity: self.capacity,
+            work: self.work.clone(),
+            running: self.running.clone(),
+            batch_sizes: self.batch_sizes.clone(),
+        }
     }
 }
 
@@ -83,10 +94,11 @@ impl<B: Batch> GroupCommit<B> {
         let capacity = shape.queue_capacity as usize;
         let (queue, receiver) = mpsc::channel(capacity);
         let (work, receiver, shape) = (Arc::new(work), Arc::new(Mutex::new(receiver)), Arc::new(shape));
+        let running = Arc::new(AtomicUsize::new(0));
         for _ in 0..shape.writers.max(1) {
-            tokio::spawn(write_batches(work.clone(), receiver.clone(), shape.clone(), batch_sizes.clone()));
+            tokio::spawn(write_batches(work.clone(), receiver.clone(), shape.clone(), running.clone(), batch_sizes.clone()));
         }
-        Self { queue, capacity }
+        Self { queue, capacity, work, running, batch_sizes }
     }
 
     /// Places taken in the queue: reserved by a request in progress, or waiting to run.
@@ -108,10 +120,32 @@ impl<B: Batch> GroupCommit<B> {
     }
 
     /// Returns once the job's batch has run, with the job's answer or the error that failed the batch.
-    pub async fn submit(slot: QueueSlot<B>, job: B::Job) -> Result<B::Answer, AuditError> {
+    ///
+    /// When no batch is running there is nothing to wait for and nobody to share a statement
+    /// with: the job then runs at once in the caller's task, a batch of one, as it would with
+    /// `audit_group_commit = false` (same statement, same commit, same answer), and skips the
+    /// hand-offs to a writer task and back, which are most of a lone exchange's wait on a busy
+    /// machine. Jobs that arrive meanwhile queue for the writers as usual.
+    pub async fn submit(&self, slot: QueueSlot<B>, job: B::Job) -> Result<B::Answer, AuditError> {
+        if self.running.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // Counted down even when the caller is dropped mid-statement (a request timed out).
+            let _running = Running(&self.running);
+            drop(slot);
+            self.batch_sizes.observe(1.0);
+            return self.work.run(std::slice::from_ref(&job)).await?.pop().ok_or(AuditError::WriterStopped);
+        }
         let (answer, outcome) = oneshot::channel();
         slot.0.send(Pending { job, answer });
         outcome.await.unwrap_or(Err(AuditError::WriterStopped))
+    }
+}
+
+/// One batch running, counted from its start until it is done or dropped.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -119,7 +153,13 @@ impl<B: Batch> GroupCommit<B> {
 /// `batch_max`), lets go of the queue and runs the batch. While it runs, the next writer holds
 /// the queue and its batch gathers, so batches grow exactly when the database is the
 /// bottleneck, and a lone exchange waits for no task but its writer.
-async fn write_batches<B: Batch>(work: Arc<B>, queue: Arc<Mutex<mpsc::Receiver<Pending<B>>>>, shape: Arc<Shape>, batch_sizes: Histogram) {
+async fn write_batches<B: Batch>(
+    work: Arc<B>,
+    queue: Arc<Mutex<mpsc::Receiver<Pending<B>>>>,
+    shape: Arc<Shape>,
+    running: Arc<AtomicUsize>,
+    batch_sizes: Histogram,
+) {
     let batch_max = shape.batch_max as usize;
     loop {
         let batch = {
@@ -139,6 +179,8 @@ async fn write_batches<B: Batch>(work: Arc<B>, queue: Arc<Mutex<mpsc::Receiver<P
             batch
         };
         batch_sizes.observe(batch.len() as f64);
+        running.fetch_add(1, Ordering::AcqRel);
+        let _running = Running(&running);
         run(&*work, batch).await;
     }
 }

@@ -199,9 +199,9 @@ impl Audit {
     /// Starts the group-commit writer when configured, so call it inside the runtime.
     pub fn new(store: PgAudit, writer: AuditWriterConfig, unattributed_per_minute: u32, metrics: Arc<Metrics>) -> Self {
         let writer = if writer.group_commit {
-            // One claim writer: batches of claims then never race each other for a token's
-            // use numbers (each batch sees the one before it), and without a disk flush per
-            // commit (see `PgAudit`) one writer keeps up.
+            // One claim writer: its batches never race each other for a token's use numbers
+            // (each sees the one before it; a lone claim run at once may, and then the loser
+            // tries again), and without a disk flush per commit (see `PgAudit`) one keeps up.
             let claim_shape = Shape { writers: 1, ..Shape::from(&writer) };
             Writer::GroupCommit {
                 rows: GroupCommit::start(AuditRows(store.clone()), Shape::from(&writer), metrics.audit_batch_rows.clone()),
@@ -233,12 +233,12 @@ impl Audit {
 
     /// Returns once the row is durably committed.
     pub async fn record_in(&self, slot: AuditSlot, event: AuditEvent) -> Result<(), AuditError> {
-        let written = match slot.0 {
-            None => {
+        let written = match (&self.writer, slot.0) {
+            (Writer::GroupCommit { rows, .. }, Some(slot)) => rows.submit(slot, event).await,
+            _ => {
                 self.metrics.audit_batch_rows.observe(1.0);
                 self.store.write(&event).await
             }
-            Some(slot) => GroupCommit::submit(slot, event).await,
         };
         if written.is_err() {
             self.metrics.audit_write_failures.inc();
@@ -289,7 +289,7 @@ impl Audit {
     pub async fn claim_token_use(&self, claim: UseClaim) -> Result<TokenUse, AuditError> {
         match &self.writer {
             Writer::PerRequest => self.store.claim_token_use(&claim).await,
-            Writer::GroupCommit { claims, .. } => GroupCommit::submit(claims.reserve_waiting().await?, claim).await,
+            Writer::GroupCommit { claims, .. } => claims.submit(claims.reserve_waiting().await?, claim).await,
         }
     }
 
