@@ -85,12 +85,7 @@ impl fmt::Display for Ttl {
 /// SHA-256 as lowercase hex: how the audit log refers to a secret without holding it.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(bytes);
-    let mut out = String::with_capacity(64);
-    for byte in digest {
-        out.push_str(&format!("{byte:02x}"));
-    }
-    out
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// The one duration syntax of the whole crate (policies, config, CLI flags, API filters):
