@@ -62,6 +62,41 @@ impl IssuanceFilter {
     }
 }
 
+impl IssuanceFilter {
+    /// Whether the rollup (migration 0018) holds the chart's answer: it keeps time, target and
+    /// decision, nothing else.
+    fn rollup_serves(&self) -> bool {
+        self.project_path.is_none() && self.sha.is_none() && self.exact.iter().all(|(column, _)| *column == "target")
+    }
+
+    /// The chart from `audit_timeline`: its rows in the window, summed into buckets counted
+    /// from `since` (both ends on the grain). Writers and 10-minute rows of a bucket add up.
+    fn rollup_timeline(&self, since: OffsetDateTime, until: OffsetDateTime, bucket: i64) -> QueryBuilder<'static, Postgres> {
+        let mut query = QueryBuilder::new("select date_bin(make_interval(secs => ");
+        query.push_bind(bucket as f64).push("), t.bucket_start, ").push_bind(since);
+        query.push(") as start, t.target, t.decision, sum(t.events)::bigint as events from audit_timeline t");
+        query.push(" where t.bucket_start >= ").push_bind(since).push(" and t.bucket_start < ").push_bind(until);
+        if !self.decisions.is_empty() {
+            query.push(" and t.decision = any(").push_bind(self.decisions.clone()).push(")");
+        }
+        for (_, target) in &self.exact {
+            query.push(" and t.target = ").push_bind(target.clone());
+        }
+        query.push(" group by 1, 2, 3 order by 1, 2, 3");
+        query
+    }
+
+    /// The chart from the matching rows themselves (below the horizon, as every paged read).
+    fn rows_timeline(&self, since: OffsetDateTime, bucket: i64) -> QueryBuilder<'static, Postgres> {
+        let mut query = QueryBuilder::new("select date_bin(make_interval(secs => ");
+        query.push_bind(bucket as f64).push("), a.occurred_at, ").push_bind(since);
+        query.push(") as start, coalesce(a.target, '') as target, a.decision, sum(a.occurrences)::bigint as events from audit_events a");
+        self.push_conditions(&mut query);
+        query.push(" and a.decision in ('issued', 'denied') group by 1, 2, 3 order by 1, 2, 3");
+        query
+    }
+}
+
 /// One page, and where the next begins (None: this was the last).
 #[derive(Debug, Clone, Serialize)]
 pub struct IssuancePage {
@@ -72,6 +107,7 @@ pub struct IssuancePage {
 /// Issued and denied events per target over a window, for the `/audit` page's chart.
 #[derive(Debug, Clone, Serialize)]
 pub struct Timeline {
+    /// The window the points count: the filter's, widened to whole [`TIMELINE_GRAIN`]s.
     #[serde(with = "time::serde::rfc3339")]
     pub since: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -94,6 +130,24 @@ pub struct TimelinePoint {
 
 /// The chart's window when the filter sets no `since`.
 pub const DEFAULT_TIMELINE_SPAN: time::Duration = time::Duration::days(7);
+
+/// The rollup's 10 minutes (migration 0018): the chart's window is widened to start and end on
+/// a multiple of it since the Unix epoch, and every bucket width is a multiple of it.
+pub const TIMELINE_GRAIN: time::Duration = time::Duration::minutes(10);
+
+fn grain_floor(at: OffsetDateTime) -> OffsetDateTime {
+    let grain = TIMELINE_GRAIN.whole_seconds();
+    OffsetDateTime::from_unix_timestamp(at.unix_timestamp().div_euclid(grain) * grain).unwrap_or(at)
+}
+
+fn grain_ceil(at: OffsetDateTime) -> OffsetDateTime {
+    let floor = grain_floor(at);
+    if floor == at {
+        floor
+    } else {
+        floor.checked_add(TIMELINE_GRAIN).unwrap_or(at)
+    }
+}
 
 /// At most about 60 bars whatever the window, in widths people read easily.
 fn bucket_seconds(span: time::Duration) -> i64 {
@@ -187,21 +241,35 @@ impl PgAudit {
     }
 
     /// Issued and denied events per target in buckets over the filter's window (`since`, by
-    /// default [`DEFAULT_TIMELINE_SPAN`] back from `now`, to `until` or `now`), under the same
-    /// filters as [`PgAudit::query_issuances`] but not its paging, and likewise planned with
-    /// the values each time (unnamed statement).
+    /// default [`DEFAULT_TIMELINE_SPAN`] back from `now`, to `until` or `now`), widened to whole
+    /// [`TIMELINE_GRAIN`]s, under the same filters as [`PgAudit::query_issuances`] but not its
+    /// paging, and likewise planned with the values each time (unnamed statement).
+    ///
+    /// Filtered by nothing but time, decision and target (the page's default view), it sums
+    /// migration 0018's rollup `audit_timeline`; otherwise it aggregates the matching rows.
+    /// Both answer the same for the same rows. Every bucket width is a multiple of the grain and
+    /// the window starts on one, so each 10-minute rollup row falls inside exactly one bucket.
+    /// The rollup counts every committed row (it changes in the writing transaction), while the
+    /// row aggregate, like the paged reads, counts only rows below the transaction horizon: while
+    /// a transaction runs long elsewhere on the cluster, the unfiltered chart can count rows
+    /// that the table does not list yet.
     pub async fn issuance_timeline(&self, filter: &IssuanceFilter, now: OffsetDateTime) -> Result<Timeline, AuditError> {
         let until = filter.until.unwrap_or(now);
         let since = filter.since.unwrap_or(until - DEFAULT_TIMELINE_SPAN);
         let bucket = bucket_seconds(until - since);
+        let (since, until) = (grain_floor(since), grain_ceil(until));
         let window = IssuanceFilter { since: Some(since), until: Some(until), cursor: None, ..filter.clone() };
-        let mut query = QueryBuilder::new("select date_bin(make_interval(secs => ");
-        query.push_bind(bucket as f64).push("), a.occurred_at, ").push_bind(since);
-        query.push(") as start, coalesce(a.target, '') as target, a.decision, sum(a.occurrences)::bigint as events from audit_events a");
-        window.push_conditions(&mut query);
-        query.push(" and a.decision in ('issued', 'denied') group by 1, 2, 3 order by 1, 2, 3");
+        let mut query = if window.rollup_serves() { window.rollup_timeline(since, until, bucket) } else { window.rows_timeline(since, bucket) };
         let points = query.build_query_as::<TimelinePoint>().persistent(false).fetch_all(self.pool()).await?;
         Ok(Timeline { since, until, bucket_seconds: bucket, points })
+    }
+
+    /// Merges the chart rollup's rows of each 10 minutes, target and decision from `since` to
+    /// `before` into one (migration 0018: writers add to rows of their own, so that they never
+    /// wait for each other). The sums stay as they were; one broker at a time does it, the
+    /// others get 0. Returns how many rows were merged.
+    pub async fn compact_timeline(&self, since: OffsetDateTime, before: OffsetDateTime) -> Result<i64, AuditError> {
+        Ok(sqlx::query_scalar("select audit_timeline_compact($1, $2)").bind(since).bind(before).fetch_one(self.pool()).await?)
     }
 
     /// Any row by id, with claims; for an issued row also its renewals, and the revocations
@@ -293,5 +361,22 @@ mod tests {
         assert_eq!(bucket_seconds(DEFAULT_TIMELINE_SPAN), 6 * 3600);
         assert_eq!(bucket_seconds(time::Duration::days(30)), 86_400);
         assert_eq!(bucket_seconds(time::Duration::days(365)), 7 * 86_400);
+    }
+
+    #[test]
+    fn the_window_widens_to_whole_rollup_grains() {
+        use time::macros::datetime;
+        assert_eq!(grain_floor(datetime!(2026-12-01 10:17:59.5 UTC)), datetime!(2026-12-01 10:10 UTC));
+        assert_eq!(grain_ceil(datetime!(2026-12-01 10:17:59.5 UTC)), datetime!(2026-12-01 10:20 UTC));
+        assert_eq!(grain_floor(datetime!(2026-12-01 10:20 UTC)), datetime!(2026-12-01 10:20 UTC));
+        assert_eq!(grain_ceil(datetime!(2026-12-01 10:20 UTC)), datetime!(2026-12-01 10:20 UTC));
+        assert_eq!(grain_ceil(datetime!(2026-12-01 10:20:00.000001 UTC)), datetime!(2026-12-01 10:30 UTC));
+        // Another offset names the same instant.
+        assert_eq!(grain_floor(datetime!(2026-12-01 11:47 +01:30)), datetime!(2026-12-01 10:10 UTC));
+        assert_eq!(grain_floor(datetime!(1969-12-31 23:55 UTC)), datetime!(1969-12-31 23:50 UTC));
+        // Every bucket is whole grains, so rollup rows sum into buckets exactly.
+        for hours in [1, 6, 7, 48, 49, 336, 337, 1488, 5000] {
+            assert_eq!(bucket_seconds(time::Duration::hours(hours)) % TIMELINE_GRAIN.whole_seconds(), 0);
+        }
     }
 }
