@@ -6,7 +6,8 @@
 //! the one holding it takes whatever has queued (up to `batch_max`), lets go and runs the batch,
 //! then answers every waiter with its own outcome; while it runs, more jobs queue for the next
 //! writer, so batches grow exactly when the database is the bottleneck. A failed statement
-//! fails every request in the batch.
+//! fails every request in the batch. A job that arrives while no batch runs runs at once in its
+//! own task ([`GroupCommit::submit`]): with nothing to share, there is nothing to wait for.
 //!
 //! The queue is bounded. An exchange reserves its audit slot when it arrives
 //! ([`GroupCommit::reserve`]), before any work is done, so an overloaded broker refuses early
