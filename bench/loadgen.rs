@@ -8,6 +8,9 @@
 //!   several comma-separated brokers (replicas): connections are spread over them. With
 //!   `--kind openbao-jwt-login` the same tokens go to OpenBao's JWT auth login instead
 //!   (`--roles` then names OpenBao roles), the way a team using Vault for this job would log in.
+//!   With `--kind openbao-database-creds --vault-token T` each request reads
+//!   `database/creds/ROLE` from OpenBao directly (`--roles` names database roles): the cost of a
+//!   database user minted by OpenBao itself, beside credbroker's `vault_database` backend.
 //!   `--ids-file F` writes the `issuance_id` of every 200 (the fault run checks each has its
 //!   row). A connection that fails (a replica killed) counts as status 0 and reconnects.
 //!
@@ -43,7 +46,7 @@ fn usage() -> ! {
     eprintln!("usage: loadgen serve-issuer --key K --listen ADDR [--issuers N]");
     eprintln!(
         "       loadgen run --url URL[,URL..] --issuer ISS --key K --audience A --roles R1,R2 [--connections N] [--duration S] [--warmup S] \\
-         [--uses-per-token N] [--kind credbroker|openbao-jwt-login] [--ids-file F]"
+         [--uses-per-token N] [--kind credbroker|openbao-jwt-login|openbao-database-creds] [--vault-token T] [--ids-file F]"
     );
     std::process::exit(2)
 }
@@ -182,6 +185,8 @@ enum Kind {
     Credbroker,
     /// `POST /v1/auth/jwt/login` with `{"role", "jwt"}`: OpenBao's (and Vault's) JWT auth.
     OpenbaoJwtLogin,
+    /// `GET /v1/database/creds/ROLE` with `X-Vault-Token`: OpenBao's database engine.
+    OpenbaoDatabaseCreds,
 }
 
 async fn run(options: Options) {
@@ -193,6 +198,7 @@ async fn run(options: Options) {
     let kind = match options.get("kind").unwrap_or("credbroker") {
         "credbroker" => Kind::Credbroker,
         "openbao-jwt-login" => Kind::OpenbaoJwtLogin,
+        "openbao-database-creds" => Kind::OpenbaoDatabaseCreds,
         _ => usage(),
     };
     let ids_file = options.get("ids-file").map(str::to_owned);
@@ -222,7 +228,12 @@ async fn run(options: Options) {
             uses: 0,
         };
         let roles = roles.clone();
-        let target = Target { address: addresses[connection % addresses.len()], kind, keep_ids: ids_file.is_some() };
+        let target = Target {
+            address: addresses[connection % addresses.len()],
+            kind,
+            keep_ids: ids_file.is_some(),
+            vault_token: options.get("vault-token").unwrap_or_default().to_owned(),
+        };
         tasks.push(tokio::spawn(connection_loop(target, tokens, roles, connection, measure_from, stop_at)));
     }
     let mut measured = Tally::default();
@@ -276,6 +287,7 @@ struct Target {
     address: SocketAddr,
     kind: Kind,
     keep_ids: bool,
+    vault_token: String,
 }
 
 /// One keep-alive connection: request, wait for the whole response, repeat. Stops between
@@ -314,6 +326,10 @@ async fn connection_loop(
                 let body = format!(r#"{{"role":"{role}","jwt":"{}"}}"#, tokens.next());
                 request.extend_from_slice(b"POST /v1/auth/jwt/login HTTP/1.1\r\nHost: openbao\r\nContent-Type: application/json");
                 request.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+            }
+            Kind::OpenbaoDatabaseCreds => {
+                let head = format!("GET /v1/database/creds/{role} HTTP/1.1\r\nHost: openbao\r\nX-Vault-Token: {}\r\n\r\n", target.vault_token);
+                request.extend_from_slice(head.as_bytes());
             }
         }
         let outcome = exchange_once(&mut stream, target.address, &request, &mut buffer).await;

@@ -120,7 +120,9 @@ async fn dev_mode_exchange_through_the_cli_leaves_no_secret_in_the_log() {
     assert_eq!(rows[3]["credential_sha256"], credbroker::types::sha256_hex(kafka_token.as_bytes()));
 
     let log_text = std::fs::read_to_string(&log).unwrap();
-    assert!(log_text.contains("credential issued"), "the log is being written: {log_text}");
+    let issuance_id = rows[3]["issuance_id"].as_str().unwrap();
+    let finished = log_text.lines().find(|line| line.contains(issuance_id) && line.contains("request finished"));
+    assert!(finished.is_some_and(|line| line.contains("demo-kafka-producer")), "the request's last line names what it issued: {log_text}");
     assert!(!log_text.contains(&kafka_token), "minted credential in the broker log");
     assert!(!log_text.contains(&job_token), "job token in the broker log");
     let signature = job_token.rsplit('.').next().unwrap();

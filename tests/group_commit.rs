@@ -128,6 +128,30 @@ async fn a_batch_killed_mid_commit_fails_every_request_in_it() {
     assert_eq!(issued_rows(&app).await, 1);
 }
 
+/// The writers keep their connections between batches (src/audit/held.rs). One that died
+/// while the broker was idle (Postgres restarted, a backend killed) is found out by the ping
+/// it gets after a second idle, and replaced: the next exchange succeeds.
+#[tokio::test]
+async fn connections_that_died_while_idle_are_replaced_before_the_next_exchange() {
+    let app = TestApp::spawn().await;
+    let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "orders-producer"})).await;
+    assert_eq!(status, 200, "{body}");
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and application_name = 'credbroker' and pid <> pg_backend_pid()",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert!(killed.iter().filter(|ended| **ended).count() >= 2, "the claim's and the row's connections: {killed:?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for _ in 0..3 {
+        let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "orders-producer"})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(issued_rows(&app).await, 4);
+}
+
 #[tokio::test]
 async fn a_full_queue_refuses_early_with_rate_limited_and_counts_every_refusal() {
     let app = TestApp::spawn_with("audit_queue_capacity = 3\naudit_writers = 1\naudit_batch_max = 2", None).await;

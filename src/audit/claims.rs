@@ -105,10 +105,12 @@ static CLAIM_BATCH: LazyLock<String> = LazyLock::new(|| {
 
 impl PgAudit {
     /// One claim, one statement (`audit_group_commit = false`, and a batch's lost races).
-    #[tracing::instrument(skip_all, fields(issuer = claim.issuer, role = claim.role))]
+    // Debug level, as the batch below: a claim runs on every exchange.
+    #[tracing::instrument(level = "debug", skip_all, fields(issuer = claim.issuer, role = claim.role))]
     pub async fn claim_token_use(&self, claim: &UseClaim) -> Result<TokenUse, AuditError> {
         let identities = claim.unless_frozen_for.as_deref().unwrap_or_default();
         loop {
+            let mut held = self.claiming().take().await?;
             let claimed: Option<i32> = sqlx::query_scalar(&CLAIM_ONE)
                 .bind(&claim.role)
                 .bind(identities)
@@ -117,8 +119,9 @@ impl PgAudit {
                 .bind(claim.max_uses as i32)
                 .bind(claim.token_expires_at)
                 .bind(claim.unless_frozen_for.is_some())
-                .fetch_optional(self.claims_pool())
+                .fetch_optional(held.connection())
                 .await?;
+            held.keep();
             if let Some(use_number) = claimed {
                 return Ok(TokenUse::Claimed(use_number as u32));
             }
@@ -141,7 +144,7 @@ impl PgAudit {
 
     /// Many claims, one statement; the answers in the claims' order. A claim that lost a race
     /// to another transaction on the same use number tries again alone.
-    #[tracing::instrument(skip_all, fields(claims = claims.len()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(claims = claims.len()))]
     pub async fn claim_token_uses(&self, claims: &[UseClaim]) -> Result<Vec<TokenUse>, AuditError> {
         let mut identity_of = Vec::new();
         let mut identities = Vec::new();
@@ -151,6 +154,7 @@ impl PgAudit {
                 identities.push(identity.as_str());
             }
         }
+        let mut held = self.claiming().take().await?;
         let rows = sqlx::query(&CLAIM_BATCH)
             .bind(claims.iter().map(|claim| claim.issuer.as_str()).collect::<Vec<_>>())
             .bind(claims.iter().map(|claim| claim.jti.as_str()).collect::<Vec<_>>())
@@ -160,8 +164,9 @@ impl PgAudit {
             .bind(claims.iter().map(|claim| claim.unless_frozen_for.is_some()).collect::<Vec<_>>())
             .bind(identity_of)
             .bind(identities)
-            .fetch_all(self.claims_pool())
+            .fetch_all(held.connection())
             .await?;
+        held.keep();
         let mut answers: Vec<Option<TokenUse>> = vec![None; claims.len()];
         for row in &rows {
             let ord: i64 = row.try_get("ord")?;

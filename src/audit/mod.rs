@@ -9,6 +9,7 @@ pub mod csv;
 pub mod deliveries;
 mod filter;
 mod group_commit;
+mod held;
 mod revocations;
 pub mod outbox;
 mod postgres;
@@ -95,7 +96,8 @@ pub struct AuditEvent {
     pub issuer: Option<String>,
     pub subject: Option<String>,
     pub job_token_sha256: Option<String>,
-    pub claims: Option<Map<String, Value>>,
+    /// Shared with the verified token it came from: copied only if a delivery adds to it.
+    pub claims: Option<std::sync::Arc<Map<String, Value>>>,
     pub role: Option<String>,
     pub target: Option<String>,
     pub backend: Option<String>,

@@ -7,6 +7,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
+use super::held::HeldConnections;
 use super::record::{self, AuditRecord, SELECT_LIST};
 use super::{AuditError, AuditEvent};
 
@@ -60,15 +61,17 @@ pub struct PgAudit {
     /// crashes before that, the claim may be lost, but then no credential left the broker and
     /// the token was never really used. It saves one disk flush (milliseconds) per exchange.
     claims: PgPool,
+    /// The audit batches' and the claims' connections, kept between statements.
+    writing: HeldConnections,
+    claiming: HeldConnections,
 }
 
 impl PgAudit {
     /// Two lazy pools on one database: `pool` (durable commits, reads) and one for claims.
     pub fn connect(url: &SecretString, max_connections: u32, acquire_timeout: Duration) -> Result<Self, AuditError> {
-        Ok(Self {
-            pool: connect(url, max_connections, acquire_timeout)?,
-            claims: connect_with(url, max_connections, acquire_timeout, Durability::Deferred)?,
-        })
+        let pool = connect(url, max_connections, acquire_timeout)?;
+        let claims = connect_with(url, max_connections, acquire_timeout, Durability::Deferred)?;
+        Ok(Self { writing: HeldConnections::new(pool.clone()), claiming: HeldConnections::new(claims.clone()), pool, claims })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -77,6 +80,10 @@ impl PgAudit {
 
     pub(super) fn claims_pool(&self) -> &PgPool {
         &self.claims
+    }
+
+    pub(super) fn claiming(&self) -> &HeldConnections {
+        &self.claiming
     }
 
     pub async fn ping(&self) -> Result<(), AuditError> {
@@ -125,14 +132,16 @@ impl PgAudit {
 impl PgAudit {
     /// One row, one INSERT, one commit: what `audit_group_commit = false` does per request.
     /// Autocommit: the INSERT returns only once the row is durable (synchronous_commit).
-    #[tracing::instrument(skip_all, fields(issuance_id = %event.id, decision = event.decision.as_str()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(issuance_id = %event.id, decision = event.decision.as_str()))]
     pub async fn write(&self, event: &AuditEvent) -> Result<(), AuditError> {
         self.write_batch(std::iter::once(event)).await
     }
 
     /// Many rows in one INSERT and one commit: all of them are durable, or none is.
     pub async fn write_batch(&self, events: impl Iterator<Item = &AuditEvent>) -> Result<(), AuditError> {
-        record::insert(events).execute(&self.pool).await?;
+        let mut held = self.writing.take().await?;
+        record::insert(events).execute(held.connection()).await?;
+        held.keep();
         Ok(())
     }
 }

@@ -3,7 +3,10 @@
 //! a migration plus one line here (README, "Adding an audit column").
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use std::borrow::Cow;
+
+use serde_json::{Map, Value};
+use sqlx::types::Json;
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
 use sqlx::Postgres;
@@ -40,18 +43,23 @@ macro_rules! audit_columns {
         /// Many events as one array per column, so a batch of any size is one statement with
         /// a fixed shape, which Postgres plans once per connection.
         #[derive(Default)]
-        struct ColumnArrays {
+        struct ColumnArrays<'a> {
             $( $field: Vec<$type>, )*
-            claims: Vec<Option<Value>>,
+            claims: Vec<Option<Json<Cow<'a, Map<String, Value>>>>>,
         }
 
-        impl ColumnArrays {
-            fn push(&mut self, row: &AuditEvent) {
+        impl<'a> ColumnArrays<'a> {
+            fn push(&mut self, row: &'a AuditEvent) {
                 $( { let $event = row; self.$field.push(Storable::storable($value)); } )*
-                self.claims.push(row.claims.clone().map(Value::Object).storable());
+                // The claims are the row's largest part: encoded where they lie unless a NUL
+                // must be replaced.
+                self.claims.push(row.claims.as_ref().map(|claims| match fields_hold_nul(claims) {
+                    false => Json(Cow::Borrowed(&**claims)),
+                    true => Json(Cow::Owned(Map::clone(claims).into_iter().map(|(name, value)| (name.storable(), value.storable())).collect())),
+                }));
             }
 
-            fn bind(self, query: Query<'_, Postgres, PgArguments>) -> Query<'_, Postgres, PgArguments> {
+            fn bind(self, query: Query<'a, Postgres, PgArguments>) -> Query<'a, Postgres, PgArguments> {
                 query $( .bind(self.$field) )* .bind(self.claims)
             }
         }
@@ -80,6 +88,19 @@ impl Storable for Value {
             other => other,
         }
     }
+}
+
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(fields) => fields_hold_nul(fields),
+        _ => false,
+    }
+}
+
+fn fields_hold_nul(fields: &Map<String, Value>) -> bool {
+    fields.iter().any(|(name, value)| name.contains('\0') || holds_nul(value))
 }
 
 impl<T: Storable> Storable for Option<T> {
@@ -168,7 +189,7 @@ static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 });
 
 /// The INSERT of these events, ready to run.
-pub(super) fn insert<'a>(events: impl Iterator<Item = &'a AuditEvent>) -> Query<'static, Postgres, PgArguments> {
+pub(super) fn insert<'a>(events: impl Iterator<Item = &'a AuditEvent>) -> Query<'a, Postgres, PgArguments> {
     let mut columns = ColumnArrays::default();
     for event in events {
         columns.push(event);
@@ -184,11 +205,12 @@ mod tests {
     fn a_nul_is_stored_as_a_replacement_character() {
         let mut event = AuditEvent::new(Uuid::new_v4(), crate::audit::Decision::Denied, OffsetDateTime::now_utc(), "r");
         event.role = Some("a\0b".into());
-        event.claims = Some(serde_json::json!({"sub\0": ["x\0"]}).as_object().unwrap().clone());
+        event.claims = Some(serde_json::json!({"sub\0": ["x\0"]}).as_object().unwrap().clone().into());
         let mut columns = ColumnArrays::default();
         columns.push(&event);
         assert_eq!(columns.role, [Some("a\u{FFFD}b".to_owned())]);
-        assert_eq!(columns.claims, [Some(serde_json::json!({"sub\u{FFFD}": ["x\u{FFFD}"]}))]);
+        let claims = columns.claims[0].as_ref().map(|claims| Value::Object(claims.0.clone().into_owned()));
+        assert_eq!(claims, Some(serde_json::json!({"sub\u{FFFD}": ["x\u{FFFD}"]})));
     }
 
     #[test]

@@ -105,7 +105,8 @@ impl Backend for KafkaOauthbearer {
         Some(self.max_ttl)
     }
 
-    #[tracing::instrument(skip_all, fields(backend = %self.name, role = %request.role))]
+    // Debug level: local signing on every exchange; the request span names the role.
+    #[tracing::instrument(level = "debug", skip_all, fields(backend = %self.name, role = %request.role))]
     async fn mint(&self, request: MintRequest<'_>) -> Result<Credential, BackendError> {
         let principal = request.params.get("principal").map(String::as_str).unwrap_or_default();
         if principal.is_empty() {

@@ -233,7 +233,8 @@ impl Broker {
         self.exchange_through(input, Door::OauthToken(request)).await
     }
 
-    #[tracing::instrument(skip_all, fields(request_id = input.request_id, issuance_id, role))]
+    /// Records `issuance_id` and `role` on the current span (the HTTP edge's request span),
+    /// which ends in the request's one log line.
     async fn exchange_through(&self, input: ExchangeInput<'_>, door: Door) -> Result<Issued, ExchangeFailure> {
         let started = std::time::Instant::now();
         let now = OffsetDateTime::now_utc();
@@ -244,7 +245,6 @@ impl Broker {
         let recorded = self.record(row, outcome).await;
         self.count_exchange(role.as_deref(), backend.as_deref(), recorded.as_ref().map(|_| ()).map_err(|failure| &failure.error), started);
         let minted = recorded?;
-        tracing::info!(issuance_id = %minted.issued.issuance_id, role = %minted.issued.role, ttl = minted.issued.ttl.seconds(), "credential issued");
         minted.undelivered.delivered();
         Ok(minted.issued)
     }
@@ -316,7 +316,7 @@ impl Broker {
                     if let Some(value) = delivery.claims.get(*name) {
                         // `delivery_id` already names itself (the README promises that name).
                         let joined = if name.starts_with("delivery_") { (*name).to_owned() } else { format!("delivery_{name}") };
-                        token.claims.insert(joined, value.clone());
+                        std::sync::Arc::make_mut(&mut token.claims).insert(joined, value.clone());
                     }
                 }
                 event.claims = Some(token.claims.clone());

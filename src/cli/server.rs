@@ -154,7 +154,9 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("CREDBROKER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        // The current span carries the request's id and what it issued; the list of enclosing
+        // spans would repeat it on every line.
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
         LogFormat::Text => builder.init(),
     }
 }

@@ -248,7 +248,7 @@ impl Gogs {
         // event is trusted only once the payload's shape agrees with it (payload::parse).
         let payload_sha256 = sha256_hex(&payload);
         facts.signed = true;
-        let claims = facts.row.claims.insert(Map::new());
+        let claims = std::sync::Arc::make_mut(facts.row.claims.insert(Default::default()));
         claims.insert("hook".into(), json!(hook_name));
         claims.insert("delivery_id".into(), json!(delivery_id));
         claims.insert("event".into(), json!(event));
@@ -488,7 +488,7 @@ impl Gogs {
             jti: text("jti")?,
             job_deadline,
             token_sha256: sha256_hex(token.as_bytes()),
-            claims,
+            claims: claims.into(),
         })
     }
 

@@ -93,14 +93,24 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Accepts a caller's `x-request-id` when it is sane, otherwise makes one; echoes it, and
-/// wraps the request in a span carrying it so every log line can be correlated.
+/// wraps the request in a span carrying it so every log line can be correlated. Each request
+/// ends in one log line.
 async fn with_request_id(mut request: Request, next: Next) -> Response {
     let supplied = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).filter(|id| {
         !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
     });
     let request_id = supplied.map(str::to_owned).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     request.extensions_mut().insert(RequestId(request_id.clone()));
-    let span = tracing::info_span!("request", request_id = %request_id, method = %request.method(), path = %request.uri().path());
+    // The exchange fills in `issuance_id` and `role`, so its one "request finished" line says
+    // what was issued; the audit row holds the rest.
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %request.method(),
+        path = %request.uri().path(),
+        issuance_id = tracing::field::Empty,
+        role = tracing::field::Empty,
+    );
     let started = std::time::Instant::now();
     let mut response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
     span.in_scope(|| {
