@@ -117,13 +117,10 @@ impl Credential {
         self
     }
 
-    /// The credential object of the HTTP response, secrets included.
-    pub fn expose_fields(&self) -> Map<String, Value> {
-        let mut fields = self.public.clone();
-        for (name, secret) in &self.secrets {
-            fields.insert((*name).to_owned(), Value::String(secret.expose_secret().to_owned()));
-        }
-        fields
+    /// The credential object of the HTTP response, secrets included. It serializes straight
+    /// from the secrets, so the response body is the only copy made of them.
+    pub fn expose_fields(&self) -> ExposedFields<'_> {
+        ExposedFields(self)
     }
 
     /// The primary secret (the field [`Credential::new`] named): for `POST /oauth/token`,
@@ -132,20 +129,55 @@ impl Credential {
         self.secrets[0].1.expose_secret()
     }
 
-    /// Environment variables for `credbroker exchange --format env`, secrets included.
-    pub fn expose_env(&self) -> Map<String, Value> {
-        self.env
-            .iter()
-            .filter_map(|(name, value)| {
-                let value = match value {
-                    EnvValue::Public(text) => text.clone(),
-                    EnvValue::Secret(field) => {
-                        self.secrets.iter().find(|(n, _)| n == field)?.1.expose_secret().to_owned()
-                    }
-                };
-                Some((name.clone(), Value::String(value)))
-            })
-            .collect()
+    /// Environment variables for `credbroker exchange --format env`, secrets included,
+    /// serialized the same way as [`Credential::expose_fields`].
+    pub fn expose_env(&self) -> ExposedEnv<'_> {
+        ExposedEnv(self)
+    }
+
+    fn secret(&self, field: &str) -> Option<&str> {
+        self.secrets.iter().find(|(name, _)| *name == field).map(|(_, secret)| secret.expose_secret())
+    }
+
+}
+
+/// See [`Credential::expose_fields`]: the public fields, then the secret ones (a secret field
+/// wins over a public one of the same name).
+pub struct ExposedFields<'a>(&'a Credential);
+
+impl serde::Serialize for ExposedFields<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let credential = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        for (name, value) in credential.public.iter().filter(|(name, _)| credential.secret(name).is_none()) {
+            map.serialize_entry(name, value)?;
+        }
+        for (name, secret) in &credential.secrets {
+            map.serialize_entry(name, secret.expose_secret())?;
+        }
+        map.end()
+    }
+}
+
+/// See [`Credential::expose_env`]: a variable naming a secret field the credential lacks is left out.
+pub struct ExposedEnv<'a>(&'a Credential);
+
+impl serde::Serialize for ExposedEnv<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let credential = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        for (name, value) in &credential.env {
+            let value = match value {
+                EnvValue::Public(text) => Some(text.as_str()),
+                EnvValue::Secret(field) => credential.secret(field),
+            };
+            if let Some(value) = value {
+                map.serialize_entry(name, value)?;
+            }
+        }
+        map.end()
     }
 }
 
@@ -339,5 +371,26 @@ impl BuildContext<'_> {
             Some(key) => Err(self.error(key, format!("unknown key; expected one of {known:?}"))),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_response_fields_and_env_serialize_from_the_secrets() {
+        let credential = Credential::new("password", SecretString::from("s3cret".to_owned()))
+            .with_secret("token", SecretString::from("t0ken".to_owned()))
+            .with_public("user", "job-42")
+            // A public field of a secret's name does not shadow the secret.
+            .with_public("password", "not this")
+            .with_env("DB_USER", EnvValue::Public("job-42".into()))
+            .with_env("DB_PASSWORD", EnvValue::Secret("password"))
+            .with_env("MISSING", EnvValue::Secret("absent"));
+        let fields = serde_json::to_value(credential.expose_fields()).unwrap();
+        assert_eq!(fields, serde_json::json!({"user": "job-42", "password": "s3cret", "token": "t0ken"}));
+        let env = serde_json::to_value(credential.expose_env()).unwrap();
+        assert_eq!(env, serde_json::json!({"DB_USER": "job-42", "DB_PASSWORD": "s3cret"}));
     }
 }

@@ -262,17 +262,17 @@ async fn release_credential(State(state): State<AppState>, PathParam(issuance_id
 async fn create_credential(State(state): State<AppState>, parts: RequestParts) -> Response {
     match state.broker.exchange(parts.input()).await {
         Ok(issued) => {
-            let body = json!({
-                "issuance_id": issued.issuance_id,
-                "role": issued.role,
-                "target": issued.target,
-                "backend": issued.backend,
-                "ttl_seconds": issued.ttl.seconds(),
-                "expires_at": rfc3339(issued.expires_at),
-                "job_deadline": rfc3339(issued.job_deadline),
-                "credential": issued.credential.expose_fields(),
-                "env": issued.credential.expose_env(),
-            });
+            let body = IssuedBody {
+                issuance_id: issued.issuance_id,
+                role: &issued.role,
+                target: &issued.target,
+                backend: &issued.backend,
+                ttl_seconds: issued.ttl.seconds(),
+                expires_at: rfc3339(issued.expires_at),
+                job_deadline: rfc3339(issued.job_deadline),
+                credential: issued.credential.expose_fields(),
+                env: issued.credential.expose_env(),
+            };
             let mut response = Json(body).into_response();
             // A credential must not sit in any cache between here and the job.
             response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -280,6 +280,21 @@ async fn create_credential(State(state): State<AppState>, parts: RequestParts) -
         }
         Err(failure) => Problem::from(failure).into_response(),
     }
+}
+
+/// `POST /v1/credentials`' answer (openapi.json `Credential`), serialized from the credential
+/// itself: no intermediate JSON value holds a copy of its secrets.
+#[derive(serde::Serialize)]
+struct IssuedBody<'a> {
+    issuance_id: uuid::Uuid,
+    role: &'a str,
+    target: &'a str,
+    backend: &'a str,
+    ttl_seconds: u32,
+    expires_at: String,
+    job_deadline: String,
+    credential: crate::backend::ExposedFields<'a>,
+    env: crate::backend::ExposedEnv<'a>,
 }
 
 /// The token, if the header is `Bearer <token>`. Size is checked by the verifier before any parsing.
