@@ -83,6 +83,15 @@ impl Decision {
     }
 }
 
+/// A new audit row's id: a UUIDv7 (RFC 9562). Ids in time order put each INSERT at the right
+/// edge of the primary-key index; random ones land on random pages of it, which at tens of
+/// millions of rows no longer stay in memory. 74 random bits from the thread's CSPRNG (no
+/// system call per id) keep ids unguessable; the time they give away is the row's `occurred_at`.
+pub fn new_row_id() -> Uuid {
+    let millis = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64;
+    uuid::Builder::from_unix_timestamp_millis(millis, &rand::random()).into_uuid()
+}
+
 /// One decision as it is stored. Never holds a secret: credentials and job tokens appear
 /// only as SHA-256 fingerprints.
 #[derive(Debug, Clone)]
@@ -301,5 +310,20 @@ impl Audit {
 
     pub fn store(&self) -> &PgAudit {
         &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn row_ids_are_version_7_and_follow_the_clock() {
+        let first = super::new_row_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let second = super::new_row_id();
+        assert_eq!(first.get_version(), Some(uuid::Version::SortRand));
+        assert!(second > first, "{second} was made after {first}");
+        // Within one millisecond the order is random, but ids never repeat.
+        let many: std::collections::HashSet<_> = (0..10_000).map(|_| super::new_row_id()).collect();
+        assert_eq!(many.len(), 10_000);
     }
 }

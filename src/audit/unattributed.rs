@@ -6,7 +6,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
-use uuid::Uuid;
 
 use super::{AuditEvent, Decision};
 
@@ -93,7 +92,7 @@ impl UnattributedLimiter {
             .suppressed
             .drain()
             .map(|((address, code), suppressed)| {
-                let mut event = AuditEvent::new(Uuid::new_v4(), Decision::Denied, suppressed.first_at, "aggregated");
+                let mut event = AuditEvent::new(super::new_row_id(), Decision::Denied, suppressed.first_at, "aggregated");
                 event.detail = Some(if code == RATE_LIMITED {
                     format!("{} exchanges refused unanswered while the audit queue was full", suppressed.count)
                 } else {
@@ -124,7 +123,7 @@ mod tests {
     use super::*;
 
     fn denial(address: &str, code: &str) -> AuditEvent {
-        let mut event = AuditEvent::new(Uuid::new_v4(), Decision::Denied, OffsetDateTime::now_utc(), "r");
+        let mut event = AuditEvent::new(crate::audit::new_row_id(), Decision::Denied, OffsetDateTime::now_utc(), "r");
         event.client_addr = Some(address.into());
         event.code = Some(code.into());
         event

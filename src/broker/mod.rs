@@ -502,7 +502,7 @@ impl Broker {
     /// refuses at once (429) instead of doing work it then cannot record; the refusal is
     /// counted into an aggregated row.
     pub(crate) fn open_row(&self, input: &ExchangeInput<'_>, now: OffsetDateTime, target: Option<&str>) -> Result<RequestRow, ExchangeFailure> {
-        let mut event = AuditEvent::new(Uuid::new_v4(), Decision::Denied, now, input.request_id);
+        let mut event = AuditEvent::new(crate::audit::new_row_id(), Decision::Denied, now, input.request_id);
         event.client_addr = input.client_addr.clone();
         event.user_agent = input.user_agent.clone();
         event.target = target.map(str::to_owned);

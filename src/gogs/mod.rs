@@ -201,7 +201,7 @@ impl Gogs {
     #[tracing::instrument(skip_all, fields(hook = %incoming.hook, delivery_id, event))]
     pub async fn receive(&self, incoming: IncomingDelivery, audit: &Audit) -> Result<Received, Refused> {
         let received_at = OffsetDateTime::now_utc();
-        let mut row = AuditEvent::new(Uuid::new_v4(), Decision::Denied, received_at, &incoming.request_id);
+        let mut row = AuditEvent::new(crate::audit::new_row_id(), Decision::Denied, received_at, &incoming.request_id);
         row.issuer = Some(GOGS_ISSUER_NAME.to_owned());
         row.backend = Some(GOGS_ISSUER_NAME.to_owned());
         row.target = Some(GOGS_ISSUER_NAME.to_owned());

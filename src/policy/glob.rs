@@ -48,11 +48,13 @@ impl Glob {
 
     pub fn matches(&self, value: &str) -> bool {
         let value: Vec<char> = value.chars().collect();
-        // reachable[j]: the tokens seen so far can consume exactly value[..j].
+        // reachable[j]: the tokens seen so far can consume exactly value[..j]. Two rows,
+        // swapped per token: this runs for every claim pattern of every exchange.
         let mut reachable = vec![false; value.len() + 1];
+        let mut next = vec![false; value.len() + 1];
         reachable[0] = true;
         for token in &self.tokens {
-            let mut next = vec![false; value.len() + 1];
+            next.fill(false);
             match token {
                 Token::Literal(expected) => {
                     for j in 0..value.len() {
@@ -71,7 +73,7 @@ impl Glob {
                     }
                 }
             }
-            reachable = next;
+            std::mem::swap(&mut reachable, &mut next);
         }
         reachable[value.len()]
     }

@@ -156,7 +156,7 @@ fn backoff(attempts: u32) -> Duration {
 /// security team finds it with the same filters (project, job, subject).
 async fn record_attempt(audit: &Audit, revocation: &ClaimedRevocation, result: &Result<(), String>, retry_in: Option<Duration>) {
     let decision = if result.is_ok() { Decision::Revoked } else { Decision::RevokeFailed };
-    let id = Uuid::new_v4();
+    let id = crate::audit::new_row_id();
     // No client request behind the worker's rows: the row's own id is its correlation id.
     let mut event = AuditEvent::new(id, decision, OffsetDateTime::now_utc(), &id.to_string());
     event.about_issuance = Some(revocation.issuance_id);
