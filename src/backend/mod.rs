@@ -138,7 +138,6 @@ impl Credential {
     fn secret(&self, field: &str) -> Option<&str> {
         self.secrets.iter().find(|(name, _)| *name == field).map(|(_, secret)| secret.expose_secret())
     }
-
 }
 
 /// See [`Credential::expose_fields`]: the public fields, then the secret ones (a secret field
