@@ -18,11 +18,13 @@ async fn block_audit_inserts(database_url: &str) -> PgConnection {
     connection
 }
 
-/// The backends of audit INSERTs (batches) stuck behind the lock.
+/// The backends of audit INSERTs (batches, alone or with their claims) stuck behind the lock.
+/// A claim's statement shows only its start: pg_stat_activity cuts it before its INSERT.
 async fn stuck_batches(app: &TestApp) -> Vec<i32> {
     sqlx::query_scalar(
         "select pid from pg_stat_activity
-         where datname = current_database() and wait_event_type = 'Lock' and query like 'insert into audit_events%'",
+         where datname = current_database() and wait_event_type = 'Lock'
+           and (query like 'insert into audit_events%' or query like 'with request as%')",
     )
     .fetch_all(&app.pool)
     .await

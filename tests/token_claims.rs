@@ -1,13 +1,14 @@
 //! Token-use claims in batches (group commit): one statement answers each claim of a batch
 //! claimed, exhausted or frozen, in order, and two replicas claiming the same token at once on
-//! one database never exceed its uses. Postgres is real.
+//! one database never exceed its uses, also when each claim carries the issued row it decides.
+//! Postgres is real.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use credbroker::audit::{Audit, PgAudit, TokenUse, UseClaim};
+use credbroker::audit::{Audit, AuditEvent, Decision, PgAudit, TokenUse, UseClaim};
 use credbroker::config::AuditWriterConfig;
 use credbroker::metrics::Metrics;
 use secrecy::SecretString;
@@ -84,20 +85,94 @@ async fn one_statement_answers_each_claim_of_a_batch_in_order() {
     assert_eq!(describe(&again[0]), "claimed 1");
 }
 
+/// An issued row to write with a claim, as the broker does for a credential signed in memory.
+fn issued_row() -> AuditEvent {
+    let mut row = AuditEvent::new(credbroker::audit::new_row_id(), Decision::Issued, OffsetDateTime::now_utc(), "request");
+    row.issuer = Some("https://gitlab.example.com".into());
+    row.role = Some("deploy".into());
+    row.credential_sha256 = Some("0".repeat(64));
+    row.expires_at = Some(OffsetDateTime::now_utc() + time::Duration::minutes(10));
+    row
+}
+
+async fn issued_ids(store: &PgAudit) -> Vec<uuid::Uuid> {
+    sqlx::query_scalar("select id from audit_events where decision = 'issued' order by id").fetch_all(store.pool()).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_writes_the_rows_of_exactly_the_claims_it_takes() {
+    let store = store().await;
+    store.freeze("role", "frozen-role", "sec-eve", None).await.unwrap();
+    let claims = [
+        claim("t-a", "deploy", 1, Some(&["grp/app"])),
+        claim("t-a", "deploy", 1, Some(&["grp/app"])),
+        claim("t-b", "frozen-role", 5, Some(&["grp/app"])),
+        claim("t-c", "deploy", 3, Some(&["grp/app"])),
+    ];
+    let rows: Vec<AuditEvent> = claims.iter().map(|_| issued_row()).collect();
+    let answers = store
+        .claim_token_uses_and_record(&claims.iter().collect::<Vec<_>>(), &rows.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let answers: Vec<String> = answers.iter().map(describe).collect();
+    assert_eq!(answers, ["claimed 1", "exhausted", "frozen role frozen-role", "claimed 1"]);
+    let mut expected = vec![rows[0].id, rows[3].id];
+    expected.sort();
+    assert_eq!(issued_ids(&store).await, expected, "a row for each claim taken, none for the others");
+    let uses: i64 = sqlx::query_scalar("select count(*) from token_uses").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(uses, 2);
+}
+
+fn replica_writer() -> AuditWriterConfig {
+    AuditWriterConfig { group_commit: true, writers: 2, batch_max: 64, batch_wait: Duration::from_millis(2), queue_capacity: 1024 }
+}
+
+#[tokio::test]
+async fn two_replicas_claiming_with_their_rows_write_exactly_the_uses_there_are() {
+    let store_url = common::fresh_database().await;
+    let replica = |url: String, writer: AuditWriterConfig| async move {
+        let store = PgAudit::connect(&SecretString::from(url), 8, Duration::from_secs(5)).unwrap();
+        credbroker::audit::migrate(store.pool()).await.unwrap();
+        Audit::new(store, writer, 100, Arc::new(Metrics::default()))
+    };
+    // One replica batches, the other writes each claim on its own: both ways race here.
+    let per_request = AuditWriterConfig { group_commit: false, ..replica_writer() };
+    let replicas = [replica(store_url.clone(), replica_writer()).await, replica(store_url, per_request).await];
+    const MAX_USES: u32 = 23;
+    let attempts: Vec<_> = (0..160)
+        .map(|attempt| {
+            let audit = replicas[attempt % 2].clone();
+            let row = issued_row();
+            let id = row.id;
+            let answer = tokio::spawn(async move { audit.claim_and_record(claim("shared", "deploy", MAX_USES, Some(&["grp/app"])), row).await.unwrap() });
+            (id, answer)
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    let mut claimed_ids = Vec::new();
+    for (id, answer) in attempts {
+        match answer.await.unwrap() {
+            TokenUse::Claimed(use_number) => {
+                claimed.push(use_number);
+                claimed_ids.push(id);
+            }
+            TokenUse::Exhausted => {}
+            TokenUse::Frozen(freeze) => panic!("no freeze was set: {freeze:?}"),
+        }
+    }
+    claimed.sort_unstable();
+    claimed_ids.sort();
+    assert_eq!(claimed, (1..=MAX_USES).collect::<Vec<_>>(), "each use exactly once");
+    assert_eq!(issued_ids(replicas[0].store()).await, claimed_ids, "an issued row for each use taken, and only for those");
+}
+
 #[tokio::test]
 async fn two_replicas_claiming_one_token_at_once_never_exceed_its_uses() {
     let store_url = common::fresh_database().await;
     let replica = |url: String| async move {
         let store = PgAudit::connect(&SecretString::from(url), 8, Duration::from_secs(5)).unwrap();
         credbroker::audit::migrate(store.pool()).await.unwrap();
-        let writer = AuditWriterConfig {
-            group_commit: true,
-            writers: 2,
-            batch_max: 64,
-            batch_wait: Duration::from_millis(2),
-            queue_capacity: 1024,
-        };
-        Audit::new(store, writer, 100, Arc::new(Metrics::default()))
+        Audit::new(store, replica_writer(), 100, Arc::new(Metrics::default()))
     };
     let replicas = [replica(store_url.clone()).await, replica(store_url).await];
     const MAX_USES: u32 = 37;

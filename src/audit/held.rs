@@ -24,11 +24,15 @@ type Idle = Vec<(PoolConnection<Postgres>, Instant)>;
 pub(super) struct HeldConnections {
     pool: PgPool,
     idle: Arc<Mutex<Idle>>,
+    /// Kept connections stay checked out of the pool: half of it at most, so whatever else
+    /// uses the pool (reads, revocations, health checks) always finds a connection.
+    keep_at_most: usize,
 }
 
 impl HeldConnections {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, idle: Arc::default() }
+        let keep_at_most = KEEP_AT_MOST.min(pool.options().get_max_connections() as usize / 2);
+        Self { pool, idle: Arc::default(), keep_at_most }
     }
 
     /// A kept connection, or one from the pool.
@@ -36,11 +40,11 @@ impl HeldConnections {
         loop {
             let kept = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
             let Some((mut connection, since)) = kept else {
-                return Ok(Held { connection: self.pool.acquire().await?, home: self.idle.clone() });
+                return Ok(Held { connection: self.pool.acquire().await?, home: self.idle.clone(), keep_at_most: self.keep_at_most });
             };
             // A dead one is dropped: the pool tests it on return and closes it.
             if since.elapsed() < PING_WHEN_IDLE_FOR || connection.ping().await.is_ok() {
-                return Ok(Held { connection, home: self.idle.clone() });
+                return Ok(Held { connection, home: self.idle.clone(), keep_at_most: self.keep_at_most });
             }
         }
     }
@@ -51,6 +55,7 @@ impl HeldConnections {
 pub(super) struct Held {
     connection: PoolConnection<Postgres>,
     home: Arc<Mutex<Idle>>,
+    keep_at_most: usize,
 }
 
 impl Held {
@@ -60,7 +65,7 @@ impl Held {
 
     pub fn keep(self) {
         let mut idle = self.home.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if idle.len() < KEEP_AT_MOST {
+        if idle.len() < self.keep_at_most {
             idle.push((self.connection, Instant::now()));
         }
     }

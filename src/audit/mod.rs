@@ -28,8 +28,8 @@ use crate::config::AuditWriterConfig;
 use crate::metrics::Metrics;
 
 use group_commit::{AuditRows, GroupCommit, QueueSlot, Shape};
-use claims::TokenClaims;
-pub use claims::{TokenUse, UseClaim};
+use claims::{ClaimedRows, TokenClaims};
+pub use claims::{ClaimedRow, TokenUse, UseClaim};
 pub use revocations::{project_identities, ClaimedRevocation, Freeze, IssuanceSelector, IssuedCredential, RevocationReason, PROJECT_IDENTITY_CLAIMS, SELECTOR_LIMIT};
 pub use postgres::{connect, migrate, PgAudit};
 pub use record::{AuditRecord, RECORD_FIELDS};
@@ -199,8 +199,9 @@ pub struct Audit {
 #[derive(Clone)]
 enum Writer {
     PerRequest,
-    /// Audit rows and token-use claims, each batched.
-    GroupCommit { rows: GroupCommit<AuditRows>, claims: GroupCommit<TokenClaims> },
+    /// Audit rows and token-use claims, each batched, and claims with their rows
+    /// ([`Audit::claim_and_record`]) in shards by token.
+    GroupCommit { rows: GroupCommit<AuditRows>, claims: GroupCommit<TokenClaims>, claimed_rows: Arc<[GroupCommit<ClaimedRows>]> },
 }
 
 /// A reserved place for one row (see [`Audit::reserve`]).
@@ -213,10 +214,18 @@ impl Audit {
             // One claim writer: its batches never race each other for a token's use numbers
             // (each sees the one before it; a lone claim run at once may, and then the loser
             // tries again), and without a disk flush per commit (see `PgAudit`) one keeps up.
-            let claim_shape = Shape { writers: 1, ..Shape::from(&writer) };
+            let claim_shape = || Shape { writers: 1, ..Shape::from(&writer) };
+            // Claims with rows commit durably, so one writer would leave Postgres idle while
+            // it waits for the disk: `audit_writers` shards, each with its one writer, and a
+            // token always in the same shard, so two of a replica's batches never race for
+            // one token's use numbers.
+            let claimed_rows = (0..writer.writers.max(1))
+                .map(|_| GroupCommit::start(ClaimedRows(store.clone()), claim_shape(), metrics.audit_batch_rows.clone()))
+                .collect();
             Writer::GroupCommit {
                 rows: GroupCommit::start(AuditRows(store.clone()), Shape::from(&writer), metrics.audit_batch_rows.clone()),
-                claims: GroupCommit::start(TokenClaims(store.clone()), claim_shape, metrics.token_claim_batch_size.clone()),
+                claims: GroupCommit::start(TokenClaims(store.clone()), claim_shape(), metrics.token_claim_batch_size.clone()),
+                claimed_rows,
             }
         } else {
             Writer::PerRequest
@@ -304,6 +313,27 @@ impl Audit {
         }
     }
 
+    /// Claims one use and, in the same statement and durable commit, writes the issued row
+    /// that stands only if the claim is taken: the row is written exactly when the answer is
+    /// [`TokenUse::Claimed`]. For a credential minted before its claim, which nobody has seen
+    /// until this returns (see `Backend::mints_without_side_effects`).
+    pub async fn claim_and_record(&self, claim: UseClaim, row: AuditEvent) -> Result<TokenUse, AuditError> {
+        let answer = match &self.writer {
+            Writer::PerRequest => {
+                self.metrics.audit_batch_rows.observe(1.0);
+                self.store.claim_token_uses_and_record(&[&claim], &[&row]).await.map(|mut answers| answers.remove(0))
+            }
+            Writer::GroupCommit { claimed_rows, .. } => {
+                let shard = &claimed_rows[shard_of(&claim, claimed_rows.len())];
+                shard.submit(shard.reserve_waiting().await?, ClaimedRow { claim, row }).await
+            }
+        };
+        if answer.is_err() {
+            self.metrics.audit_write_failures.inc();
+        }
+        answer
+    }
+
     pub async fn ping(&self) -> Result<(), AuditError> {
         self.store.ping().await
     }
@@ -311,6 +341,14 @@ impl Audit {
     pub fn store(&self) -> &PgAudit {
         &self.store
     }
+}
+
+/// The claim shard of a token (its issuer, id and role): the same for every use of it.
+fn shard_of(claim: &UseClaim, shards: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (&claim.issuer, &claim.jti, &claim.role).hash(&mut hasher);
+    (hasher.finish() % shards as u64) as usize
 }
 
 #[cfg(test)]

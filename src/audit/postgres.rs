@@ -55,15 +55,15 @@ pub async fn migrate(pool: &PgPool) -> Result<(), AuditError> {
 #[derive(Clone)]
 pub struct PgAudit {
     pool: PgPool,
-    /// Token-use claims commit without waiting for the disk. That is safe because a claim only
+    /// The claims' pool. Token-use claims commit without waiting for the disk. That is safe because a claim only
     /// matters once a credential is issued, and the issued row's own synchronous commit flushes
     /// the WAL up to and including every earlier commit, the claim's among them. If Postgres
     /// crashes before that, the claim may be lost, but then no credential left the broker and
     /// the token was never really used. It saves one disk flush (milliseconds) per exchange.
-    claims: PgPool,
-    /// The audit batches' and the claims' connections, kept between statements.
-    writing: HeldConnections,
+    /// (A claim written with its issued row commits durably, with the row: `claims.rs`.)
     claiming: HeldConnections,
+    /// The audit batches' connections, kept between statements.
+    writing: HeldConnections,
 }
 
 impl PgAudit {
@@ -71,19 +71,19 @@ impl PgAudit {
     pub fn connect(url: &SecretString, max_connections: u32, acquire_timeout: Duration) -> Result<Self, AuditError> {
         let pool = connect(url, max_connections, acquire_timeout)?;
         let claims = connect_with(url, max_connections, acquire_timeout, Durability::Deferred)?;
-        Ok(Self { writing: HeldConnections::new(pool.clone()), claiming: HeldConnections::new(claims.clone()), pool, claims })
+        Ok(Self { writing: HeldConnections::new(pool.clone()), claiming: HeldConnections::new(claims), pool })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
-    pub(super) fn claims_pool(&self) -> &PgPool {
-        &self.claims
-    }
-
     pub(super) fn claiming(&self) -> &HeldConnections {
         &self.claiming
+    }
+
+    pub(super) fn writing(&self) -> &HeldConnections {
+        &self.writing
     }
 
     pub async fn ping(&self) -> Result<(), AuditError> {

@@ -181,20 +181,37 @@ pub static SELECT_LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
 });
 
 /// One INSERT for any number of rows: every written column as an array, unnested.
-static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_sql(1, None));
+
+/// The INSERT's text, its arrays bound from `$first` on. With `only_ords`, a subquery giving
+/// positions (1-based) in the arrays, only those rows are inserted: how a statement that
+/// claims token uses writes the rows of the claims it won (`claims.rs`).
+pub(super) fn insert_sql(first: usize, only_ords: Option<&str>) -> String {
     let columns: Vec<&str> = WRITTEN.iter().map(|(column, _)| *column).chain(["claims"]).collect();
     let arrays: Vec<String> =
-        WRITTEN.iter().map(|(_, sql)| *sql).chain(["jsonb"]).enumerate().map(|(n, sql)| format!("${}::{sql}[]", n + 1)).collect();
-    format!("insert into audit_events ({}) select * from unnest({})", columns.join(", "), arrays.join(", "))
-});
+        WRITTEN.iter().map(|(_, sql)| *sql).chain(["jsonb"]).enumerate().map(|(n, sql)| format!("${}::{sql}[]", n + first)).collect();
+    let (columns, arrays) = (columns.join(", "), arrays.join(", "));
+    match only_ords {
+        None => format!("insert into audit_events ({columns}) select * from unnest({arrays})"),
+        Some(ords) => format!(
+            "insert into audit_events ({columns}) select {columns} from unnest({arrays}) with ordinality as e ({columns}, ord)
+             where e.ord in ({ords})"
+        ),
+    }
+}
 
 /// The INSERT of these events, ready to run.
 pub(super) fn insert<'a>(events: impl Iterator<Item = &'a AuditEvent>) -> Query<'a, Postgres, PgArguments> {
+    bind_rows(sqlx::query(INSERT.as_str()), events)
+}
+
+/// Binds the events' columns, one array each, after the query's other parameters.
+pub(super) fn bind_rows<'a>(query: Query<'a, Postgres, PgArguments>, events: impl Iterator<Item = &'a AuditEvent>) -> Query<'a, Postgres, PgArguments> {
     let mut columns = ColumnArrays::default();
     for event in events {
         columns.push(event);
     }
-    columns.bind(sqlx::query(INSERT.as_str()))
+    columns.bind(query)
 }
 
 #[cfg(test)]

@@ -349,14 +349,19 @@ impl PgAudit {
     /// The freeze that stops an exchange for this role or any of the token's project
     /// identities ([`project_identities`]), if any (the earliest).
     pub async fn active_freeze(&self, role: &str, project_identities: &[String]) -> Result<Option<Freeze>, AuditError> {
-        let row = sqlx::query(&format!(
-            "select scope, value, frozen_by, frozen_at, until from freezes where {} order by frozen_at limit 1",
-            freeze_covers("$1", "$2")
-        ))
-        .bind(role)
-        .bind(project_identities)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(row.as_ref().map(freeze_from_row).transpose()?)
+        active_freeze_on(self.pool(), role, project_identities).await
     }
+}
+
+/// [`PgAudit::active_freeze`] on a connection the caller holds.
+pub(super) async fn active_freeze_on<'c>(executor: impl sqlx::PgExecutor<'c>, role: &str, project_identities: &[String]) -> Result<Option<Freeze>, AuditError> {
+    let row = sqlx::query(&format!(
+        "select scope, value, frozen_by, frozen_at, until from freezes where {} order by frozen_at limit 1",
+        freeze_covers("$1", "$2")
+    ))
+    .bind(role)
+    .bind(project_identities)
+    .fetch_optional(executor)
+    .await?;
+    Ok(row.as_ref().map(freeze_from_row).transpose()?)
 }

@@ -148,6 +148,10 @@ impl Backend for KafkaOauthbearer {
             .with_handle(signed.kid))
     }
 
+    fn mints_without_side_effects(&self) -> bool {
+        true
+    }
+
     fn bearer_token_type(&self) -> Option<&'static str> {
         // A JWT access token for Kafka's KIP-768 validator.
         Some("urn:ietf:params:oauth:token-type:access_token")

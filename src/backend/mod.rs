@@ -214,6 +214,14 @@ pub trait Backend: Send + Sync {
     fn check_role(&self, _role: &Role) -> Result<(), PolicyError> {
         Ok(())
     }
+    /// Whether minting only computes (signs with a key the broker holds or fetches) and leaves
+    /// nothing behind at the target: no user, session or lease to end. Such a credential,
+    /// minted and then refused, never existed, so the broker mints it before claiming the
+    /// job token's use and writes the claim and the issued row in one statement. Such a
+    /// backend cannot revoke.
+    fn mints_without_side_effects(&self) -> bool {
+        false
+    }
     /// Whether [`Backend::revoke`] can end this backend's credentials early. Those that cannot
     /// (STS sessions, broker-signed JWTs) stay valid until they expire, and on-demand
     /// revocation says so.

@@ -250,6 +250,10 @@ impl Backend for SnowflakeKeypair {
         PARAMS.kind
     }
 
+    fn mints_without_side_effects(&self) -> bool {
+        true
+    }
+
     fn default_target(&self) -> &'static str {
         "snowflake"
     }

@@ -134,6 +134,10 @@ impl Backend for SnowflakeWorkloadIdentity {
         Ok(credential)
     }
 
+    fn mints_without_side_effects(&self) -> bool {
+        true
+    }
+
     fn bearer_token_type(&self) -> Option<&'static str> {
         Some("urn:ietf:params:oauth:token-type:id_token")
     }

@@ -1,5 +1,6 @@
 //! One exchange, top to bottom: verify → decide → claim the token use → mint → record → hand
-//! over. Every request kind (exchange, release, revocation, freeze, audit read) fills in its
+//! over. A backend that signs in memory (`Backend::mints_without_side_effects`) mints before
+//! the claim, and the claim and the issued row go in one statement. Every request kind (exchange, release, revocation, freeze, audit read) fills in its
 //! row as it goes and returns a result; [`Broker::record`] alone turns that result into the
 //! row, so there is exactly one row per request and no exit can forget it.
 
@@ -217,10 +218,12 @@ struct Minted {
     issued: Issued,
     /// Revokes the credential if it never reaches the client.
     undelivered: Undelivered,
+    /// The token use still to claim, with the issued row ([`Broker::record_claiming`]).
+    deferred_claim: Option<UseClaim>,
 }
 
 impl Broker {
-    /// `POST /v1/credentials`: verify → decide → claim → mint, then [`Broker::record`], then
+    /// `POST /v1/credentials`: verify → decide → claim → mint (or mint → claim with the row), then [`Broker::record`], then
     /// hand over. Only a durable `issued` row lets the credential leave.
     pub async fn exchange(&self, input: ExchangeInput<'_>) -> Result<Issued, ExchangeFailure> {
         self.exchange_through(input, Door::Credentials).await
@@ -242,7 +245,11 @@ impl Broker {
         tracing::Span::current().record("issuance_id", tracing::field::display(row.event.id));
         let outcome = self.issue(&input, &door, &mut row.event, now).await;
         let (role, backend) = (row.event.role.clone(), row.event.backend.clone());
-        let recorded = self.record(row, outcome).await;
+        let outcome = outcome.map(|mut minted| {
+            let claim = minted.deferred_claim.take();
+            (minted, claim)
+        });
+        let recorded = self.record_claiming(row, outcome).await;
         self.count_exchange(role.as_deref(), backend.as_deref(), recorded.as_ref().map(|_| ()).map_err(|failure| &failure.error), started);
         let minted = recorded?;
         minted.undelivered.delivered();
@@ -356,9 +363,8 @@ impl Broker {
             event.renews_issuance = Some(self.check_renewal(first, &token, role.name.as_str()).await?);
         }
 
-        // Claim the use before minting, so two replicas racing on one token cannot both mint;
-        // the same statement refuses while a freeze (`credbroker freeze`) covers the request,
-        // which stops issuance on every replica at once.
+        // The same statement as the claim refuses while a freeze (`credbroker freeze`) covers
+        // the request, which stops issuance on every replica at once.
         let max_uses = role.max_uses_per_token.unwrap_or(self.max_uses_per_token);
         let claim = UseClaim {
             issuer: token.issuer.as_str().to_owned(),
@@ -368,21 +374,17 @@ impl Broker {
             token_expires_at: token.job_deadline,
             unless_frozen_for: Some(project_identities(event)),
         };
-        match self.audit.claim_token_use(claim).await.map_err(ExchangeError::AuditUnavailable)? {
-            TokenUse::Claimed(_) => {}
-            TokenUse::Exhausted => return Err(ExchangeError::TokenReplayed(max_uses)),
-            TokenUse::Frozen(freeze) => {
-                let until = freeze.until.map(|until| format!(" until {}", rfc3339(until))).unwrap_or_default();
-                let reason = format!(
-                    "frozen: new credentials for {} {} are stopped by {} since {}{until}",
-                    freeze.scope,
-                    freeze.value,
-                    freeze.frozen_by,
-                    rfc3339(freeze.frozen_at)
-                );
-                return Err(ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true });
-            }
-        }
+        // A credential that exists only in this process until its row is written is minted
+        // first, and its claim rides in the issued row's statement: one round trip per
+        // exchange, and a refused claim leaves nothing behind. Any other is claimed before
+        // minting, so two replicas racing on one token cannot both mint.
+        let deferred_claim = if backend.mints_without_side_effects() && delivery.is_none() {
+            Some(claim)
+        } else {
+            let answer = self.audit.claim_token_use(claim.clone()).await.map_err(ExchangeError::AuditUnavailable)?;
+            refused_use(answer, &claim)?;
+            None
+        };
         if let Some((delivery, max_uses)) = &delivery {
             let claim = UseClaim {
                 issuer: delivery.issuer.as_str().to_owned(),
@@ -465,7 +467,7 @@ impl Broker {
             credential,
             bearer_token_type: backend.bearer_token_type(),
         };
-        Ok(Minted { issued, undelivered })
+        Ok(Minted { issued, undelivered, deferred_claim })
     }
 
     /// A renewal (`credbroker exec`) continues an earlier issuance only for the same job: same
@@ -525,17 +527,32 @@ impl Broker {
     /// If even a refusal's row cannot be written the refusal still stands, and the row goes to
     /// the error log so it is not lost; a success whose row cannot be written is not one.
     pub(crate) async fn record<T>(&self, row: RequestRow, outcome: Result<T, ExchangeError>) -> Result<T, ExchangeFailure> {
+        self.record_claiming(row, outcome.map(|value| (value, None))).await
+    }
+
+    /// [`Broker::record`] for a success that may still have its token use to claim: the claim
+    /// and the issued row then go in one statement, and a refused claim turns the success into
+    /// that refusal, recorded like any other (without the credential that never left).
+    pub(crate) async fn record_claiming<T>(&self, row: RequestRow, outcome: Result<(T, Option<UseClaim>), ExchangeError>) -> Result<T, ExchangeFailure> {
         let RequestRow { mut event, slot } = row;
         let issuance_id = event.id;
+        let unrecorded = |error: AuditError| {
+            tracing::error!(%issuance_id, %error, "row not recorded; the request does not take effect");
+            ExchangeFailure { issuance_id, error: ExchangeError::AuditUnavailable(error) }
+        };
         let error = match outcome {
-            Ok(value) => {
-                return match self.audit.record_in(slot, event).await {
-                    Ok(()) => Ok(value),
-                    Err(error) => {
-                        tracing::error!(%issuance_id, %error, "row not recorded; the request does not take effect");
-                        Err(ExchangeFailure { issuance_id, error: ExchangeError::AuditUnavailable(error) })
+            Ok((value, None)) => return self.audit.record_in(slot, event).await.map(|()| value).map_err(unrecorded),
+            Ok((value, Some(claim))) => {
+                let answer = self.audit.claim_and_record(claim.clone(), event.clone()).await.map_err(unrecorded)?;
+                match refused_use(answer, &claim) {
+                    Ok(()) => return Ok(value),
+                    Err(refusal) => {
+                        event.credential_sha256 = None;
+                        event.credential_handle = None;
+                        event.detail = None;
+                        refusal
                     }
-                };
+                }
             }
             Err(error) => error,
         };
@@ -615,6 +632,25 @@ impl Broker {
     }
 }
 
+
+/// A claim's answer as the exchange's outcome: a use taken goes on, anything else is refused.
+fn refused_use(answer: TokenUse, claim: &UseClaim) -> Result<(), ExchangeError> {
+    match answer {
+        TokenUse::Claimed(_) => Ok(()),
+        TokenUse::Exhausted => Err(ExchangeError::TokenReplayed(claim.max_uses)),
+        TokenUse::Frozen(freeze) => {
+            let until = freeze.until.map(|until| format!(" until {}", rfc3339(until))).unwrap_or_default();
+            let reason = format!(
+                "frozen: new credentials for {} {} are stopped by {} since {}{until}",
+                freeze.scope,
+                freeze.value,
+                freeze.frozen_by,
+                rfc3339(freeze.frozen_at)
+            );
+            Err(ExchangeError::AccessDenied { role: claim.role.clone(), reason, client_may_see: true })
+        }
+    }
+}
 
 fn parse_request(body: &[u8]) -> Result<CredentialRequest, ExchangeError> {
     let invalid = |message: String| ExchangeError::InvalidRequest(message);
