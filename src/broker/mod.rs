@@ -1,8 +1,9 @@
 //! One exchange, top to bottom: verify → decide → claim the token use → mint → record → hand
 //! over. A backend that signs in memory (`Backend::mints_without_side_effects`) mints before
-//! the claim, and the claim and the issued row go in one statement. Every request kind (exchange, release, revocation, freeze, audit read) fills in its
-//! row as it goes and returns a result; [`Broker::record`] alone turns that result into the
-//! row, so there is exactly one row per request and no exit can forget it.
+//! the claim, and the claim and the issued row go in one statement. Every request kind
+//! (exchange, release, revocation, freeze, audit read) fills in its row as it goes and returns
+//! a result; [`Broker::record`] alone turns that result into the row, so there is exactly one
+//! row per request and no exit can forget it.
 
 pub mod admin;
 pub mod audit_read;
@@ -223,8 +224,8 @@ struct Minted {
 }
 
 impl Broker {
-    /// `POST /v1/credentials`: verify → decide → claim → mint (or mint → claim with the row), then [`Broker::record`], then
-    /// hand over. Only a durable `issued` row lets the credential leave.
+    /// `POST /v1/credentials`: verify → decide → claim → mint (or mint → claim with the row),
+    /// then [`Broker::record`], then hand over. Only a durable `issued` row lets the credential leave.
     pub async fn exchange(&self, input: ExchangeInput<'_>) -> Result<Issued, ExchangeFailure> {
         self.exchange_through(input, Door::Credentials).await
     }
@@ -382,7 +383,7 @@ impl Broker {
             Some(claim)
         } else {
             let answer = self.audit.claim_token_use(claim.clone()).await.map_err(ExchangeError::AuditUnavailable)?;
-            refused_use(answer, &claim)?;
+            refused_use(answer, claim.max_uses, &claim.role)?;
             None
         };
         if let Some((delivery, max_uses)) = &delivery {
@@ -543,8 +544,9 @@ impl Broker {
         let error = match outcome {
             Ok((value, None)) => return self.audit.record_in(slot, event).await.map(|()| value).map_err(unrecorded),
             Ok((value, Some(claim))) => {
-                let answer = self.audit.claim_and_record(claim.clone(), event.clone()).await.map_err(unrecorded)?;
-                match refused_use(answer, &claim) {
+                let (max_uses, role) = (claim.max_uses, claim.role.clone());
+                let answer = self.audit.claim_and_record(claim, event.clone()).await.map_err(unrecorded)?;
+                match refused_use(answer, max_uses, &role) {
                     Ok(()) => return Ok(value),
                     Err(refusal) => {
                         event.credential_sha256 = None;
@@ -634,10 +636,10 @@ impl Broker {
 
 
 /// A claim's answer as the exchange's outcome: a use taken goes on, anything else is refused.
-fn refused_use(answer: TokenUse, claim: &UseClaim) -> Result<(), ExchangeError> {
+fn refused_use(answer: TokenUse, max_uses: u32, role: &str) -> Result<(), ExchangeError> {
     match answer {
         TokenUse::Claimed(_) => Ok(()),
-        TokenUse::Exhausted => Err(ExchangeError::TokenReplayed(claim.max_uses)),
+        TokenUse::Exhausted => Err(ExchangeError::TokenReplayed(max_uses)),
         TokenUse::Frozen(freeze) => {
             let until = freeze.until.map(|until| format!(" until {}", rfc3339(until))).unwrap_or_default();
             let reason = format!(
@@ -647,7 +649,7 @@ fn refused_use(answer: TokenUse, claim: &UseClaim) -> Result<(), ExchangeError> 
                 freeze.frozen_by,
                 rfc3339(freeze.frozen_at)
             );
-            Err(ExchangeError::AccessDenied { role: claim.role.clone(), reason, client_may_see: true })
+            Err(ExchangeError::AccessDenied { role: role.to_owned(), reason, client_may_see: true })
         }
     }
 }
