@@ -56,7 +56,17 @@ pub(super) struct GroupCommit<B: Batch> {
     work: Arc<B>,
     /// Batches running now, the writers' and a lone job's (see [`GroupCommit::submit`]).
     running: Arc<AtomicUsize>,
-    batch_sizes: Histogram,
+    batch_sizes: BatchSizes,
+}
+
+/// The histograms each batch's size goes into: a batch of claims with their rows is both a
+/// claim statement and an audit commit.
+pub(super) type BatchSizes = Arc<[Histogram]>;
+
+fn observe(batch_sizes: &[Histogram], size: usize) {
+    for histogram in batch_sizes {
+        histogram.observe(size as f64);
+    }
 }
 
 impl<B: Batch> Clone for GroupCommit<B> {
@@ -91,7 +101,7 @@ impl From<&AuditWriterConfig> for Shape {
 
 impl<B: Batch> GroupCommit<B> {
     /// Starts the writers; they stop once every handle (and slot) is dropped and the queue is drained.
-    pub fn start(work: B, shape: Shape, batch_sizes: Histogram) -> Self {
+    pub fn start(work: B, shape: Shape, batch_sizes: BatchSizes) -> Self {
         let capacity = shape.queue_capacity as usize;
         let (queue, receiver) = mpsc::channel(capacity);
         let (work, receiver, shape) = (Arc::new(work), Arc::new(Mutex::new(receiver)), Arc::new(shape));
@@ -132,7 +142,7 @@ impl<B: Batch> GroupCommit<B> {
             // Counted down even when the caller is dropped mid-statement (a request timed out).
             let _running = Running(&self.running);
             drop(slot);
-            self.batch_sizes.observe(1.0);
+            observe(&self.batch_sizes, 1);
             return self.work.run(std::slice::from_ref(&job)).await?.pop().ok_or(AuditError::WriterStopped);
         }
         let (answer, outcome) = oneshot::channel();
@@ -159,7 +169,7 @@ async fn write_batches<B: Batch>(
     queue: Arc<Mutex<mpsc::Receiver<Pending<B>>>>,
     shape: Arc<Shape>,
     running: Arc<AtomicUsize>,
-    batch_sizes: Histogram,
+    batch_sizes: BatchSizes,
 ) {
     let batch_max = shape.batch_max as usize;
     loop {
@@ -179,7 +189,7 @@ async fn write_batches<B: Batch>(
             }
             batch
         };
-        batch_sizes.observe(batch.len() as f64);
+        observe(&batch_sizes, batch.len());
         running.fetch_add(1, Ordering::AcqRel);
         let _running = Running(&running);
         run(&*work, batch).await;

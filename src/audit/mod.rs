@@ -220,11 +220,14 @@ impl Audit {
             // token always in the same shard, so two of a replica's batches never race for
             // one token's use numbers.
             let claimed_rows = (0..writer.writers.max(1))
-                .map(|_| GroupCommit::start(ClaimedRows(store.clone()), claim_shape(), metrics.audit_batch_rows.clone()))
+                .map(|_| {
+                    let sizes = Arc::from([metrics.audit_batch_rows.clone(), metrics.token_claim_batch_size.clone()]);
+                    GroupCommit::start(ClaimedRows(store.clone()), claim_shape(), sizes)
+                })
                 .collect();
             Writer::GroupCommit {
-                rows: GroupCommit::start(AuditRows(store.clone()), Shape::from(&writer), metrics.audit_batch_rows.clone()),
-                claims: GroupCommit::start(TokenClaims(store.clone()), claim_shape(), metrics.token_claim_batch_size.clone()),
+                rows: GroupCommit::start(AuditRows(store.clone()), Shape::from(&writer), Arc::from([metrics.audit_batch_rows.clone()])),
+                claims: GroupCommit::start(TokenClaims(store.clone()), claim_shape(), Arc::from([metrics.token_claim_batch_size.clone()])),
                 claimed_rows,
             }
         } else {
@@ -308,7 +311,10 @@ impl Audit {
     /// flight holds an audit slot, so the claim queue (as large as the audit queue) has room.
     pub async fn claim_token_use(&self, claim: UseClaim) -> Result<TokenUse, AuditError> {
         match &self.writer {
-            Writer::PerRequest => self.store.claim_token_use(&claim).await,
+            Writer::PerRequest => {
+                self.metrics.token_claim_batch_size.observe(1.0);
+                self.store.claim_token_use(&claim).await
+            }
             Writer::GroupCommit { claims, .. } => claims.submit(claims.reserve_waiting().await?, claim).await,
         }
     }
@@ -321,6 +327,7 @@ impl Audit {
         let answer = match &self.writer {
             Writer::PerRequest => {
                 self.metrics.audit_batch_rows.observe(1.0);
+                self.metrics.token_claim_batch_size.observe(1.0);
                 self.store.claim_token_uses_and_record(&[&claim], &[&row]).await.map(|mut answers| answers.remove(0))
             }
             Writer::GroupCommit { claimed_rows, .. } => {
