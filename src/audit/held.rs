@@ -24,8 +24,8 @@ type Idle = Vec<(PoolConnection<Postgres>, Instant)>;
 pub(super) struct HeldConnections {
     pool: PgPool,
     idle: Arc<Mutex<Idle>>,
-    /// Kept connections stay checked out of the pool: half of it at most, so whatever else
-    /// uses the pool (reads, revocations, health checks) always finds a connection.
+    /// Kept connections stay checked out of the pool: half of it at most, so work beyond what
+    /// is kept (a burst of lone claims, a lost race's retry) still finds connections.
     keep_at_most: usize,
 }
 
