@@ -115,7 +115,7 @@ impl Default for Metrics {
         let outbox_oldest_age = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit("outbox_oldest_event_age", "Age of the oldest unpublished event", Unit::Seconds, outbox_oldest_age.clone());
         let token_uses_purged = Counter::default();
-        registry.register("token_uses_purged", "Single-use records of expired job tokens purged", token_uses_purged.clone());
+        registry.register("token_uses_purged", "Use counts of expired job tokens purged", token_uses_purged.clone());
         let gogs_deliveries = Outcomes::default();
         registry.register("gogs_deliveries", "Gogs webhook deliveries by outcome", gogs_deliveries.clone());
         let policy_reloads = Outcomes::default();

@@ -353,7 +353,7 @@ async fn flush_unattributed_periodically(audit: Audit) {
 const TOKEN_USE_PURGE_INTERVAL: Duration = Duration::from_secs(600);
 const TOKEN_USE_PURGE_BATCH: i64 = 1000;
 
-/// `token_uses` would grow by a row per exchange forever; a token past its expiry (and the
+/// `token_use_counts` would grow by a row per job token forever; a token past its expiry (and the
 /// clock skew verification allows) can never be presented again, so its rows can go.
 async fn purge_token_uses_periodically(store: PgAudit, clock_skew: Duration, metrics: Arc<Metrics>) {
     let mut interval = tokio::time::interval(TOKEN_USE_PURGE_INTERVAL);

@@ -246,6 +246,6 @@ async fn the_session_cookie_headers_and_refusals() {
     assert_eq!(client.get(page("/audit/assets/../Cargo.toml")).send().await.unwrap().status().as_u16(), 404);
 
     // Verifying the session's token on every view spends none of its uses.
-    let uses: i64 = sqlx::query_scalar("select count(*) from token_uses").fetch_one(&app.pool).await.unwrap();
+    let uses: i64 = sqlx::query_scalar("select count(*) from token_use_counts").fetch_one(&app.pool).await.unwrap();
     assert_eq!(uses, 0);
 }

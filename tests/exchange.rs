@@ -309,18 +309,18 @@ async fn jwks_publishes_only_public_key_material() {
     let _ = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(keys[0]["n"].as_str().unwrap()).unwrap();
 }
 
-/// `token_uses` keeps a row per exchange; once a token is past its expiry it can never verify
-/// again, so its rows are purged, in bounded batches, and a live token's stay: its replay is
-/// still refused.
+/// `token_use_counts` keeps a row per token and role; once a token is past its expiry it can
+/// never verify again, so its rows are purged, in bounded batches, and a live token's stay:
+/// its replay is still refused.
 #[tokio::test]
-async fn the_single_use_records_of_expired_tokens_are_purged_in_batches() {
+async fn the_use_counts_of_expired_tokens_are_purged_in_batches() {
     let app = TestApp::spawn().await;
     let token = app.issuer.token();
     let (status, _, body) = app.exchange(&token, json!({"role": "orders-producer"})).await;
     assert_eq!(status, 200, "{body}");
     sqlx::query(
-        "insert into token_uses (issuer, jti, role, use_number, token_expires_at)
-         select 'gitlab', 'expired-' || n, 'orders-producer', 1, now() - interval '1 hour' from generate_series(1, 5) n",
+        "insert into token_use_counts (issuer, jti, role, uses, max_uses, last_claimed, token_expires_at)
+         select 'gitlab', 'expired-' || n, 'orders-producer', 1, 1, 1, now() - interval '1 hour' from generate_series(1, 5) n",
     )
     .execute(&app.pool)
     .await
@@ -328,8 +328,8 @@ async fn the_single_use_records_of_expired_tokens_are_purged_in_batches() {
     let store = app.state.broker.audit.store();
     let purged = store.purge_token_uses(time::OffsetDateTime::now_utc(), 2).await.unwrap();
     assert_eq!(purged, 5, "all expired rows, two at a time");
-    let left: Vec<String> = sqlx::query_scalar("select jti from token_uses").fetch_all(&app.pool).await.unwrap();
-    assert_eq!(left.len(), 1, "only the live token's use stays: {left:?}");
+    let left: Vec<String> = sqlx::query_scalar("select jti from token_use_counts").fetch_all(&app.pool).await.unwrap();
+    assert_eq!(left.len(), 1, "only the live token's count stays: {left:?}");
     let (status, _, body) = app.exchange(&token, json!({"role": "orders-producer"})).await;
     assert_eq!((status, body["code"].as_str()), (409, Some("token_replayed")), "{body}");
 }

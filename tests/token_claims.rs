@@ -77,8 +77,7 @@ async fn one_statement_answers_each_claim_of_a_batch_in_order() {
         ]
     );
     // Frozen and exhausted claims took nothing.
-    let rows: i64 = sqlx::query_scalar("select count(*) from token_uses").fetch_one(store.pool()).await.unwrap();
-    assert_eq!(rows, 6);
+    assert_eq!(uses_taken(&store).await, 6);
     // A lifted freeze no longer stops the claim.
     store.unfreeze("role", "frozen-role", "sec-eve").await.unwrap();
     let again = store.claim_token_uses(&[claim("t-c", "frozen-role", 5, Some(&["grp/app"]))]).await.unwrap();
@@ -119,8 +118,27 @@ async fn a_batch_writes_the_rows_of_exactly_the_claims_it_takes() {
     let mut expected = vec![rows[0].id, rows[3].id];
     expected.sort();
     assert_eq!(issued_ids(&store).await, expected, "a row for each claim taken, none for the others");
-    let uses: i64 = sqlx::query_scalar("select count(*) from token_uses").fetch_one(store.pool()).await.unwrap();
-    assert_eq!(uses, 2);
+    assert_eq!(uses_taken(&store).await, 2);
+}
+
+#[tokio::test]
+async fn a_lone_claim_writes_its_row_only_when_it_takes_a_use() {
+    let store = store().await;
+    store.freeze("role", "frozen-role", "sec-eve", None).await.unwrap();
+    let (first, replay, frozen) = (issued_row(), issued_row(), issued_row());
+    let answers = [
+        store.claim_token_use_and_record(&claim("t-a", "deploy", 1, Some(&["grp/app"])), &first).await.unwrap(),
+        store.claim_token_use_and_record(&claim("t-a", "deploy", 1, Some(&["grp/app"])), &replay).await.unwrap(),
+        store.claim_token_use_and_record(&claim("t-b", "frozen-role", 5, Some(&["grp/app"])), &frozen).await.unwrap(),
+    ];
+    assert_eq!(answers.iter().map(describe).collect::<Vec<_>>(), ["claimed 1", "exhausted", "frozen role frozen-role"]);
+    assert_eq!(issued_ids(&store).await, [first.id]);
+    assert_eq!(uses_taken(&store).await, 1);
+}
+
+/// Uses taken of every token, for every role.
+async fn uses_taken(store: &PgAudit) -> i64 {
+    sqlx::query_scalar("select coalesce(sum(uses), 0) from token_use_counts").fetch_one(store.pool()).await.unwrap()
 }
 
 fn replica_writer() -> AuditWriterConfig {
@@ -194,6 +212,30 @@ async fn two_replicas_claiming_one_token_at_once_never_exceed_its_uses() {
     claimed.sort_unstable();
     assert_eq!(claimed, (1..=MAX_USES).collect::<Vec<_>>(), "each use exactly once");
     assert_eq!(exhausted, 240 - MAX_USES as usize);
-    let rows: i64 = sqlx::query_scalar("select count(*) from token_uses").fetch_one(replicas[0].store().pool()).await.unwrap();
-    assert_eq!(rows, i64::from(MAX_USES));
+    assert_eq!(uses_taken(replicas[0].store()).await, i64::from(MAX_USES));
+}
+
+/// Uses recorded one row per use before migration 0019 become each token's count: a token
+/// used up before the upgrade stays used up after it, and one with uses left goes on counting.
+#[tokio::test]
+async fn the_migration_counts_the_uses_already_taken() {
+    let url = common::fresh_database().await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut before = sqlx::migrate::Migrator::new(common::repo_path("migrations")).await.unwrap();
+    before.migrations = before.migrations.iter().filter(|migration| migration.version < 19).cloned().collect::<Vec<_>>().into();
+    before.run(&pool).await.unwrap();
+    sqlx::query(
+        "insert into token_uses (issuer, jti, role, use_number, token_expires_at)
+         select 'https://gitlab.example.com', jti, 'deploy', n, now() + interval '1 hour'
+         from (values ('used-up', 2), ('one-left', 1)) as t (jti, taken), generate_series(1, t.taken) n",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    credbroker::audit::migrate(&pool).await.unwrap();
+
+    let store = PgAudit::connect(&SecretString::from(url), 2, Duration::from_secs(5)).unwrap();
+    let answers = store.claim_token_uses(&[claim("used-up", "deploy", 2, None), claim("one-left", "deploy", 2, None)]).await.unwrap();
+    assert_eq!(answers.iter().map(describe).collect::<Vec<_>>(), ["exhausted", "claimed 2"]);
+    assert_eq!(uses_taken(&store).await, 4);
 }

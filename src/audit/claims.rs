@@ -1,9 +1,14 @@
-//! Single-use claims on job tokens (`token_uses`), with the freeze check in the same statement.
+//! Single-use claims on job tokens (`token_use_counts`), with the freeze check in the same
+//! statement.
 //!
 //! An exchange claims its use before minting, so two replicas racing on one token cannot both
 //! mint, and an exchange that starts after a freeze was acknowledged sees the freeze. With
 //! group commit the claims of concurrent exchanges are batched like their audit rows: one
 //! statement claims the whole batch and answers each exchange claimed, exhausted or frozen.
+//!
+//! A token's uses are one counter row, taken by an upsert: concurrent claims on one token
+//! (two replicas, or two batches of one) queue on that row's lock, and each counts on from the
+//! count the one before it committed, so no claim ever has to be tried again.
 
 use std::sync::LazyLock;
 
@@ -38,31 +43,29 @@ pub enum TokenUse {
     Frozen(Freeze),
 }
 
-/// Takes the next use number if any is left and no freeze covers the request. No row back
-/// means a freeze, every use taken, or a concurrent exchange that took the same number (the
-/// primary key decides); the rare follow-up queries tell which, and only a lost race tries again.
+/// Takes the token's next use if one is left and no freeze covers the request, and answers its
+/// use number. No row back means a freeze or every use taken; a follow-up query tells which.
 static CLAIM_ONE: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "insert into token_uses (issuer, jti, role, use_number, token_expires_at)
-         select $3, $4, $1, coalesce(max(use_number), 0) + 1, $6
-         from token_uses
-         where issuer = $3 and jti = $4 and role = $1
-         having coalesce(max(use_number), 0) < $5
-            and not ($7 and exists (select from freezes where {}))
-         on conflict do nothing
-         returning use_number",
+        "insert into token_use_counts as t (issuer, jti, role, uses, max_uses, last_claimed, token_expires_at)
+         select $3, $4, $1, 1, $5, 1, $6
+         where not ($7 and exists (select from freezes where {}))
+         on conflict (issuer, jti, role) do update
+            set uses = t.uses + 1, max_uses = excluded.max_uses, last_claimed = 1
+            where t.uses < excluded.max_uses
+         returning uses",
         freeze_covers("$1", "$2")
     )
 });
 
 /// The claims of a batch, in one statement. `request` is the batch (`ord` its position, 1-based)
-/// with the first freeze covering each claim that asks for the check; `numbered` gives each
-/// unfrozen claim the next free use number of its token, counting the claims on the same token
-/// earlier in the batch; `inserted` takes those within the token's uses, in key order (so two
-/// replicas' batches lock keys in the same order), skipping numbers another transaction took.
-/// Each claim comes back ([`ANSWERS`]) with its use number, whether it had a use left, or its
-/// freeze. The project identities arrive flattened: `$7` says which claim each identity in
-/// `$8` is of.
+/// with the first freeze covering each claim that asks for the check; `ranked` numbers the
+/// unfrozen claims on each token (`nth`) and counts them (`wanted`); `counted` adds each
+/// token's claims to its counter, up to its uses, in key order (so two replicas' batches lock
+/// counters in the same order), and says how many it took (`last_claimed`); `claimed` gives
+/// each claim taken its use number. Each claim comes back ([`ANSWERS`]) with its use number,
+/// or its freeze, or neither (every use taken). The project identities arrive flattened: `$7`
+/// says which claim each identity in `$8` is of.
 static CLAIMING: LazyLock<String> = LazyLock::new(|| {
     format!(
         "request as (
@@ -76,21 +79,31 @@ static CLAIMING: LazyLock<String> = LazyLock::new(|| {
                  order by frozen_at limit 1
              ) f on true
          ),
-         numbered as (
-             select r.ord, r.issuer, r.jti, r.role, r.max_uses, r.token_expires_at,
-                    coalesce((select max(t.use_number) from token_uses t
-                              where t.issuer = r.issuer and t.jti = r.jti and t.role = r.role), 0)
-                    + row_number() over (partition by r.issuer, r.jti, r.role order by r.ord) as use_number
-             from request r
-             where r.scope is null
+         ranked as (
+             select ord, issuer, jti, role, max_uses, token_expires_at,
+                    row_number() over token as nth, count(*) over token as wanted
+             from request
+             where scope is null
+             window token as (partition by issuer, jti, role order by ord rows between unbounded preceding and unbounded following)
          ),
-         inserted as (
-             insert into token_uses (issuer, jti, role, use_number, token_expires_at)
-             select issuer, jti, role, use_number, token_expires_at from numbered
-             where use_number <= max_uses
-             order by issuer, jti, role, use_number
-             on conflict do nothing
-             returning issuer, jti, role, use_number
+         counted as (
+             insert into token_use_counts as t (issuer, jti, role, uses, max_uses, last_claimed, token_expires_at)
+             select issuer, jti, role, least(wanted, max_uses), max_uses, least(wanted, max_uses), token_expires_at
+             from ranked
+             where nth = 1
+             order by issuer, jti, role
+             on conflict (issuer, jti, role) do update
+                set uses = least(t.uses + excluded.uses, excluded.max_uses),
+                    max_uses = excluded.max_uses,
+                    last_claimed = least(t.uses + excluded.uses, excluded.max_uses) - t.uses
+                where t.uses < excluded.max_uses
+             returning jti, issuer, role, uses, last_claimed
+         ),
+         claimed as (
+             select k.ord, c.uses - c.last_claimed + k.nth as use_number
+             from ranked k
+             join counted c on c.jti = k.jti and c.issuer = k.issuer and c.role = k.role
+             where k.nth <= c.last_claimed
          )",
         freeze_covers(
             "r.role",
@@ -99,11 +112,9 @@ static CLAIMING: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-const ANSWERS: &str = "select r.ord, i.use_number as claimed, coalesce(n.use_number <= n.max_uses, false) as had_room,
-                r.scope, r.value, r.frozen_by, r.frozen_at, r.until
+const ANSWERS: &str = "select r.ord, c.use_number as claimed, r.scope, r.value, r.frozen_by, r.frozen_at, r.until
          from request r
-         left join numbered n on n.ord = r.ord
-         left join inserted i on (i.issuer, i.jti, i.role, i.use_number) = (n.issuer, n.jti, n.role, n.use_number)";
+         left join claimed c on c.ord = r.ord";
 
 static CLAIM_BATCH: LazyLock<String> = LazyLock::new(|| format!("with {}\n{ANSWERS}", *CLAIMING));
 
@@ -111,56 +122,73 @@ static CLAIM_BATCH: LazyLock<String> = LazyLock::new(|| format!("with {}\n{ANSWE
 /// durable commit: a row is written exactly when its claim is taken, and neither without the
 /// other. The rows' columns are bound after the claims' eight parameters.
 static CLAIM_BATCH_AND_RECORD: LazyLock<String> = LazyLock::new(|| {
-    let won = "select n.ord from numbered n
-               join inserted i on (i.issuer, i.jti, i.role, i.use_number) = (n.issuer, n.jti, n.role, n.use_number)";
+    let won = "e.ord in (select ord from claimed)";
     format!("with {},\n recorded as ({})\n{ANSWERS}", *CLAIMING, super::record::insert_sql(9, Some(won)))
 });
 
+/// [`CLAIM_ONE`] with its issued row, bound after the claim's seven parameters and written
+/// only if the claim takes a use: a lone exchange's statement, which Postgres runs in less
+/// time than the batch's for one claim.
+static CLAIM_ONE_AND_RECORD: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "with claimed as ({}),\n recorded as ({})\n select uses from claimed",
+        *CLAIM_ONE,
+        super::record::insert_sql(8, Some("exists (select from claimed)"))
+    )
+});
+
 impl PgAudit {
-    /// One claim, one statement (`audit_group_commit = false`, and a batch's lost races).
-    // Debug level, as the batch below: a claim runs on every exchange.
-    #[tracing::instrument(level = "debug", skip_all, fields(issuer = claim.issuer, role = claim.role))]
+    /// One claim, one statement (`audit_group_commit = false`, and a batch of one).
     pub async fn claim_token_use(&self, claim: &UseClaim) -> Result<TokenUse, AuditError> {
-        let identities = claim.unless_frozen_for.as_deref().unwrap_or_default();
-        loop {
-            // The follow-up queries run on the same connection: the pool may have none to spare.
-            let mut held = self.claiming().take().await?;
-            let claimed: Option<i32> = sqlx::query_scalar(&CLAIM_ONE)
-                .bind(&claim.role)
-                .bind(identities)
-                .bind(&claim.issuer)
-                .bind(&claim.jti)
-                .bind(claim.max_uses as i32)
-                .bind(claim.token_expires_at)
-                .bind(claim.unless_frozen_for.is_some())
-                .fetch_optional(held.connection())
-                .await?;
-            let answer = match claimed {
-                Some(use_number) => Some(TokenUse::Claimed(use_number as u32)),
-                None => self.why_not_claimed(held.connection(), claim, identities).await?,
-            };
-            held.keep();
-            if let Some(answer) = answer {
-                return Ok(answer);
-            }
-        }
+        self.claim_one(claim, None).await
     }
 
-    /// Why a claim took nothing: a freeze, or every use taken. None: it lost a race for its
-    /// use number and may try again.
-    async fn why_not_claimed(&self, connection: &mut sqlx::PgConnection, claim: &UseClaim, identities: &[String]) -> Result<Option<TokenUse>, AuditError> {
-        if claim.unless_frozen_for.is_some() {
-            if let Some(freeze) = active_freeze_on(&mut *connection, &claim.role, identities).await? {
-                return Ok(Some(TokenUse::Frozen(freeze)));
-            }
-        }
-        let used: i64 = sqlx::query_scalar("select count(*) from token_uses where issuer = $1 and jti = $2 and role = $3")
+    /// One claim and the issued row that stands only if it is taken, one statement and one
+    /// durable commit (a batch of one).
+    pub async fn claim_token_use_and_record(&self, claim: &UseClaim, row: &AuditEvent) -> Result<TokenUse, AuditError> {
+        self.claim_one(claim, Some(row)).await
+    }
+
+    // Debug level, as the batch below: a claim runs on every exchange.
+    #[tracing::instrument(level = "debug", skip_all, fields(issuer = claim.issuer, role = claim.role, with_row = row.is_some()))]
+    async fn claim_one(&self, claim: &UseClaim, row: Option<&AuditEvent>) -> Result<TokenUse, AuditError> {
+        let identities = claim.unless_frozen_for.as_deref().unwrap_or_default();
+        // Claims alone commit without waiting for the disk (see `PgAudit`); with their rows, durably.
+        let (statement, connections) = match row {
+            None => (CLAIM_ONE.as_str(), self.claiming()),
+            Some(_) => (CLAIM_ONE_AND_RECORD.as_str(), self.writing()),
+        };
+        // The follow-up query runs on the same connection: the pool may have none to spare.
+        let mut held = connections.take().await?;
+        let query = sqlx::query(statement)
+            .bind(&claim.role)
+            .bind(identities)
             .bind(&claim.issuer)
             .bind(&claim.jti)
-            .bind(&claim.role)
-            .fetch_one(&mut *connection)
-            .await?;
-        Ok((used >= i64::from(claim.max_uses)).then_some(TokenUse::Exhausted))
+            .bind(claim.max_uses as i32)
+            .bind(claim.token_expires_at)
+            .bind(claim.unless_frozen_for.is_some());
+        let query = match row {
+            Some(row) => record::bind_rows(query, std::iter::once(row)),
+            None => query,
+        };
+        let claimed: Option<i32> = query.fetch_optional(held.connection()).await?.map(|row| row.try_get(0)).transpose()?;
+        let answer = match claimed {
+            Some(use_number) => TokenUse::Claimed(use_number as u32),
+            None => self.why_not_claimed(held.connection(), claim, identities).await?,
+        };
+        held.keep();
+        Ok(answer)
+    }
+
+    /// Why a claim took nothing: a freeze, or else every use taken.
+    async fn why_not_claimed(&self, connection: &mut sqlx::PgConnection, claim: &UseClaim, identities: &[String]) -> Result<TokenUse, AuditError> {
+        if claim.unless_frozen_for.is_some() {
+            if let Some(freeze) = active_freeze_on(&mut *connection, &claim.role, identities).await? {
+                return Ok(TokenUse::Frozen(freeze));
+            }
+        }
+        Ok(TokenUse::Exhausted)
     }
 
     /// Many claims, one statement; the answers in the claims' order.
@@ -174,8 +202,6 @@ impl PgAudit {
         self.claim_batch(claims, Some(rows)).await
     }
 
-    /// A claim that lost a race to another transaction on the same use number tries again
-    /// alone, and its row (if any) follows in a statement of its own.
     #[tracing::instrument(level = "debug", skip_all, fields(claims = claims.len(), with_rows = rows.is_some()))]
     async fn claim_batch(&self, claims: &[&UseClaim], rows: Option<&[&AuditEvent]>) -> Result<Vec<TokenUse>, AuditError> {
         let mut identity_of = Vec::new();
@@ -207,34 +233,16 @@ impl PgAudit {
         };
         let answered = query.fetch_all(held.connection()).await?;
         held.keep();
-        let mut answers: Vec<Option<TokenUse>> = vec![None; claims.len()];
+        let mut answers = vec![TokenUse::Exhausted; claims.len()];
         for row in &answered {
             let ord: i64 = row.try_get("ord")?;
-            let answer = if row.try_get::<Option<String>, _>("scope")?.is_some() {
-                Some(TokenUse::Frozen(freeze_from_row(row)?))
-            } else if let Some(use_number) = row.try_get::<Option<i32>, _>("claimed")? {
-                Some(TokenUse::Claimed(use_number as u32))
-            } else if row.try_get::<bool, _>("had_room")? {
-                None
-            } else {
-                Some(TokenUse::Exhausted)
-            };
-            answers[(ord - 1) as usize] = answer;
+            if row.try_get::<Option<String>, _>("scope")?.is_some() {
+                answers[(ord - 1) as usize] = TokenUse::Frozen(freeze_from_row(row)?);
+            } else if let Some(use_number) = row.try_get::<Option<i64>, _>("claimed")? {
+                answers[(ord - 1) as usize] = TokenUse::Claimed(use_number as u32);
+            }
         }
-        let mut outcome = Vec::with_capacity(claims.len());
-        for (position, (answer, claim)) in answers.into_iter().zip(claims).enumerate() {
-            outcome.push(match answer {
-                Some(answer) => answer,
-                None => {
-                    let answer = self.claim_token_use(claim).await?;
-                    if let (TokenUse::Claimed(_), Some(rows)) = (&answer, rows) {
-                        self.write(rows[position]).await?;
-                    }
-                    answer
-                }
-            });
-        }
-        Ok(outcome)
+        Ok(answers)
     }
 }
 
@@ -269,6 +277,9 @@ impl Batch for ClaimedRows {
     type Answer = TokenUse;
 
     async fn run(&self, jobs: &[ClaimedRow]) -> Result<Vec<TokenUse>, AuditError> {
+        if let [job] = jobs {
+            return Ok(vec![self.0.claim_token_use_and_record(&job.claim, &job.row).await?]);
+        }
         let claims: Vec<&UseClaim> = jobs.iter().map(|job| &job.claim).collect();
         let rows: Vec<&AuditEvent> = jobs.iter().map(|job| &job.row).collect();
         self.0.claim_token_uses_and_record(&claims, &rows).await

@@ -132,7 +132,7 @@ impl PgAudit {
 }
 
 impl PgAudit {
-    /// Deletes the single-use records of tokens that expired before `expired_before`, `batch`
+    /// Deletes the use counts of tokens that expired before `expired_before`, `batch`
     /// rows per statement so no statement holds many locks or runs long; returns how many.
     /// Only tokens that can no longer verify (past `exp` plus the clock skew) may be forgotten:
     /// their uses can never be counted again.
@@ -140,8 +140,8 @@ impl PgAudit {
         let mut purged = 0;
         loop {
             let deleted = sqlx::query(
-                "delete from token_uses where ctid = any(array(
-                     select ctid from token_uses where token_expires_at < $1 limit $2))",
+                "delete from token_use_counts where ctid = any(array(
+                     select ctid from token_use_counts where token_expires_at < $1 limit $2))",
             )
             .bind(expired_before)
             .bind(batch)

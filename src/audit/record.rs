@@ -183,19 +183,20 @@ pub static SELECT_LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
 /// One INSERT for any number of rows: every written column as an array, unnested.
 static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_sql(1, None));
 
-/// The INSERT's text, its arrays bound from `$first` on. With `only_ords`, a subquery giving
-/// positions (1-based) in the arrays, only those rows are inserted: how a statement that
-/// claims token uses writes the rows of the claims it won (`claims.rs`).
-pub(super) fn insert_sql(first: usize, only_ords: Option<&str>) -> String {
+/// The INSERT's text, its arrays bound from `$first` on. With `only_where`, a condition on the
+/// rows (`e.ord`, 1-based, is a row's position in the arrays), only the rows it holds for are
+/// inserted: how a statement that claims token uses writes the rows of the claims it won
+/// (`claims.rs`).
+pub(super) fn insert_sql(first: usize, only_where: Option<&str>) -> String {
     let columns: Vec<&str> = WRITTEN.iter().map(|(column, _)| *column).chain(["claims"]).collect();
     let arrays: Vec<String> =
         WRITTEN.iter().map(|(_, sql)| *sql).chain(["jsonb"]).enumerate().map(|(n, sql)| format!("${}::{sql}[]", n + first)).collect();
     let (columns, arrays) = (columns.join(", "), arrays.join(", "));
-    match only_ords {
+    match only_where {
         None => format!("insert into audit_events ({columns}) select * from unnest({arrays})"),
-        Some(ords) => format!(
+        Some(condition) => format!(
             "insert into audit_events ({columns}) select {columns} from unnest({arrays}) with ordinality as e ({columns}, ord)
-             where e.ord in ({ords})"
+             where {condition}"
         ),
     }
 }
