@@ -78,7 +78,7 @@ pub async fn run(command: ServerCommand, config_path: Option<&Path>) -> anyhow::
     match command {
         ServerCommand::Serve { dev } => {
             let config = load_config(config_path)?;
-            init_logging(if dev { LogFormat::Text } else { config.log_format });
+            crate::logging::init(if dev { LogFormat::Text } else { config.log_format });
             let application = Application::build(config, ServeOptions { dev }).await?;
             application.run_until_stopped().await
         }
@@ -149,14 +149,3 @@ async fn tail(args: TailArgs, config_path: Option<&Path>) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CREDBROKER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        // The current span carries the request's id and what it issued; the list of enclosing
-        // spans would repeat it on every line.
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
-        LogFormat::Text => builder.init(),
-    }
-}
