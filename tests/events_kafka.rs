@@ -164,6 +164,15 @@ impl Stream {
     }
 }
 
+/// Whether inserts into `audit_events` run the outbox trigger (migration 0020 turns it off with
+/// the outbox).
+async fn audit_trigger_enabled(pool: &sqlx::PgPool) -> bool {
+    sqlx::query_scalar("select tgenabled <> 'D' from pg_trigger where tgrelid = 'audit_events'::regclass and tgname = 'audit_events_to_outbox'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 fn sha256_hex(text: &str) -> String {
     credbroker::types::sha256_hex(text.as_bytes())
 }
@@ -176,6 +185,7 @@ async fn issued_and_delivery_events_reach_kafka_and_survive_a_kafka_outage() {
     let stream = spawn_broker(&events_table(&tansu.bootstrap())).await;
     let enabled: bool = sqlx::query_scalar("select enabled from event_outbox_settings").fetch_one(&stream.app.pool).await.unwrap();
     assert!(enabled, "[events] turns queueing on");
+    assert!(audit_trigger_enabled(&stream.app.pool).await, "and the audit log's outbox trigger with it");
 
     let (first_id, first_token) = stream.issue().await;
     let (delivery_id, delivery_row_id) = stream.deliver_push().await;
@@ -264,6 +274,7 @@ async fn without_events_configured_nothing_is_queued() {
     let stream = spawn_broker("").await;
     let enabled: bool = sqlx::query_scalar("select enabled from event_outbox_settings").fetch_one(&stream.app.pool).await.unwrap();
     assert!(!enabled);
+    assert!(!audit_trigger_enabled(&stream.app.pool).await, "an outbox nobody reads costs inserts nothing");
     stream.issue().await;
     stream.deliver_push().await;
     assert!(stream.outbox().await.is_empty());

@@ -19,9 +19,10 @@ pub struct OutboxEvent {
 }
 
 /// Turns queueing on or off for every broker on this database: off, the triggers skip the
-/// outbox entirely, so a deployment without a publisher accumulates nothing.
+/// outbox entirely (the audit log's is disabled, so inserts do not even run it), and a
+/// deployment without a publisher accumulates nothing.
 pub async fn set_outbox_enabled(pool: &PgPool, enabled: bool) -> Result<(), AuditError> {
-    sqlx::query("update event_outbox_settings set enabled = $1").bind(enabled).execute(pool).await?;
+    sqlx::query("select event_outbox_set_enabled($1)").bind(enabled).execute(pool).await?;
     Ok(())
 }
 
