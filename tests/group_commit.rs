@@ -18,13 +18,14 @@ async fn block_audit_inserts(database_url: &str) -> PgConnection {
     connection
 }
 
-/// The backends of audit INSERTs (batches, alone or with their claims) stuck behind the lock.
-/// A claim's statement shows only its start: pg_stat_activity cuts it before its INSERT.
+/// The backends of audit INSERTs (batches, alone or with their claims, and a lone exchange's
+/// claim with its row) stuck behind the lock. A claim's statement shows only its start:
+/// pg_stat_activity cuts it before its INSERT.
 async fn stuck_batches(app: &TestApp) -> Vec<i32> {
     sqlx::query_scalar(
         "select pid from pg_stat_activity
          where datname = current_database() and wait_event_type = 'Lock'
-           and (query like 'insert into audit_events%' or query like 'with request as%')",
+           and (query like 'insert into audit_events%' or query like 'with request as%' or query like 'with claimed as%')",
     )
     .fetch_all(&app.pool)
     .await
