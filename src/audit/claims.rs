@@ -44,7 +44,7 @@ pub enum TokenUse {
 }
 
 /// Takes the token's next use if one is left and no freeze covers the request, and answers its
-/// use number. No row back means a freeze or every use taken; a follow-up query tells which.
+/// use number. No row back means a freeze or every use taken; follow-up queries tell which.
 static CLAIM_ONE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "insert into token_use_counts as t (issuer, jti, role, uses, max_uses, last_claimed, token_expires_at)
@@ -158,37 +158,48 @@ impl PgAudit {
             None => (CLAIM_ONE.as_str(), self.claiming()),
             Some(_) => (CLAIM_ONE_AND_RECORD.as_str(), self.writing()),
         };
-        // The follow-up query runs on the same connection: the pool may have none to spare.
-        let mut held = connections.take().await?;
-        let query = sqlx::query(statement)
-            .bind(&claim.role)
-            .bind(identities)
-            .bind(&claim.issuer)
-            .bind(&claim.jti)
-            .bind(claim.max_uses as i32)
-            .bind(claim.token_expires_at)
-            .bind(claim.unless_frozen_for.is_some());
-        let query = match row {
-            Some(row) => record::bind_rows(query, std::iter::once(row)),
-            None => query,
-        };
-        let claimed: Option<i32> = query.fetch_optional(held.connection()).await?.map(|row| row.try_get(0)).transpose()?;
-        let answer = match claimed {
-            Some(use_number) => TokenUse::Claimed(use_number as u32),
-            None => self.why_not_claimed(held.connection(), claim, identities).await?,
-        };
-        held.keep();
-        Ok(answer)
-    }
-
-    /// Why a claim took nothing: a freeze, or else every use taken.
-    async fn why_not_claimed(&self, connection: &mut sqlx::PgConnection, claim: &UseClaim, identities: &[String]) -> Result<TokenUse, AuditError> {
-        if claim.unless_frozen_for.is_some() {
-            if let Some(freeze) = active_freeze_on(&mut *connection, &claim.role, identities).await? {
-                return Ok(TokenUse::Frozen(freeze));
+        loop {
+            // The follow-up queries run on the same connection: the pool may have none to spare.
+            let mut held = connections.take().await?;
+            let query = sqlx::query(statement)
+                .bind(&claim.role)
+                .bind(identities)
+                .bind(&claim.issuer)
+                .bind(&claim.jti)
+                .bind(claim.max_uses as i32)
+                .bind(claim.token_expires_at)
+                .bind(claim.unless_frozen_for.is_some());
+            let query = match row {
+                Some(row) => record::bind_rows(query, std::iter::once(row)),
+                None => query,
+            };
+            let claimed: Option<i32> = query.fetch_optional(held.connection()).await?.map(|row| row.try_get(0)).transpose()?;
+            let answer = match claimed {
+                Some(use_number) => Some(TokenUse::Claimed(use_number as u32)),
+                None => self.why_not_claimed(held.connection(), claim, identities).await?,
+            };
+            held.keep();
+            if let Some(answer) = answer {
+                return Ok(answer);
             }
         }
-        Ok(TokenUse::Exhausted)
+    }
+
+    /// Why a claim took nothing: a freeze, or every use taken. None: neither any more (the
+    /// freeze that refused it was lifted since), and the claim may try again.
+    async fn why_not_claimed(&self, connection: &mut sqlx::PgConnection, claim: &UseClaim, identities: &[String]) -> Result<Option<TokenUse>, AuditError> {
+        if claim.unless_frozen_for.is_some() {
+            if let Some(freeze) = active_freeze_on(&mut *connection, &claim.role, identities).await? {
+                return Ok(Some(TokenUse::Frozen(freeze)));
+            }
+        }
+        let used: Option<i32> = sqlx::query_scalar("select uses from token_use_counts where issuer = $1 and jti = $2 and role = $3")
+            .bind(&claim.issuer)
+            .bind(&claim.jti)
+            .bind(&claim.role)
+            .fetch_optional(&mut *connection)
+            .await?;
+        Ok((used.unwrap_or(0) >= claim.max_uses as i32).then_some(TokenUse::Exhausted))
     }
 
     /// Many claims, one statement; the answers in the claims' order.
