@@ -147,6 +147,11 @@ try:
     driver.find_element(By.ID, "filter-project_path").send_keys(EXPECT["filter_project"])
     Select(driver.find_element(By.ID, "filter-decision")).select_by_visible_text("denied")
     driver.find_element(By.ID, "search").click()
+    # The form is a plain GET: read the rows once the filtered page has loaded, not while the
+    # old one is being replaced (a loaded machine showed an empty table in between).
+    WebDriverWait(driver, 15).until(
+        lambda d: "decision=denied" in d.current_url and d.execute_script("return document.readyState") == "complete"
+    )
     filtered = rows(driver)
     observed["filtered"] = [(cell(row, 1), cell(row, 5)) for row in filtered]
     check(len(filtered) == EXPECT["filtered_rows"], f"the filter keeps exactly {EXPECT['filtered_rows']} rows")

@@ -25,7 +25,7 @@ pub(super) struct HeldConnections {
     pool: PgPool,
     idle: Arc<Mutex<Idle>>,
     /// Kept connections stay checked out of the pool: half of it at most, so work beyond what
-    /// is kept (a burst of lone claims, a lost race's retry) still finds connections.
+    /// is kept (a burst of lone claims) still finds connections.
     keep_at_most: usize,
 }
 

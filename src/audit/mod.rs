@@ -211,14 +211,14 @@ impl Audit {
     /// Starts the group-commit writer when configured, so call it inside the runtime.
     pub fn new(store: PgAudit, writer: AuditWriterConfig, unattributed_per_minute: u32, metrics: Arc<Metrics>) -> Self {
         let writer = if writer.group_commit {
-            // One claim writer: its batches never race each other for a token's use numbers
-            // (each sees the one before it; a lone claim run at once may, and then the loser
-            // tries again), and without a disk flush per commit (see `PgAudit`) one keeps up.
+            // One claim writer: its batches never wait on each other for a token's counter
+            // (each sees the one before it), and without a disk flush per commit (see
+            // `PgAudit`) one keeps up.
             let claim_shape = || Shape { writers: 1, ..Shape::from(&writer) };
             // Claims with rows commit durably, so one writer would leave Postgres idle while
             // it waits for the disk: `audit_writers` shards, each with its one writer, and a
-            // token always in the same shard, so two of a replica's batches never race for
-            // one token's use numbers.
+            // token always in the same shard, so two of a replica's batches never wait on each
+            // other for one token's counter.
             let claimed_rows = (0..writer.writers.max(1))
                 .map(|_| {
                     let sizes = Arc::from([metrics.audit_batch_rows.clone(), metrics.token_claim_batch_size.clone()]);
