@@ -215,10 +215,9 @@ impl Audit {
             // (each sees the one before it), and without a disk flush per commit (see
             // `PgAudit`) one keeps up.
             let claim_shape = || Shape { writers: 1, ..Shape::from(&writer) };
-            // Claims with rows commit durably, so one writer would leave Postgres idle while
-            // it waits for the disk: `audit_writers` shards, each with its one writer, and a
-            // token always in the same shard, so two of a replica's batches never wait on each
-            // other for one token's counter.
+            // `audit_writers` shards, each with its one writer, and a token always in the same
+            // shard, so two of a replica's batches never wait on each other for one token's
+            // counter.
             let claimed_rows = (0..writer.writers.max(1))
                 .map(|_| {
                     let sizes = Arc::from([metrics.audit_batch_rows.clone(), metrics.token_claim_batch_size.clone()]);

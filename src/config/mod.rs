@@ -304,9 +304,12 @@ mod defaults {
     pub fn audit_group_commit() -> bool {
         true
     }
-    // Two writers on two cores: one commits while the other gathers the next batch.
+    // One: the next batch gathers while it commits, and a lone exchange still runs at once
+    // beside it (`GroupCommit::submit`). A second writer halved every batch, and Postgres'
+    // cost per statement outweighed the commit it overlapped (bench/README.md, 2026-12-05
+    // sixth session: about 20% more issuances a second at 16 connections, 8% at 64).
     pub fn audit_writers() -> u32 {
-        2
+        1
     }
     pub fn audit_batch_max() -> u32 {
         256
