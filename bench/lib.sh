@@ -11,7 +11,8 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "loadgen" and m.get("executable"):
         print(m["executable"])')
-BROKER=target/release/credbroker
+# BROKER=path: measure another build of the broker (an A/B of two trees in one sitting).
+BROKER=${BROKER:-target/release/credbroker}
 
 bash scripts/postgres.sh start "$WORK/pg" </dev/null >&2
 ADMIN_URL=$(bash scripts/postgres.sh url "$WORK/pg" postgres)
