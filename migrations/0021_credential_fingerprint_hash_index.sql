@@ -1,4 +1,4 @@
--- The fingerprint filter (`credential_sha256=` on /audit, `credbroker audit --credential-sha256`)
+-- The fingerprint filter (`credential_sha256=` on /audit, `credbroker audit query --credential-sha256`)
 -- only ever asks for one whole fingerprint (src/audit/filter.rs refuses anything but 64 hex
 -- digits): equality, which a hash index answers as well as a btree. On the insert path the
 -- btree was the costliest index of an issued row: every fingerprint is random, so each insert
