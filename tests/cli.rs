@@ -175,3 +175,15 @@ fn policy_check_names_file_role_and_key() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("bad.toml") && stderr.contains("role wide-open") && stderr.contains("key `claims`"), "{stderr}");
 }
+
+#[test]
+fn a_worker_thread_count_it_cannot_use_is_refused_with_a_reason() {
+    for bad in ["0", "two", " 2", "-1"] {
+        let output = Command::new(BIN).args(["policy", "check", "policies"]).current_dir(env!("CARGO_MANIFEST_DIR")).env_remove("CREDBROKER_CONFIG").env("TOKIO_WORKER_THREADS", bad).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{bad:?}: {stderr}");
+        assert!(stderr.contains("TOKIO_WORKER_THREADS must be a number of threads, at least 1") && !stderr.contains("panicked"), "{bad:?}: {stderr}");
+    }
+    let output = Command::new(BIN).args(["policy", "check", "policies"]).current_dir(env!("CARGO_MANIFEST_DIR")).env_remove("CREDBROKER_CONFIG").env("TOKIO_WORKER_THREADS", "1").output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}

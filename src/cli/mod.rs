@@ -48,8 +48,18 @@ enum Command {
     Unfreeze(admin::UnfreezeArgs),
 }
 
+const WORKER_THREADS: &str = "TOKIO_WORKER_THREADS";
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The runtime reads TOKIO_WORKER_THREADS itself (README, "Runtime threads") and panics on a
+    // value it cannot use; say what is wrong instead.
+    if let Some(threads) = std::env::var_os(WORKER_THREADS) {
+        if threads.to_str().and_then(|threads| threads.parse::<std::num::NonZeroUsize>().ok()).is_none() {
+            eprintln!("credbroker: {WORKER_THREADS} must be a number of threads, at least 1 (it is {threads:?}); unset it for one per core");
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
