@@ -239,3 +239,69 @@ async fn the_migration_counts_the_uses_already_taken() {
     assert_eq!(answers.iter().map(describe).collect::<Vec<_>>(), ["exhausted", "claimed 2"]);
     assert_eq!(uses_taken(&store).await, 4);
 }
+
+/// A lone row goes in by a statement of its own, one parameter per column; a batch by one
+/// array per column. Both must store every column alike, with a claim's row or without.
+#[tokio::test]
+async fn a_row_written_alone_is_stored_as_the_same_row_written_in_a_batch() {
+    let store = store().await;
+    let occurred_at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+    let claims = serde_json::json!({
+        "project_path": "grp/app", "job_project_path": "grp/app", "namespace_path": "grp",
+        "pipeline_id": "12", "job_id": 34, "ref": "main", "ref_type": "branch", "sha": "0123abcd",
+        "user_login": "ada\u{0}lovelace", "environment": "prod", "runner_id": 56,
+        "nested": {"list": [1, "two", null], "é": true}
+    });
+    let row = |id: uuid::Uuid| {
+        let mut event = AuditEvent::new(id, Decision::Issued, occurred_at, "request-1");
+        event.code = Some("code".into());
+        event.detail = Some("detail".into());
+        event.issuer = Some("https://gitlab.example.com".into());
+        event.subject = Some("project_path:grp/app:ref_type:branch:ref:main".into());
+        event.job_token_sha256 = Some("a".repeat(64));
+        event.claims = Some(Arc::new(claims.as_object().unwrap().clone()));
+        event.role = Some("deploy".into());
+        event.target = Some("kafka".into());
+        event.backend = Some("kafka_oauth".into());
+        event.requested_ttl_seconds = Some(600);
+        event.granted_ttl_seconds = Some(300);
+        event.expires_at = Some(occurred_at + time::Duration::minutes(5));
+        event.job_deadline = Some(occurred_at + time::Duration::hours(1));
+        event.client_addr = Some("192.0.2.7".into());
+        event.user_agent = Some("credbroker-cli/1".into());
+        event.credential_sha256 = Some("b".repeat(64));
+        event.credential_handle = Some("lease/1".into());
+        event.occurrences = 3;
+        event.overshoot_seconds = Some(7);
+        event.renews_issuance = Some(uuid::Uuid::from_u128(1));
+        event.about_issuance = Some(uuid::Uuid::from_u128(2));
+        event.endpoint = Some("credentials");
+        event.policy_version = Some("v1".into());
+        event
+    };
+    let ids: Vec<uuid::Uuid> = (10..16).map(uuid::Uuid::from_u128).collect();
+    store.write(&row(ids[0])).await.unwrap();
+    store.write_batch(&[row(ids[1]), row(ids[2])]).await.unwrap();
+    let answer = store.claim_token_use_and_record(&claim("t-alone", "deploy", 1, Some(&["grp/app"])), &row(ids[3])).await.unwrap();
+    assert_eq!(describe(&answer), "claimed 1");
+    let claims = [claim("t-batch-1", "deploy", 1, Some(&["grp/app"])), claim("t-batch-2", "deploy", 1, None)];
+    let rows = [row(ids[4]), row(ids[5])];
+    let answers = store.claim_token_uses_and_record(&claims.iter().collect::<Vec<_>>(), &rows.iter().collect::<Vec<_>>()).await.unwrap();
+    assert_eq!(answers.iter().map(describe).collect::<Vec<_>>(), ["claimed 1", "claimed 1"]);
+
+    // Every column but those Postgres sets itself, whatever columns later migrations add.
+    let stored: Vec<(uuid::Uuid, serde_json::Value)> =
+        sqlx::query_as("select id, to_jsonb(a) - 'id' - 'recorded_at' - 'tx' from audit_events a where id = any($1) order by id")
+            .bind(&ids)
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(stored.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids, "every row written");
+    let alone = &stored[0].1;
+    assert_eq!(alone["runner_id"], 56, "{alone}");
+    assert_eq!(alone["claims"]["user_login"], "ada\u{FFFD}lovelace", "{alone}");
+    assert_eq!(alone["renews_issuance_id"], uuid::Uuid::from_u128(1).to_string(), "{alone}");
+    for (id, columns) in &stored[1..] {
+        assert_eq!(columns, alone, "row {id}");
+    }
+}

@@ -133,7 +133,7 @@ static CLAIM_ONE_AND_RECORD: LazyLock<String> = LazyLock::new(|| {
     format!(
         "with claimed as ({}),\n recorded as ({})\n select uses from claimed",
         *CLAIM_ONE,
-        super::record::insert_sql(8, Some("exists (select from claimed)"))
+        super::record::insert_one_sql(8, Some("exists (select from claimed)"))
     )
 });
 
@@ -170,7 +170,7 @@ impl PgAudit {
                 .bind(claim.token_expires_at)
                 .bind(claim.unless_frozen_for.is_some());
             let query = match row {
-                Some(row) => record::bind_rows(query, std::iter::once(row)),
+                Some(row) => record::bind_row(query, row),
                 None => query,
             };
             let claimed: Option<i32> = query.fetch_optional(held.connection()).await?.map(|row| row.try_get(0)).transpose()?;

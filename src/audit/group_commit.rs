@@ -40,7 +40,7 @@ impl Batch for AuditRows {
     type Answer = ();
 
     async fn run(&self, events: &[AuditEvent]) -> Result<Vec<()>, AuditError> {
-        self.0.write_batch(events.iter()).await?;
+        self.0.write_batch(events).await?;
         Ok(vec![(); events.len()])
     }
 }

@@ -161,11 +161,11 @@ impl PgAudit {
     /// Autocommit: the INSERT returns only once the row is durable (synchronous_commit).
     #[tracing::instrument(level = "debug", skip_all, fields(issuance_id = %event.id, decision = event.decision.as_str()))]
     pub async fn write(&self, event: &AuditEvent) -> Result<(), AuditError> {
-        self.write_batch(std::iter::once(event)).await
+        self.write_batch(std::slice::from_ref(event)).await
     }
 
     /// Many rows in one INSERT and one commit: all of them are durable, or none is.
-    pub async fn write_batch(&self, events: impl Iterator<Item = &AuditEvent>) -> Result<(), AuditError> {
+    pub async fn write_batch(&self, events: &[AuditEvent]) -> Result<(), AuditError> {
         let mut held = self.writing.take().await?;
         record::insert(events).execute(held.connection()).await?;
         held.keep();
