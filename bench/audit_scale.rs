@@ -103,10 +103,11 @@ async fn targets(store: &PgAudit) -> Targets {
     .fetch_one(pool)
     .await
     .expect("an issued row");
-    let baseline_id: Uuid = sqlx::query_scalar("select id from audit_events tablesample system (0.1) repeatable (7) where decision = 'denied' limit 1")
-        .fetch_one(pool)
-        .await
-        .expect("a denied row");
+    let baseline_id: Uuid =
+        sqlx::query_scalar("select id from audit_events tablesample system (0.1) repeatable (7) where decision = 'denied' limit 1")
+            .fetch_one(pool)
+            .await
+            .expect("a denied row");
     Targets {
         busiest_project: "grp-000/team-0/svc-0".into(),
         typical_project,
@@ -120,11 +121,8 @@ async fn targets(store: &PgAudit) -> Targets {
 }
 
 fn questions(t: &Targets) -> Vec<Question> {
-    let question = |name, pairs: &[(&'static str, &str)], asks| Question {
-        name,
-        pairs: pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
-        asks,
-    };
+    let question =
+        |name, pairs: &[(&'static str, &str)], asks| Question { name, pairs: pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(), asks };
     let q = |name, pairs: &[(&'static str, &str)]| question(name, pairs, Asks::Rows);
     let group_glob = format!("{}/**", t.busiest_group);
     vec![
@@ -207,7 +205,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn measure(store: &PgAudit, targets: &Targets, questions: &[Question], repeat: usize, out: Option<String>) {
-    let rows: i64 = sqlx::query_scalar("select reltuples::bigint from pg_class where relname = 'audit_events'").fetch_one(store.pool()).await.unwrap();
+    let rows: i64 =
+        sqlx::query_scalar("select reltuples::bigint from pg_class where relname = 'audit_events'").fetch_one(store.pool()).await.unwrap();
     // The baseline, interleaved with the questions below so that both see the same machine.
     let mut baseline = Vec::new();
     timed_baseline(store, targets.baseline_id).await;
@@ -231,7 +230,10 @@ async fn measure(store: &PgAudit, targets: &Targets, questions: &[Question], rep
     let (base_p50, base_p95) = (percentile(&baseline, 0.5), percentile(&baseline, 0.95));
     println!("audit_events: ~{rows} rows; {repeat} timed runs per question after one untimed-for-percentiles first run");
     println!("baseline (one row by primary key, issuance_lifecycle): p50 {base_p50:.2} ms, p95 {base_p95:.2} ms over {} runs\n", baseline.len());
-    println!("{:<40}{:>6}{:>10}{:>9}{:>9}{:>12}{:>12}  target {TARGET_MS:.0} ms", "question", "rows", "first ms", "p50 ms", "p95 ms", "p50/base", "p95/base");
+    println!(
+        "{:<40}{:>6}{:>10}{:>9}{:>9}{:>12}{:>12}  target {TARGET_MS:.0} ms",
+        "question", "rows", "first ms", "p50 ms", "p95 ms", "p50/base", "p95/base"
+    );
     let mut lines = Vec::new();
     let mut missed = 0;
     for (question, first_ms, returned, p50, p95) in &results {
@@ -256,7 +258,11 @@ async fn measure(store: &PgAudit, targets: &Targets, questions: &[Question], rep
             "ratio_p95": (p95 / base_p95).is_finite().then_some(p95 / base_p95), "pass": pass, "table_rows": rows,
         }));
     }
-    println!("\n{} of {} questions under {TARGET_MS:.0} ms at p95 (inf: cut off by the 10 s statement timeout)", results.len() - missed, results.len());
+    println!(
+        "\n{} of {} questions under {TARGET_MS:.0} ms at p95 (inf: cut off by the 10 s statement timeout)",
+        results.len() - missed,
+        results.len()
+    );
     if let Some(out) = out {
         let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
         std::fs::write(&out, text).expect("write results");

@@ -265,8 +265,7 @@ async fn run(options: Options) {
         f64::from(latencies[index]) / 1000.0
     };
     let ok = measured.statuses.get(&200).copied().unwrap_or(0);
-    let statuses: serde_json::Map<String, Value> =
-        measured.statuses.iter().map(|(status, count)| (status.to_string(), json!(count))).collect();
+    let statuses: serde_json::Map<String, Value> = measured.statuses.iter().map(|(status, count)| (status.to_string(), json!(count))).collect();
     println!(
         "{}",
         json!({
@@ -318,7 +317,8 @@ async fn connection_loop(
         match target.kind {
             Kind::Credbroker => {
                 let body = format!(r#"{{"role":"{role}"}}"#);
-                request.extend_from_slice(b"POST /v1/credentials HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\nAuthorization: Bearer ");
+                request
+                    .extend_from_slice(b"POST /v1/credentials HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\nAuthorization: Bearer ");
                 request.extend_from_slice(tokens.next().as_bytes());
                 request.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
             }

@@ -147,6 +147,13 @@ cargo run --quiet -- policy check dev/policies --config dev/credbroker.toml </de
 cargo run --quiet -- policy check dev/vault/policies --config dev/vault/credbroker.toml </dev/null ||
     failed+=("policy check dev/vault/policies")
 
+# One formatting (rustfmt.toml), checked where rustfmt is installed.
+if cargo fmt --version >/dev/null 2>&1; then
+    cargo fmt --check >/dev/null || failed+=("cargo fmt --check (run cargo fmt)")
+else
+    echo "test.sh: rustfmt not installed; formatting not checked" >&2
+fi
+
 if [ ${#failed[@]} -gt 0 ]; then
     echo "test.sh: FAILED:" >&2
     printf "  - %s\n" "${failed[@]}" >&2

@@ -9,13 +9,9 @@ use time::OffsetDateTime;
 /// in logs, URLs or SQL filters.
 fn parse_name(kind: &str, raw: &str) -> Result<String, String> {
     let valid_start = raw.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let valid_chars = raw
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    let valid_chars = raw.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
     if raw.len() > 64 || !valid_start || !valid_chars {
-        return Err(format!(
-            "{kind} {raw:?} must be 1-64 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit"
-        ));
+        return Err(format!("{kind} {raw:?} must be 1-64 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit"));
     }
     Ok(raw.to_owned())
 }
@@ -226,7 +222,13 @@ impl IpNetwork {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(candidate),
             v4 => v4,
         };
-        let mask = |bits: u32, total: u32| -> u128 { if bits == 0 { 0 } else { (!0u128) << (total - bits) } };
+        let mask = |bits: u32, total: u32| -> u128 {
+            if bits == 0 {
+                0
+            } else {
+                (!0u128) << (total - bits)
+            }
+        };
         match (self.address, candidate) {
             (std::net::IpAddr::V4(network), std::net::IpAddr::V4(ip)) => {
                 let mask = mask(u32::from(self.prefix), 32) as u32;
@@ -363,9 +365,6 @@ mod tests {
 
     #[test]
     fn sha256_hex_matches_known_vector() {
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

@@ -122,7 +122,14 @@ async fn every_lookml_field_runs_against_the_views_and_counts_right() {
                 .await
                 .unwrap();
         assert!(!columns.is_empty(), "{} is not a view in the database", view.table);
-        let referenced: BTreeSet<String> = view.fields.values().filter_map(|f| f.sql.clone()).collect::<Vec<_>>().join(" ").split("${TABLE}.").skip(1)
+        let referenced: BTreeSet<String> = view
+            .fields
+            .values()
+            .filter_map(|f| f.sql.clone())
+            .collect::<Vec<_>>()
+            .join(" ")
+            .split("${TABLE}.")
+            .skip(1)
             .map(|rest| rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect())
             .collect();
         for column in columns {
@@ -138,7 +145,6 @@ async fn every_lookml_field_runs_against_the_views_and_counts_right() {
     let denials = &views["denials_recent"];
     assert_eq!(value(&pool, denials, "denials").await, Some(2.0));
     assert_eq!(value(&pool, denials, "subjects").await, Some(2.0));
-
 
     // The model includes these views and explores only views it defines.
     let model = std::fs::read_to_string(common::repo_path(&format!("{LOOKML_DIR}/credbroker.model.lkml"))).unwrap();

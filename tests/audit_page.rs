@@ -42,7 +42,8 @@ fn hours_ago(hours: i64) -> String {
 async fn wait_until_listed(app: &TestApp, token: &str, ids: &[Uuid]) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let page: Value = app.client.get(format!("{}/v1/issuances?limit=1000", app.url)).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+        let page: Value =
+            app.client.get(format!("{}/v1/issuances?limit=1000", app.url)).bearer_auth(token).send().await.unwrap().json().await.unwrap();
         let listed: BTreeSet<&str> = page["items"].as_array().unwrap().iter().map(|item| item["id"].as_str().unwrap()).collect();
         if ids.iter().all(|id| listed.contains(id.to_string().as_str())) {
             return;
@@ -99,7 +100,8 @@ async fn an_auditor_loads_filters_and_opens_a_record_in_chromium() {
     seeded.push(hostile);
     wait_until_listed(&app, &auditor, &seeded).await;
 
-    let kafka_target: String = sqlx::query_scalar("select target from audit_events where id = $1").bind(issued_id).fetch_one(&app.pool).await.unwrap();
+    let kafka_target: String =
+        sqlx::query_scalar("select target from audit_events where id = $1").bind(issued_id).fetch_one(&app.pool).await.unwrap();
     let mut legend = vec!["aws issued", "aws denied", "kafka denied", "snowflake denied", "audit_log denied"]
         .into_iter()
         .map(str::to_owned)
@@ -139,19 +141,16 @@ async fn an_auditor_loads_filters_and_opens_a_record_in_chromium() {
     })
     .await
     .unwrap();
-    assert!(
-        output.status.success(),
-        "browser run failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "browser run failed:\n{}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     // A PNG of the signed-in page with its chart (look at it: target/tmp/audit-page.png).
     let png = std::fs::read(&screenshot).expect("the browser saved a screenshot");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "screenshot of {} bytes", png.len());
 
     // Every view was recorded, the refused sign-in as a denial of the audit log.
-    let reads: Vec<String> =
-        sqlx::query_scalar("select detail from audit_events where decision = 'audit_read' and detail like 'gitlab:%'").fetch_all(&app.pool).await.unwrap();
+    let reads: Vec<String> = sqlx::query_scalar("select detail from audit_events where decision = 'audit_read' and detail like 'gitlab:%'")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
     assert!(reads.iter().any(|detail| detail.contains("(user sec-eve): sign in to /audit")), "{reads:?}");
     assert!(reads.iter().any(|detail| detail.contains("GET /audit?") && detail.contains("decision=denied")), "the filtered view: {reads:?}");
     assert!(reads.iter().any(|detail| detail.ends_with(&format!("GET /audit/issuances/{hostile}"))), "the detail view: {reads:?}");
@@ -187,9 +186,8 @@ async fn the_session_cookie_headers_and_refusals() {
     assert_eq!(reads().await, 0);
 
     let token = auditor_token(&app);
-    let sign_in = |token: String, site: &'static str| {
-        client.post(page("/audit/session")).header("sec-fetch-site", site).form(&[("token", token)]).send()
-    };
+    let sign_in =
+        |token: String, site: &'static str| client.post(page("/audit/session")).header("sec-fetch-site", site).form(&[("token", token)]).send();
     // Another site cannot post a token into the form (login CSRF).
     assert_eq!(sign_in(token.clone(), "cross-site").await.unwrap().status().as_u16(), 403);
     // Not an auditor: 403, no cookie, and a denied row.

@@ -277,7 +277,8 @@ async fn one_issuance_with_its_renewal_and_revocation() {
     assert_eq!(events, ["issued", "renewed", "revoked"], "{body}");
     assert_eq!(body["lifecycle"][1]["id"], renewal["issuance_id"]);
 
-    let response = app.client.get(format!("{}/v1/issuances/{}", app.url, renewal["issuance_id"].as_str().unwrap())).bearer_auth(&token).send().await.unwrap();
+    let response =
+        app.client.get(format!("{}/v1/issuances/{}", app.url, renewal["issuance_id"].as_str().unwrap())).bearer_auth(&token).send().await.unwrap();
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["renews"], first_id.as_str());
 
@@ -455,7 +456,9 @@ fn credbroker(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 async fn cli_queries_the_database_or_the_api_and_verifies() {
     let app = spawn().await;
     let token = auditor_token(&app);
-    let seeded = insert(&app.pool, json!({"role": "cli", "project_path": "platform/orders", "user_login": "=evil", "occurred_at": "2024-01-01T00:00:00Z"})).await;
+    let seeded =
+        insert(&app.pool, json!({"role": "cli", "project_path": "platform/orders", "user_login": "=evil", "occurred_at": "2024-01-01T00:00:00Z"}))
+            .await;
     insert(&app.pool, json!({"role": "other"})).await;
     wait_for_rows(&app, "role=cli", &token, 1).await;
     let url = app.database_url.clone();
@@ -488,14 +491,16 @@ async fn cli_queries_the_database_or_the_api_and_verifies() {
     let key_file = app.dir.0.join("seal.pem");
     std::fs::write(&key_file, rsa_pem(1)).unwrap();
     let (url, key_path) = (app.database_url.clone(), key_file.display().to_string());
-    let intact = tokio::task::spawn_blocking(move || credbroker(&["audit", "verify", "--database-url", &url, "--key", &key_path], &[])).await.unwrap();
+    let intact =
+        tokio::task::spawn_blocking(move || credbroker(&["audit", "verify", "--database-url", &url, "--key", &key_path], &[])).await.unwrap();
     assert!(intact.status.success(), "{}{}", String::from_utf8_lossy(&intact.stdout), String::from_utf8_lossy(&intact.stderr));
     assert!(String::from_utf8_lossy(&intact.stdout).starts_with("intact:"));
     as_superuser(&app.pool, "update audit_events set user_login = 'mallory' where id = $1", seeded).await;
     let (url, key_path) = (app.database_url.clone(), key_file.display().to_string());
-    let tampered = tokio::task::spawn_blocking(move || credbroker(&["audit", "verify", "--database-url", &url, "--key", &key_path, "--since", "500w"], &[]))
-        .await
-        .unwrap();
+    let tampered =
+        tokio::task::spawn_blocking(move || credbroker(&["audit", "verify", "--database-url", &url, "--key", &key_path, "--since", "500w"], &[]))
+            .await
+            .unwrap();
     assert!(!tampered.status.success());
     let stdout = String::from_utf8_lossy(&tampered.stdout);
     assert!(stdout.starts_with(&format!("TAMPERED: row {seeded}")) && stdout.contains("altered"), "{stdout}");
@@ -588,7 +593,8 @@ enum GlobPiece {
 }
 
 /// Letters, the separator, and every character LIKE or a Postgres regex treats specially.
-const GLOB_ALPHABET: &[char] = &['a', 'b', '/', '.', '_', '%', '\\', '-', '[', ']', '(', ')', '{', '}', '^', '$', '+', '?', '|', '<', '>', ' ', 'é', '1', '*', '\''];
+const GLOB_ALPHABET: &[char] =
+    &['a', 'b', '/', '.', '_', '%', '\\', '-', '[', ']', '(', ')', '{', '}', '^', '$', '+', '?', '|', '<', '>', ' ', 'é', '1', '*', '\''];
 
 fn glob_piece() -> impl proptest::strategy::Strategy<Value = GlobPiece> {
     use proptest::prelude::*;
@@ -659,9 +665,7 @@ fn project_path_filters_select_exactly_what_the_policy_glob_matches() {
         let (glob, filter) = match (glob, filter) {
             (Ok(glob), Ok(filter)) => (glob, filter),
             (Err(_), Err(_)) => return Ok(()),
-            (glob, filter) => {
-                return Err(TestCaseError::fail(format!("{pattern:?}: the policy says {glob:?}, the audit filter {:?}", filter.err())))
-            }
+            (glob, filter) => return Err(TestCaseError::fail(format!("{pattern:?}: the policy says {glob:?}, the audit filter {:?}", filter.err()))),
         };
         let selected = runtime.block_on(async {
             let ids: Vec<Uuid> = paths.iter().map(|_| Uuid::new_v4()).collect();

@@ -83,7 +83,8 @@ fn edge(now: OffsetDateTime) -> OffsetDateTime {
 /// either side of [`edge`].
 fn events(replica: usize, count: usize, now: OffsetDateTime) -> Vec<AuditEvent> {
     let now = now.replace_nanosecond(0).unwrap();
-    let decisions = [Decision::Issued, Decision::Issued, Decision::Denied, Decision::Failed, Decision::Revoked, Decision::Issued, Decision::AuditRead];
+    let decisions =
+        [Decision::Issued, Decision::Issued, Decision::Denied, Decision::Failed, Decision::Revoked, Decision::Issued, Decision::AuditRead];
     let targets = [Some("kafka"), Some("aws"), Some("vault"), Some("snowflake"), None];
     (0..count)
         .map(|n| {
@@ -207,7 +208,9 @@ async fn two_brokers_writing_batches_at_once_chart_exactly_what_they_wrote() {
     assert_eq!(window.since, edge(now));
     assert!(window.until >= until && window.until - until < TIMELINE_GRAIN && on_grain(window.until));
     let expected = counted(&rows, &window, all);
-    assert!(rows.iter().any(|row| row.occurred_at == window.since) && rows.iter().any(|row| row.occurred_at == window.since - time::Duration::seconds(1)));
+    assert!(
+        rows.iter().any(|row| row.occurred_at == window.since) && rows.iter().any(|row| row.occurred_at == window.since - time::Duration::seconds(1))
+    );
     assert_eq!(charted(&window), expected);
 
     // Any other filter counts the rows themselves, below the transaction horizon (which other

@@ -7,10 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 
 use aws_sdk_sts::config::{BehaviorVersion, Credentials, Region};
-use common::moto::{
-    assert_sts_would_accept, free_port, spawn_with_aws, Moto, RecordingProxy,
-    BROKER_ACCESS_KEY_ID, BROKER_SECRET_ACCESS_KEY,
-};
+use common::moto::{assert_sts_would_accept, free_port, spawn_with_aws, Moto, RecordingProxy, BROKER_ACCESS_KEY_ID, BROKER_SECRET_ACCESS_KEY};
 use common::TestApp;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
@@ -124,13 +121,12 @@ async fn job_token_becomes_an_sts_session_with_the_granted_duration_and_the_jobs
     assert_eq!(sent.param("SourceIdentity"), Some("alice"), "default user_login");
     let mut tags = sent.tags();
     tags.sort();
-    assert_eq!(
-        tags,
-        [("pipeline".into(), "9001".into()), ("project".into(), "platform/orders".into()), ("ref".into(), "main".into())]
-    );
+    assert_eq!(tags, [("pipeline".into(), "9001".into()), ("project".into(), "platform/orders".into()), ("ref".into(), "main".into())]);
     assert_eq!(
         sent.param("Policy"),
-        Some(r#"{"Statement":[{"Action":"s3:GetObject","Effect":"Allow","Resource":"arn:aws:s3:::artifacts/platform/orders/main/*"}],"Version":"2012-10-17"}"#)
+        Some(
+            r#"{"Statement":[{"Action":"s3:GetObject","Effect":"Allow","Resource":"arn:aws:s3:::artifacts/platform/orders/main/*"}],"Version":"2012-10-17"}"#
+        )
     );
     let authorization = sent.headers.iter().find(|(name, _)| name == "authorization").map(|(_, v)| v.as_str()).unwrap();
     assert!(authorization.contains(BROKER_ACCESS_KEY_ID), "signed with the broker's identity from the SDK chain");
@@ -179,8 +175,7 @@ async fn sts_floor_is_refused_or_overshot_as_the_role_says() {
     assert_eq!((row["decision"].as_str(), row["code"].as_str()), (Some("denied"), Some("ttl_not_satisfiable")));
 
     // allow_overshoot: 900 s, and the row says by how much it outlives the job.
-    let (status, _, body) =
-        app.exchange(&app.issuer.token_with(json!({"exp": deadline})), json!({"role": "aws-overshoot"})).await;
+    let (status, _, body) = app.exchange(&app.issuer.token_with(json!({"exp": deadline})), json!({"role": "aws-overshoot"})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["ttl_seconds"], 900);
     let requests = proxy.assume_role_requests();
@@ -300,8 +295,10 @@ fn policies_sts_would_refuse_never_load() {
     };
     let arn = "role_arn = \"arn:aws:iam::123456789012:role/ci\"";
     let many_tags: String = (0..51).map(|n| format!("t{n} = \"{{job_id}}\"\n")).collect();
-    let statements: String =
-        (0..12).map(|n| format!(r#"{{"Effect":"Allow","Action":"s3:GetObject","Resource":"arn:aws:s3:::b/{{project_path}}/{n}"}}"#)).collect::<Vec<_>>().join(",");
+    let statements: String = (0..12)
+        .map(|n| format!(r#"{{"Effect":"Allow","Action":"s3:GetObject","Resource":"arn:aws:s3:::b/{{project_path}}/{n}"}}"#))
+        .collect::<Vec<_>>()
+        .join(",");
     let cases = [
         (role("role_arn = \"arn:aws:iam::123:role/ci\""), "key `role_arn`"),
         (role("role_arn = \"arn:aws:iam::123456789012:role/ci-{project_id}\""), "allow_claims_in"),

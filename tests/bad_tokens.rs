@@ -226,11 +226,10 @@ async fn floods_of_unattributable_denials_are_aggregated_not_lost() {
     }
     assert_eq!(app.audit_count().await, 2, "only the budget gets full rows");
     app.state.broker.audit.flush_unattributed().await.unwrap();
-    let (rows, occurrences): (i64, i64) =
-        sqlx::query_as("select count(*), sum(occurrences)::bigint from audit_events where code = 'invalid_token'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let (rows, occurrences): (i64, i64) = sqlx::query_as("select count(*), sum(occurrences)::bigint from audit_events where code = 'invalid_token'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!((rows, occurrences), (3, 7), "two full rows plus one aggregate of five");
     // A verified job is never subject to that budget.
     assert_eq!(app.exchange(&app.issuer.token(), json!({"role": "orders-producer"})).await.0, 200);

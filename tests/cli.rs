@@ -41,7 +41,8 @@ async fn dev_mode_exchange_through_the_cli_leaves_no_secret_in_the_log() {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let config = dir.0.join("credbroker.toml");
-    std::fs::write(&config, std::fs::read_to_string(common::repo_path("dev/credbroker.toml")).unwrap().replace("../.credbroker-dev", "state")).unwrap();
+    std::fs::write(&config, std::fs::read_to_string(common::repo_path("dev/credbroker.toml")).unwrap().replace("../.credbroker-dev", "state"))
+        .unwrap();
     std::fs::create_dir_all(dir.0.join("policies")).unwrap();
     std::fs::copy(common::repo_path("dev/policies/demo.toml"), dir.0.join("policies/demo.toml")).unwrap();
     let env = vec![
@@ -133,11 +134,7 @@ async fn dev_mode_exchange_through_the_cli_leaves_no_secret_in_the_log() {
 fn policy_explain_shows_each_condition() {
     let dir = common::temp_dir();
     let claims = dir.0.join("claims.json");
-    std::fs::write(
-        &claims,
-        r#"{"job_project_path": "platform/orders", "ref_protected": "false", "ref_type": "branch", "ref": "main"}"#,
-    )
-    .unwrap();
+    std::fs::write(&claims, r#"{"job_project_path": "platform/orders", "ref_protected": "false", "ref_type": "branch", "ref": "main"}"#).unwrap();
     let output = Command::new(BIN)
         .args(["policy", "explain", "--policy-dir"])
         .arg(common::repo_path("policies"))
@@ -179,11 +176,23 @@ fn policy_check_names_file_role_and_key() {
 #[test]
 fn a_worker_thread_count_it_cannot_use_is_refused_with_a_reason() {
     for bad in ["0", "two", " 2", "-1"] {
-        let output = Command::new(BIN).args(["policy", "check", "policies"]).current_dir(env!("CARGO_MANIFEST_DIR")).env_remove("CREDBROKER_CONFIG").env("TOKIO_WORKER_THREADS", bad).output().unwrap();
+        let output = Command::new(BIN)
+            .args(["policy", "check", "policies"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("CREDBROKER_CONFIG")
+            .env("TOKIO_WORKER_THREADS", bad)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{bad:?}: {stderr}");
         assert!(stderr.contains("TOKIO_WORKER_THREADS must be a number of threads, at least 1") && !stderr.contains("panicked"), "{bad:?}: {stderr}");
     }
-    let output = Command::new(BIN).args(["policy", "check", "policies"]).current_dir(env!("CARGO_MANIFEST_DIR")).env_remove("CREDBROKER_CONFIG").env("TOKIO_WORKER_THREADS", "1").output().unwrap();
+    let output = Command::new(BIN)
+        .args(["policy", "check", "policies"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("CREDBROKER_CONFIG")
+        .env("TOKIO_WORKER_THREADS", "1")
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }

@@ -90,7 +90,8 @@ async fn the_client_binary_exchanges_through_the_gitlab_template_and_a_refusal_f
     let minted = stdout.lines().find_map(|line| line.strip_prefix("token=")).unwrap();
     assert_eq!(minted.split('.').count(), 3, "a JWT for Kafka: {stdout}");
     // The row says what the job got, with the TTL asked for through CREDBROKER_EXCHANGE_ARGS.
-    let granted: i32 = sqlx::query_scalar("select granted_ttl_seconds from audit_events where decision = 'issued'").fetch_one(&app.pool).await.unwrap();
+    let granted: i32 =
+        sqlx::query_scalar("select granted_ttl_seconds from audit_events where decision = 'issued'").fetch_one(&app.pool).await.unwrap();
     assert_eq!(granted, 600);
 
     // Refused: the job stops in before_script, and its script never runs without a credential.

@@ -17,22 +17,15 @@ fn read_repo_file(name: &str) -> String {
 }
 
 fn compose() -> Yaml {
-    let mut docs = YamlLoader::load_from_str(&read_repo_file("docker-compose.yml"))
-        .unwrap_or_else(|e| panic!("docker-compose.yml is not valid YAML: {e}"));
-    assert_eq!(
-        docs.len(),
-        1,
-        "docker-compose.yml must hold exactly one YAML document"
-    );
+    let mut docs =
+        YamlLoader::load_from_str(&read_repo_file("docker-compose.yml")).unwrap_or_else(|e| panic!("docker-compose.yml is not valid YAML: {e}"));
+    assert_eq!(docs.len(), 1, "docker-compose.yml must hold exactly one YAML document");
     docs.remove(0)
 }
 
 fn service<'a>(compose: &'a Yaml, name: &str) -> &'a Yaml {
     let svc = &compose["services"][name];
-    assert!(
-        svc.as_hash().is_some(),
-        "docker-compose.yml has no service `{name}`"
-    );
+    assert!(svc.as_hash().is_some(), "docker-compose.yml has no service `{name}`");
     svc
 }
 
@@ -49,10 +42,7 @@ fn scalar(y: &Yaml) -> Option<String> {
 /// `command:` in exec form (a list) or shell form (one string).
 fn words(y: &Yaml) -> Vec<String> {
     match y {
-        Yaml::Array(items) => items
-            .iter()
-            .map(|i| scalar(i).unwrap_or_else(|| panic!("non-scalar command word: {i:?}")))
-            .collect(),
+        Yaml::Array(items) => items.iter().map(|i| scalar(i).unwrap_or_else(|| panic!("non-scalar command word: {i:?}"))).collect(),
         Yaml::String(s) => s.split_whitespace().map(str::to_owned).collect(),
         other => panic!("expected a command list or string, found {other:?}"),
     }
@@ -62,11 +52,9 @@ fn words(y: &Yaml) -> Vec<String> {
 fn env_var(svc: &Yaml, key: &str) -> Option<String> {
     match &svc["environment"] {
         Yaml::Hash(_) => scalar(&svc["environment"][key]),
-        Yaml::Array(items) => items.iter().filter_map(Yaml::as_str).find_map(|kv| {
-            kv.split_once('=')
-                .filter(|(k, _)| *k == key)
-                .map(|(_, v)| v.to_owned())
-        }),
+        Yaml::Array(items) => {
+            items.iter().filter_map(Yaml::as_str).find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v.to_owned()))
+        }
         _ => None,
     }
 }
@@ -76,11 +64,7 @@ fn config_paths(command: &[String]) -> Vec<String> {
     let mut it = command.iter();
     while let Some(word) = it.next() {
         if word == "--config" {
-            paths.push(
-                it.next()
-                    .expect("`--config` is the last word of the command")
-                    .clone(),
-            );
+            paths.push(it.next().expect("`--config` is the last word of the command").clone());
         } else if let Some(path) = word.strip_prefix("--config=") {
             paths.push(path.to_owned());
         }
@@ -132,11 +116,7 @@ fn published_ports(svc: &Yaml) -> Vec<Published> {
                 let container_port = parts.next().unwrap_or_default().to_owned();
                 let host_port = parts.next().map(str::to_owned);
                 let host_ip = parts.next().map(str::to_owned);
-                Published {
-                    host_ip,
-                    host_port,
-                    container_port,
-                }
+                Published { host_ip, host_port, container_port }
             }
         })
         .collect()
@@ -168,18 +148,14 @@ fn dockerfile() -> Vec<(String, String)> {
 /// The image that runs is the last stage; earlier stages only build.
 fn final_stage() -> Vec<(String, String)> {
     let all = dockerfile();
-    let start = all
-        .iter()
-        .rposition(|(k, _)| k == "FROM")
-        .expect("Dockerfile has no FROM");
+    let start = all.iter().rposition(|(k, _)| k == "FROM").expect("Dockerfile has no FROM");
     all[start..].to_vec()
 }
 
 /// Arguments in exec form (a JSON array, which is also YAML) or shell form.
 fn dockerfile_args(args: &str) -> Vec<String> {
     if args.starts_with('[') {
-        let docs = YamlLoader::load_from_str(args)
-            .unwrap_or_else(|e| panic!("bad exec-form arguments {args}: {e}"));
+        let docs = YamlLoader::load_from_str(args).unwrap_or_else(|e| panic!("bad exec-form arguments {args}: {e}"));
         words(&docs[0])
     } else {
         args.split_whitespace().map(str::to_owned).collect()
@@ -204,17 +180,10 @@ fn context_copies() -> Vec<ContextCopy> {
                 if words.iter().any(|w| w.starts_with("--from")) {
                     continue;
                 }
-                let mut paths: Vec<String> =
-                    words.into_iter().filter(|w| !w.starts_with("--")).collect();
+                let mut paths: Vec<String> = words.into_iter().filter(|w| !w.starts_with("--")).collect();
                 let dest = paths.pop().expect("COPY without a destination");
-                let sources = paths
-                    .iter()
-                    .map(|s| s.trim_start_matches("./").trim_end_matches('/').to_owned())
-                    .collect();
-                copies.push(ContextCopy {
-                    sources,
-                    dest: workdir.join(dest),
-                });
+                let sources = paths.iter().map(|s| s.trim_start_matches("./").trim_end_matches('/').to_owned()).collect();
+                copies.push(ContextCopy { sources, dest: workdir.join(dest) });
             }
             _ => {}
         }
@@ -223,10 +192,7 @@ fn context_copies() -> Vec<ContextCopy> {
 }
 
 fn final_workdir() -> PathBuf {
-    final_stage()
-        .iter()
-        .filter(|(k, _)| k == "WORKDIR")
-        .fold(PathBuf::from("/"), |dir, (_, arg)| dir.join(arg))
+    final_stage().iter().filter(|(k, _)| k == "WORKDIR").fold(PathBuf::from("/"), |dir, (_, arg)| dir.join(arg))
 }
 
 #[test]
@@ -263,19 +229,10 @@ fn broker_builds_from_repo_root_dockerfile() {
     let build = &service(&compose, "broker")["build"];
     let (context, dockerfile) = match build {
         Yaml::String(context) => (context.clone(), "Dockerfile".to_owned()),
-        Yaml::Hash(_) => (
-            build["context"].as_str().unwrap_or(".").to_owned(),
-            build["dockerfile"]
-                .as_str()
-                .unwrap_or("Dockerfile")
-                .to_owned(),
-        ),
+        Yaml::Hash(_) => (build["context"].as_str().unwrap_or(".").to_owned(), build["dockerfile"].as_str().unwrap_or("Dockerfile").to_owned()),
         other => panic!("broker has no `build` (found {other:?}); it must build this repository"),
     };
-    assert!(
-        context == "." || context == "./",
-        "broker build context is {context:?}, expected the repository root \".\""
-    );
+    assert!(context == "." || context == "./", "broker build context is {context:?}, expected the repository root \".\"");
     let path = repo_root().join(&context).join(&dockerfile);
     assert!(path.is_file(), "{} does not exist", path.display());
 }
@@ -284,11 +241,7 @@ fn broker_builds_from_repo_root_dockerfile() {
 fn broker_config_files_exist_in_repo() {
     for path in broker_config_paths() {
         let file = repo_root().join(&path);
-        assert!(
-            file.is_file(),
-            "broker command uses --config {path}, but {} does not exist",
-            file.display()
-        );
+        assert!(file.is_file(), "broker command uses --config {path}, but {} does not exist", file.display());
     }
 }
 
@@ -324,23 +277,13 @@ fn broker_config_files_are_copied_into_the_image() {
 #[test]
 fn published_ports_are_bound_to_loopback() {
     let compose = compose();
-    let services = compose["services"]
-        .as_hash()
-        .expect("no services in docker-compose.yml");
+    let services = compose["services"].as_hash().expect("no services in docker-compose.yml");
     for (name, svc) in services {
         let name = name.as_str().unwrap_or("?");
         // Host networking publishes every listening port on every interface.
-        assert_ne!(
-            svc["network_mode"].as_str(),
-            Some("host"),
-            "service {name} uses host networking"
-        );
+        assert_ne!(svc["network_mode"].as_str(), Some("host"), "service {name} uses host networking");
         for port in published_ports(svc) {
-            assert_eq!(
-                port.host_ip.as_deref(),
-                Some("127.0.0.1"),
-                "service {name} publishes {port:?} beyond loopback"
-            );
+            assert_eq!(port.host_ip.as_deref(), Some("127.0.0.1"), "service {name} publishes {port:?} beyond loopback");
         }
     }
 }
@@ -356,9 +299,9 @@ fn broker_listens_where_its_port_is_published() {
         let public_port = public.rsplit_once(':').and_then(|(_, rest)| rest.split('/').next());
         let ports = published_ports(broker);
         assert!(
-            ports.iter().any(|p| p.container_port == listen_port
-                && p.host_port.as_deref() == public_port
-                && p.host_ip.as_deref() == Some("127.0.0.1")),
+            ports
+                .iter()
+                .any(|p| p.container_port == listen_port && p.host_port.as_deref() == public_port && p.host_ip.as_deref() == Some("127.0.0.1")),
             "{name} listens on {listen} and calls itself {public}, but publishes {ports:?}"
         );
     }
@@ -368,12 +311,8 @@ fn broker_listens_where_its_port_is_published() {
 fn broker_waits_for_healthy_postgres() {
     let compose = compose();
     assert!(
-        service(&compose, "postgres")["healthcheck"]["test"]
-            .as_vec()
-            .is_some()
-            || service(&compose, "postgres")["healthcheck"]["test"]
-                .as_str()
-                .is_some(),
+        service(&compose, "postgres")["healthcheck"]["test"].as_vec().is_some()
+            || service(&compose, "postgres")["healthcheck"]["test"].as_str().is_some(),
         "postgres has no healthcheck, so `service_healthy` would never be reached"
     );
     for broker in BROKERS {
@@ -388,44 +327,23 @@ fn broker_waits_for_healthy_postgres() {
 #[test]
 fn dockerfile_entrypoint_is_credbroker() {
     let stage = final_stage();
-    let (_, args) = stage
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "ENTRYPOINT")
-        .expect("the final stage has no ENTRYPOINT");
+    let (_, args) = stage.iter().rev().find(|(k, _)| k == "ENTRYPOINT").expect("the final stage has no ENTRYPOINT");
     let argv = dockerfile_args(args);
     let program = argv.first().expect("empty ENTRYPOINT");
-    assert_eq!(
-        Path::new(program).file_name().and_then(|n| n.to_str()),
-        Some("credbroker"),
-        "ENTRYPOINT runs {program}, not the credbroker binary"
-    );
-    let copied_binary = stage.iter().any(|(k, a)| {
-        k == "COPY"
-            && a.contains("--from")
-            && dockerfile_args(a)
-                .iter()
-                .any(|w| w.ends_with("/credbroker"))
-    });
-    assert!(
-        copied_binary,
-        "the final stage never copies the credbroker binary in from the builder"
-    );
+    assert_eq!(Path::new(program).file_name().and_then(|n| n.to_str()), Some("credbroker"), "ENTRYPOINT runs {program}, not the credbroker binary");
+    let copied_binary =
+        stage.iter().any(|(k, a)| k == "COPY" && a.contains("--from") && dockerfile_args(a).iter().any(|w| w.ends_with("/credbroker")));
+    assert!(copied_binary, "the final stage never copies the credbroker binary in from the builder");
 }
 
 #[test]
 fn dockerfile_copies_policies_and_dev_directories() {
     let copies = context_copies();
     for dir in ["policies", "dev"] {
-        assert!(
-            repo_root().join(dir).is_dir(),
-            "{dir}/ is missing from the repository"
-        );
+        assert!(repo_root().join(dir).is_dir(), "{dir}/ is missing from the repository");
         let expected_dest = final_workdir().join(dir);
         assert!(
-            copies
-                .iter()
-                .any(|c| c.sources.iter().any(|s| s == dir) && c.dest == expected_dest),
+            copies.iter().any(|c| c.sources.iter().any(|s| s == dir) && c.dest == expected_dest),
             "the Dockerfile's final stage does not COPY {dir} to {}",
             expected_dest.display()
         );

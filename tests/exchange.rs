@@ -55,8 +55,7 @@ async fn minted_kafka_token_verifies_against_the_published_jwks() {
     let kafka_token = body["credential"]["token"].as_str().unwrap();
 
     // Fetched over HTTP, the way Kafka's validator gets it.
-    let discovery: Value =
-        reqwest::get(format!("{}/.well-known/openid-configuration", app.url)).await.unwrap().json().await.unwrap();
+    let discovery: Value = reqwest::get(format!("{}/.well-known/openid-configuration", app.url)).await.unwrap().json().await.unwrap();
     assert_eq!(discovery["issuer"], app.public_url);
     let jwks: JwkSet = reqwest::get(discovery["jwks_uri"].as_str().unwrap()).await.unwrap().json().await.unwrap();
     let header = jsonwebtoken::decode_header(kafka_token).unwrap();
@@ -155,9 +154,7 @@ async fn max_uses_per_token_is_enforced_under_concurrency() {
     let attempts: Vec<_> = (0..10)
         .map(|_| {
             let (client, url, token) = (app.client.clone(), format!("{}/v1/credentials", app.url), token.clone());
-            tokio::spawn(async move {
-                client.post(url).bearer_auth(token).json(&role("orders-multi")).send().await.unwrap().status().as_u16()
-            })
+            tokio::spawn(async move { client.post(url).bearer_auth(token).json(&role("orders-multi")).send().await.unwrap().status().as_u16() })
         })
         .collect();
     let mut statuses = Vec::new();
@@ -166,10 +163,7 @@ async fn max_uses_per_token_is_enforced_under_concurrency() {
     }
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 7, "{statuses:?}");
-    let issued: i64 = sqlx::query_scalar("select count(*) from audit_events where decision = 'issued'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let issued: i64 = sqlx::query_scalar("select count(*) from audit_events where decision = 'issued'").fetch_one(&app.pool).await.unwrap();
     assert_eq!(issued, 3);
 }
 
@@ -233,14 +227,8 @@ async fn invalid_requests_are_rejected_and_recorded() {
         assert_eq!(row["code"], "invalid_request");
         assert_eq!(row["project_path"], "platform/orders", "attributed to the verified job");
     }
-    let oversized = app
-        .client
-        .post(format!("{}/v1/credentials", app.url))
-        .bearer_auth(app.issuer.token())
-        .body(vec![b' '; 70 * 1024])
-        .send()
-        .await
-        .unwrap();
+    let oversized =
+        app.client.post(format!("{}/v1/credentials", app.url)).bearer_auth(app.issuer.token()).body(vec![b' '; 70 * 1024]).send().await.unwrap();
     assert_eq!(oversized.status(), 413);
     assert_eq!(oversized.json::<Value>().await.unwrap()["code"], "payload_too_large");
 }
@@ -263,10 +251,7 @@ async fn postgres_outage_withholds_credentials_and_recovers_without_restart() {
     proxy.up();
     let (status, _, body) = app.exchange(&app.issuer.token(), role("orders-producer")).await;
     assert_eq!(status, 200, "recovered by itself: {body}");
-    let issued: i64 = sqlx::query_scalar("select count(*) from audit_events where decision = 'issued'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let issued: i64 = sqlx::query_scalar("select count(*) from audit_events where decision = 'issued'").fetch_one(&app.pool).await.unwrap();
     assert_eq!(issued, 2, "every credential that left has its row");
 }
 
@@ -360,7 +345,8 @@ async fn sigterm_lets_an_exchange_in_flight_finish_and_record() {
     .unwrap();
     sqlx::query("create trigger slow_issued before insert on audit_events for each row execute function slow_issued()").execute(&pool).await.unwrap();
 
-    let request = reqwest::Client::new().post(format!("{url}/v1/credentials")).bearer_auth(issuer.token()).json(&json!({"role": "orders-producer"})).send();
+    let request =
+        reqwest::Client::new().post(format!("{url}/v1/credentials")).bearer_auth(issuer.token()).json(&json!({"role": "orders-producer"})).send();
     let in_flight = tokio::spawn(request);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     // SAFETY: a signal to the child process this test started.
@@ -400,11 +386,19 @@ async fn forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
         let row = app.audit_row(body["issuance_id"].as_str().unwrap()).await;
         assert_eq!(row["client_addr"], expected, "{trusted:?}");
     }
-    let error = format!("{:#}", credbroker::config::Config::parse(
-        &common::config_text("https://gitlab.example.com", "postgres://127.0.0.1:1/x", "http://127.0.0.1:1", "trusted_proxies = [\"10.0.0.0/40\"]"),
-        std::path::Path::new("/etc/credbroker.toml"),
-        std::iter::empty(),
-    )
-    .unwrap_err());
+    let error = format!(
+        "{:#}",
+        credbroker::config::Config::parse(
+            &common::config_text(
+                "https://gitlab.example.com",
+                "postgres://127.0.0.1:1/x",
+                "http://127.0.0.1:1",
+                "trusted_proxies = [\"10.0.0.0/40\"]"
+            ),
+            std::path::Path::new("/etc/credbroker.toml"),
+            std::iter::empty(),
+        )
+        .unwrap_err()
+    );
     assert!(error.contains("trusted_proxies") && error.contains("prefix"), "{error}");
 }

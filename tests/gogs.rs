@@ -636,16 +636,60 @@ async fn every_delivery_accepted_or_refused_is_one_audit_row_auditors_can_read()
     let cases: Vec<Case> = vec![
         ("accepted", "relay", "push", accepted_id.clone(), json, accepted.clone(), signed(&accepted), 200, "issued", None),
         ("ignored", "warehouse", "issues", new_id(), json, issues.clone(), signed(&issues), 200, "recorded", None),
-        ("bad signature", "relay", "push", new_id(), json, push_a.clone(), Some(gogs_signature("wrong", push_a.as_bytes())), 401, "denied", Some("invalid_signature")),
+        (
+            "bad signature",
+            "relay",
+            "push",
+            new_id(),
+            json,
+            push_a.clone(),
+            Some(gogs_signature("wrong", push_a.as_bytes())),
+            401,
+            "denied",
+            Some("invalid_signature"),
+        ),
         ("unsigned", "relay", "push", new_id(), json, push_b, None, 401, "denied", Some("invalid_signature")),
         ("unknown hook", "nope", "push", new_id(), json, push_c.clone(), signed(&push_c), 404, "denied", Some("not_found")),
         ("too large", "relay", "push", new_id(), json, oversized.clone(), signed(&oversized), 413, "denied", Some("payload_too_large")),
-        ("malformed delivery id", "relay", "push", "not a uuid".into(), json, accepted.clone(), signed(&accepted), 400, "denied", Some("invalid_request")),
-        ("other content type", "relay", "push", new_id(), "text/plain", accepted.clone(), signed(&accepted), 415, "denied", Some("unsupported_media_type")),
+        (
+            "malformed delivery id",
+            "relay",
+            "push",
+            "not a uuid".into(),
+            json,
+            accepted.clone(),
+            signed(&accepted),
+            400,
+            "denied",
+            Some("invalid_request"),
+        ),
+        (
+            "other content type",
+            "relay",
+            "push",
+            new_id(),
+            "text/plain",
+            accepted.clone(),
+            signed(&accepted),
+            415,
+            "denied",
+            Some("unsupported_media_type"),
+        ),
         ("not JSON", "relay", "push", new_id(), json, "not json".into(), signed("not json"), 400, "denied", Some("invalid_request")),
         ("event mismatch", "relay", "delete", new_id(), json, create.clone(), signed(&create), 400, "denied", Some("invalid_request")),
         ("repository", "warehouse", "push", new_id(), json, elsewhere.clone(), signed(&elsewhere), 403, "denied", Some("access_denied")),
-        ("same delivery id", "relay", "push", accepted_id.clone(), json, accepted.clone(), signed(&accepted), 409, "denied", Some("delivery_replayed")),
+        (
+            "same delivery id",
+            "relay",
+            "push",
+            accepted_id.clone(),
+            json,
+            accepted.clone(),
+            signed(&accepted),
+            409,
+            "denied",
+            Some("delivery_replayed"),
+        ),
         ("same body", "relay", "push", new_id(), json, accepted.clone(), signed(&accepted), 409, "denied", Some("delivery_replayed")),
     ];
     let mut expected = std::collections::BTreeMap::new();
@@ -690,7 +734,9 @@ async fn every_delivery_accepted_or_refused_is_one_audit_row_auditors_can_read()
                 assert_eq!(row["claims"]["payload_sha256"], credbroker::types::sha256_hex(accepted.as_bytes()));
             }
             "ignored" => assert_eq!((row["claims"]["event"].as_str(), row["subject"].as_str()), (Some("issues"), Some("repo:data/warehouse"))),
-            "same delivery id" | "same body" | "repository" | "event mismatch" | "not JSON" => assert!(row["claims"]["delivery_id"].is_string(), "{what}: {row}"),
+            "same delivery id" | "same body" | "repository" | "event mismatch" | "not JSON" => {
+                assert!(row["claims"]["delivery_id"].is_string(), "{what}: {row}")
+            }
             _ => assert!(row["claims"].is_null() && row["subject"].is_null(), "{what}: unverified claims are not claims: {row}"),
         }
     }
@@ -781,12 +827,8 @@ async fn combined_mode_needs_the_automation_identity_and_a_matching_delivery_tok
     let exchange = |bearer: String, delivery: Option<String>| {
         let gogs = &gogs;
         async move {
-            let mut request = gogs
-                .app
-                .client
-                .post(format!("{}/v1/credentials", gogs.app.url))
-                .bearer_auth(bearer)
-                .json(&json!({"role": "warehouse-loader"}));
+            let mut request =
+                gogs.app.client.post(format!("{}/v1/credentials", gogs.app.url)).bearer_auth(bearer).json(&json!({"role": "warehouse-loader"}));
             if let Some(delivery) = delivery {
                 request = request.header("x-credbroker-delivery", delivery);
             }
@@ -845,11 +887,13 @@ async fn delivery_tokens_with_critical_header_extensions_are_refused() {
         format!("{message}.{signature}")
     };
 
-    let critical = resign(json!({"alg": "RS256", "typ": "JWT", "kid": kid, "crit": ["urn:example:must-understand"], "urn:example:must-understand": "1"}));
+    let critical =
+        resign(json!({"alg": "RS256", "typ": "JWT", "kid": kid, "crit": ["urn:example:must-understand"], "urn:example:must-understand": "1"}));
     let (status, _, body) = gogs.app.exchange(&critical, json!({"role": "warehouse-deploy"})).await;
     assert_eq!((status, body["code"].as_str()), (401, Some("invalid_token")), "{body}");
     assert!(body["detail"].as_str().unwrap().contains("`crit`"), "{body}");
-    let (status, _, body) = gogs.app.exchange(&resign(json!({"alg": "RS256", "typ": "JWT", "kid": kid, "crit": []})), json!({"role": "warehouse-deploy"})).await;
+    let (status, _, body) =
+        gogs.app.exchange(&resign(json!({"alg": "RS256", "typ": "JWT", "kid": kid, "crit": []})), json!({"role": "warehouse-deploy"})).await;
     assert_eq!((status, body["code"].as_str()), (401, Some("invalid_token")), "{body}");
 
     let plain = resign(json!({"alg": "RS256", "typ": "JWT", "kid": kid}));
@@ -909,11 +953,7 @@ async fn outbox_keeps_issued_and_delivery_events_through_a_sink_outage() {
     assert_eq!(publisher.run_once().await.unwrap(), Pass::Delivered(3));
     assert_eq!(
         *sink.published.lock().unwrap(),
-        vec![
-            ("gogs.delivery".to_owned(), id),
-            ("credential.issued".to_owned(), delivery_row_id),
-            ("credential.issued".to_owned(), issuance_id)
-        ],
+        vec![("gogs.delivery".to_owned(), id), ("credential.issued".to_owned(), delivery_row_id), ("credential.issued".to_owned(), issuance_id)],
         "every event, once each, in commit order"
     );
     assert_eq!(publisher.run_once().await.unwrap(), Pass::Idle);
@@ -933,9 +973,7 @@ async fn two_publishers_never_claim_the_same_event() {
     let sink = Arc::new(FlakySink::default());
     let settings = PublisherSettings { batch_size: 3, ..PublisherSettings::default() };
     let publishers: Vec<Publisher> = (0..4).map(|_| Publisher::new(pool.clone(), sink.clone(), settings)).collect();
-    let drains = publishers.iter().map(|publisher| async move {
-        while publisher.run_once().await.unwrap() != Pass::Idle {}
-    });
+    let drains = publishers.iter().map(|publisher| async move { while publisher.run_once().await.unwrap() != Pass::Idle {} });
     futures_join_all(drains).await;
     // Each delivery: its gogs.delivery event and its delivery token's credential.issued.
     let mut keys: Vec<String> = sink.published.lock().unwrap().iter().map(|(_, key)| key.clone()).collect();
@@ -953,7 +991,11 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Ite
     let mut pinned: Vec<std::pin::Pin<Box<F>>> = set.into_iter().map(Box::pin).collect();
     std::future::poll_fn(move |cx| {
         pinned.retain_mut(|future| future.as_mut().poll(cx).is_pending());
-        if pinned.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+        if pinned.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     })
     .await;
 }
@@ -974,10 +1016,40 @@ fn loopback_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path
         let output = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
         assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     };
-    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=credbroker test CA", "-keyout", "ca-key.pem", "-out", "ca.pem"]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=credbroker test CA",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+    ]);
     run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "loader-key.pem", "-out", "loader.csr"]);
     std::fs::write(dir.join("loader.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
-    run(&["x509", "-req", "-in", "loader.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "1", "-extfile", "loader.ext", "-out", "loader.pem"]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "loader.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "loader.ext",
+        "-out",
+        "loader.pem",
+    ]);
     (dir.join("loader.pem"), dir.join("loader-key.pem"))
 }
 
@@ -1120,8 +1192,10 @@ async fn the_example_automation_receives_the_forwarded_push_exchanges_and_runs_i
     assert_eq!(delivery["forward_status"], "202");
     assert_eq!(delivery["after_sha"], MAIN_SHA);
     assert_eq!(delivery["payload_sha256"], credbroker::types::sha256_hex(payload.as_bytes()));
-    let issued: Vec<Value> =
-        sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'issued' and issuer <> 'gogs'").fetch_all(&app.pool).await.unwrap();
+    let issued: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'issued' and issuer <> 'gogs'")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(issued.len(), 1, "{issued:?}");
     let issued = &issued[0];
     assert_eq!(issued["role"], "warehouse-loader");

@@ -84,10 +84,8 @@ async fn no_credential_is_answered_before_its_batch_commits() {
         assert_eq!(app.audit_row(id).await["decision"], "issued");
     }
     // Rows written in one transaction share its xmin: fewer transactions than rows proves grouping.
-    let transactions: i64 = sqlx::query_scalar("select count(distinct xmin::text) from audit_events where decision = 'issued'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let transactions: i64 =
+        sqlx::query_scalar("select count(distinct xmin::text) from audit_events where decision = 'issued'").fetch_one(&app.pool).await.unwrap();
     assert!(transactions < 24, "24 rows in {transactions} transactions: not grouped");
 }
 
@@ -118,11 +116,8 @@ async fn a_batch_killed_mid_commit_fails_every_request_in_it() {
         failed_ids.push(uuid::Uuid::parse_str(body["issuance_id"].as_str().unwrap()).unwrap());
     }
     lock.close().await.unwrap();
-    let recorded: i64 = sqlx::query_scalar("select count(*) from audit_events where id = any($1)")
-        .bind(&failed_ids)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let recorded: i64 =
+        sqlx::query_scalar("select count(*) from audit_events where id = any($1)").bind(&failed_ids).fetch_one(&app.pool).await.unwrap();
     assert_eq!(recorded, 0, "a request that failed has a committed row");
 
     // The writer reconnects by itself.
@@ -164,8 +159,7 @@ async fn a_full_queue_refuses_early_with_rate_limited_and_counts_every_refusal()
     // With the database stuck, refusals must still come back at once.
     let mut refused = 0;
     for request in requests {
-        if let Ok(Ok((status, headers, body))) = tokio::time::timeout(Duration::from_millis(500), request).await
-        {
+        if let Ok(Ok((status, headers, body))) = tokio::time::timeout(Duration::from_millis(500), request).await {
             assert_eq!(status, 429, "{body}");
             assert_eq!(body["code"], "rate_limited");
             assert_eq!(headers["retry-after"], "1");
@@ -185,10 +179,7 @@ async fn a_full_queue_refuses_early_with_rate_limited_and_counts_every_refusal()
     assert_eq!(issued_rows(&app).await, (30 - refused) as i64);
     app.state.broker.audit.flush_unattributed().await.unwrap();
     let (code, occurrences): (String, i32) =
-        sqlx::query_as("select code, occurrences from audit_events where request_id = 'aggregated'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+        sqlx::query_as("select code, occurrences from audit_events where request_id = 'aggregated'").fetch_one(&app.pool).await.unwrap();
     assert_eq!(code, "rate_limited");
     assert_eq!(occurrences, refused, "every refusal is counted");
 }
@@ -200,9 +191,7 @@ async fn one_insert_per_request_mode_still_records_every_decision() {
     for request in requests {
         assert_eq!(request.await.unwrap().0, 200);
     }
-    let transactions: i64 = sqlx::query_scalar("select count(distinct xmin::text) from audit_events where decision = 'issued'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let transactions: i64 =
+        sqlx::query_scalar("select count(distinct xmin::text) from audit_events where decision = 'issued'").fetch_one(&app.pool).await.unwrap();
     assert_eq!(transactions, 8, "one transaction per row");
 }

@@ -161,11 +161,8 @@ async fn deadline_revocation_fires_once_across_two_brokers_sharing_the_database(
     let token = session_token(&body);
     let issuance_id = body["issuance_id"].as_str().unwrap().to_owned();
     assert!(looker.session(&token).is_some(), "not before the deadline");
-    let state: String = sqlx::query_scalar("select state from revocations where issuance_id = $1::uuid")
-        .bind(&issuance_id)
-        .fetch_one(&first.app.pool)
-        .await
-        .unwrap();
+    let state: String =
+        sqlx::query_scalar("select state from revocations where issuance_id = $1::uuid").bind(&issuance_id).fetch_one(&first.app.pool).await.unwrap();
     assert_eq!(state, "pending", "scheduled durably when issued");
 
     eventually("the session ended at the deadline", Duration::from_secs(15), async || looker.session(&token).is_none()).await;
@@ -184,7 +181,8 @@ async fn deadline_revocation_fires_once_across_two_brokers_sharing_the_database(
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["project_path"], "platform/orders", "the revoked row carries the issued row's identity");
     assert_eq!(rows[0]["role"], "looker-session");
-    let failed: i64 = sqlx::query_scalar("select count(*) from audit_events where decision = 'revoke_failed'").fetch_one(&first.app.pool).await.unwrap();
+    let failed: i64 =
+        sqlx::query_scalar("select count(*) from audit_events where decision = 'revoke_failed'").fetch_one(&first.app.pool).await.unwrap();
     assert_eq!(failed, 0);
 }
 
@@ -313,10 +311,12 @@ async fn dry_run_lists_without_revoking() {
     assert_eq!(bao.revocations().len(), 0);
     let lease_id = snowflake["credential"]["lease_id"].as_str().unwrap();
     assert!(rows_for_handle(&app.pool, "revoked", lease_id).await.is_empty());
-    let requests: i64 = sqlx::query_scalar("select count(*) from audit_events where decision = 'admin_request' and detail like 'revoke (dry run) by gitlab:%(user sec-oncall)%'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let requests: i64 = sqlx::query_scalar(
+        "select count(*) from audit_events where decision = 'admin_request' and detail like 'revoke (dry run) by gitlab:%(user sec-oncall)%'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(requests, 1, "the dry run is audited with who asked");
 }
 
@@ -368,15 +368,8 @@ async fn a_freeze_on_one_broker_stops_issuance_on_another_until_lifted() {
     tokio::time::sleep(Duration::from_millis(2200)).await;
     issue(&first.app, "orders-producer", json!({})).await;
 
-    let response = second
-        .app
-        .client
-        .delete(format!("{}/v1/freezes", second.app.url))
-        .bearer_auth(&admin)
-        .json(&json!({"role": "db-ci"}))
-        .send()
-        .await
-        .unwrap();
+    let response =
+        second.app.client.delete(format!("{}/v1/freezes", second.app.url)).bearer_auth(&admin).json(&json!({"role": "db-ci"})).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.json::<Value>().await.unwrap()["lifted"], 1);
     issue(&first.app, "db-ci", json!({})).await;
@@ -393,7 +386,6 @@ async fn a_freeze_on_one_broker_stops_issuance_on_another_until_lifted() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_credbroker");
 
-
 #[tokio::test]
 async fn a_broker_killed_with_sigkill_revokes_what_fell_due_on_its_next_start() {
     let looker = LookerStandin::start().await;
@@ -407,7 +399,13 @@ async fn a_broker_killed_with_sigkill_revokes_what_fell_due_on_its_next_start() 
     std::fs::write(dir.0.join("policies/test.toml"), format!("[[role]]{looker_role}")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
-    let text = common::config_text_with_tables(&issuer.url, &database_url, &url, &revocation_key_extra(&dir.0), &looker_tables(&looker.url, &dir.0, CLIENT_SECRET));
+    let text = common::config_text_with_tables(
+        &issuer.url,
+        &database_url,
+        &url,
+        &revocation_key_extra(&dir.0),
+        &looker_tables(&looker.url, &dir.0, CLIENT_SECRET),
+    );
     let config = dir.0.join("credbroker.toml");
     std::fs::write(&config, text).unwrap();
     let log = dir.0.join("broker.log");
@@ -565,17 +563,23 @@ async fn exec_renews_before_expiry_revokes_on_exit_and_propagates_the_exit_code(
          echo \"$CREDBROKER_CREDENTIALS_DIR\" > {dir}/credentials-dir; exit 7",
         dir = out.0.display()
     );
-    let output = wait_output(exec_command(&app, &app.issuer.token(), &["--role", "db-long", "--role", "orders-producer", "--ttl", "3s", "--", "sh", "-c", &script])).await;
+    let output = wait_output(exec_command(
+        &app,
+        &app.issuer.token(),
+        &["--role", "db-long", "--role", "orders-producer", "--ttl", "3s", "--", "sh", "-c", &script],
+    ))
+    .await;
     assert_eq!(output.status.code(), Some(7), "{}", String::from_utf8_lossy(&output.stderr));
 
     let leases = bao.minted_leases();
     assert!(leases.len() >= 2, "renewed at least once: {leases:?}");
     assert!(leases.iter().all(|lease| bao.revocations_of(lease) == 1), "every lease revoked when the command exited: {leases:?}");
 
-    let issued: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'issued' and role = 'db-long' order by occurred_at")
-        .fetch_all(&app.pool)
-        .await
-        .unwrap();
+    let issued: Vec<Value> =
+        sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'issued' and role = 'db-long' order by occurred_at")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(issued.len(), leases.len());
     let first = issued[0]["id"].as_str().unwrap();
     for renewal in &issued[1..] {

@@ -193,7 +193,8 @@ async fn a_freeze_by_project_id_and_a_namespace_freeze_match_too() {
         }
     };
     freeze(json!({"project": "42"})).await;
-    let (status, _, problem) = app.exchange(&app.issuer.token_with(json!({"project_path": "renamed/orders"})), json!({"role": "orders-producer"})).await;
+    let (status, _, problem) =
+        app.exchange(&app.issuer.token_with(json!({"project_path": "renamed/orders"})), json!({"role": "orders-producer"})).await;
     assert_eq!(status, 403, "project_id 42 is frozen: {problem}");
     let billing = json!({"project_path": "platform/billing", "job_project_path": "platform/billing", "project_id": "43", "job_project_id": "43"});
     let (status, _, body) = app.exchange(&app.issuer.token_with(billing.clone()), json!({"role": "orders-multi"})).await;

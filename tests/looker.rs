@@ -72,12 +72,8 @@ async fn spawn() -> LookerApp {
 
 /// Calls `GET /api/4.0/user` with a minted token: who Looker thinks we are, or the status.
 async fn whoami(looker: &LookerStandin, token: &str) -> Result<Value, u16> {
-    let response = reqwest::Client::new()
-        .get(format!("{}/api/4.0/user", looker.url))
-        .header("authorization", format!("token {token}"))
-        .send()
-        .await
-        .unwrap();
+    let response =
+        reqwest::Client::new().get(format!("{}/api/4.0/user", looker.url)).header("authorization", format!("token {token}")).send().await.unwrap();
     match response.status().as_u16() {
         200 => Ok(response.json().await.unwrap()),
         status => Err(status),
@@ -151,7 +147,9 @@ async fn revocations_hold(pool: &sqlx::PgPool, token: &str) -> bool {
         sqlx::query_as("select to_jsonb(r)::text, sealed_secret from revocations r").fetch_all(pool).await.unwrap();
     assert!(!rows.is_empty(), "no revocations row at all");
     rows.iter().any(|(json, sealed)| {
-        json.contains(token) || json.contains(&hex::encode(token)) || sealed.as_ref().is_some_and(|bytes| bytes.windows(token.len()).any(|w| w == token.as_bytes()))
+        json.contains(token)
+            || json.contains(&hex::encode(token))
+            || sealed.as_ref().is_some_and(|bytes| bytes.windows(token.len()).any(|w| w == token.as_bytes()))
     })
 }
 
@@ -177,11 +175,12 @@ async fn assert_revoked_and_forgotten(pool: &sqlx::PgPool, issuance_id: &str) {
         assert!(started.elapsed() < Duration::from_secs(10), "not marked revoked: {row}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let revoked: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'revoked' and about_issuance_id = $1::uuid")
-        .bind(issuance_id)
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    let revoked: Vec<Value> =
+        sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'revoked' and about_issuance_id = $1::uuid")
+            .bind(issuance_id)
+            .fetch_all(pool)
+            .await
+            .unwrap();
     assert_eq!(revoked.len(), 1, "{revoked:?}");
     assert_eq!(revoked[0]["backend"], "looker");
     assert_eq!(revoked[0]["credential_handle"], "42");
@@ -316,14 +315,8 @@ async fn a_job_ends_its_own_session_early_and_nobody_elses() {
     assert_eq!(revocation_row(&lk.app.pool, &issuance_id).await.unwrap()["state"], "pending");
 
     // The job ends its own credential (what `credbroker exec` does at exit): logged out now.
-    let response = lk
-        .app
-        .client
-        .delete(format!("{}/v1/credentials/{issuance_id}", lk.app.url))
-        .bearer_auth(lk.app.issuer.token())
-        .send()
-        .await
-        .unwrap();
+    let response =
+        lk.app.client.delete(format!("{}/v1/credentials/{issuance_id}", lk.app.url)).bearer_auth(lk.app.issuer.token()).send().await.unwrap();
     assert_eq!(response.status(), 403, "another job token must not end it");
     let job_token = lk.app.issuer.token();
     let (status, _, body) = lk.app.exchange(&job_token, json!({"role": "looker-by-id"})).await;
@@ -516,7 +509,11 @@ impl Prism {
                 if child.try_wait().unwrap().is_some() {
                     break;
                 }
-                assert!(started.elapsed() < Duration::from_secs(90), "Prism did not listen on {port}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+                assert!(
+                    started.elapsed() < Duration::from_secs(90),
+                    "Prism did not listen on {port}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
                 std::thread::sleep(Duration::from_millis(250));
             }
         }

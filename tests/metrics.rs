@@ -60,7 +60,8 @@ impl Prometheus {
 
     /// The instant vector of a PromQL query: (labels, value) per series.
     async fn query(&self, promql: &str) -> Vec<(Value, f64)> {
-        let answer: Value = self.client.get(format!("{}/api/v1/query", self.url)).query(&[("query", promql)]).send().await.unwrap().json().await.unwrap();
+        let answer: Value =
+            self.client.get(format!("{}/api/v1/query", self.url)).query(&[("query", promql)]).send().await.unwrap().json().await.unwrap();
         assert_eq!(answer["status"], "success", "{promql}: {answer}");
         answer["data"]["result"]
             .as_array()

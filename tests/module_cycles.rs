@@ -53,12 +53,7 @@ fn dependencies(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
 
 /// The first cycle found, as the modules in order, or None.
 fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
-    fn visit(
-        node: &str,
-        graph: &BTreeMap<String, BTreeSet<String>>,
-        path: &mut Vec<String>,
-        done: &mut BTreeSet<String>,
-    ) -> Option<Vec<String>> {
+    fn visit(node: &str, graph: &BTreeMap<String, BTreeSet<String>>, path: &mut Vec<String>, done: &mut BTreeSet<String>) -> Option<Vec<String>> {
         if let Some(start) = path.iter().position(|seen| seen == node) {
             let mut cycle = path[start..].to_vec();
             cycle.push(node.to_owned());

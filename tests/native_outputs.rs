@@ -62,7 +62,9 @@ async fn kafka_files_are_private_name_the_token_file_and_are_replaced_on_a_rerun
     let reply = assert_success(&exchange(&app, &token, "orders-multi", &out, "json"));
     assert_eq!(mode(&out), 0o700, "created private");
     let token_file = out.join("orders-multi.kafka-token");
-    for name in ["orders-multi.kafka-token", "orders-multi.kafka-java.properties", "orders-multi.librdkafka.properties", "orders-multi.kafka-assertion"] {
+    for name in
+        ["orders-multi.kafka-token", "orders-multi.kafka-java.properties", "orders-multi.librdkafka.properties", "orders-multi.kafka-assertion"]
+    {
         assert_eq!(mode(&out.join(name)), 0o600, "{name}");
     }
     assert_eq!(read(&token_file), reply["credential"]["token"].as_str().unwrap());
@@ -81,7 +83,8 @@ async fn kafka_files_are_private_name_the_token_file_and_are_replaced_on_a_rerun
     let again = assert_success(&exchange(&app, &token, "orders-multi", &out, "json"));
     assert_ne!(again["issuance_id"], reply["issuance_id"]);
     assert_eq!(read(&token_file), again["credential"]["token"].as_str().unwrap(), "replaced in place");
-    let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
     assert!(leftovers.is_empty(), "no partial files left: {leftovers:?}");
 }
 
@@ -117,7 +120,8 @@ while time.monotonic() < deadline:
         .unwrap();
     let started = std::time::Instant::now();
     let fetched = loop {
-        let rows: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where endpoint = 'oauth_token'").fetch_all(&app.pool).await.unwrap();
+        let rows: Vec<Value> =
+            sqlx::query_scalar("select to_jsonb(a) from audit_events a where endpoint = 'oauth_token'").fetch_all(&app.pool).await.unwrap();
         if !rows.is_empty() || started.elapsed() > std::time::Duration::from_secs(15) {
             break rows;
         }
@@ -197,14 +201,10 @@ async fn looker_files_work_with_the_readme_looker_sdk_snippet() {
     assert_eq!(read(&out.join("reports.looker-token")), token);
 
     let readme = read(&common::repo_path("README.md"));
-    let snippet = readme.split("```python\n# looker-sdk\n").nth(1).and_then(|rest| rest.split("\n```").next()).expect("README has the looker-sdk snippet");
+    let snippet =
+        readme.split("```python\n# looker-sdk\n").nth(1).and_then(|rest| rest.split("\n```").next()).expect("README has the looker-sdk snippet");
     assert!(snippet.contains("looker_sdk"), "{snippet}");
-    let output = Command::new("python3")
-        .arg("-c")
-        .arg(snippet)
-        .current_dir(&secrets.0)
-        .output()
-        .unwrap();
+    let output = Command::new("python3").arg("-c").arg(snippet).current_dir(&secrets.0).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let printed = String::from_utf8_lossy(&output.stdout);
     assert_eq!(printed.trim(), "42", "the call ran as the role's Looker user");

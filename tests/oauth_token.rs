@@ -65,7 +65,11 @@ async fn assert_refused(app: &TestApp, form: &[(&str, &str)], status: u16, error
     assert!(!body["error_description"].as_str().unwrap_or_default().is_empty(), "{body}");
     assert_eq!(headers["cache-control"], "no-store");
     let row = app.audit_row(body["issuance_id"].as_str().unwrap()).await;
-    assert_eq!((row["decision"].as_str(), row["code"].as_str(), row["endpoint"].as_str()), (Some("denied"), Some(code), Some("oauth_token")), "{row}");
+    assert_eq!(
+        (row["decision"].as_str(), row["code"].as_str(), row["endpoint"].as_str()),
+        (Some("denied"), Some(code), Some("oauth_token")),
+        "{row}"
+    );
     body
 }
 
@@ -205,12 +209,24 @@ async fn a_bad_client_assertion_is_invalid_client_with_401() {
     let form = [("grant_type", "client_credentials"), ("client_id", "job"), ("client_secret", "s"), ("scope", "orders-producer")];
     assert_refused(&app, &form, 401, "invalid_client", "invalid_request").await;
     // The same with the secret in HTTP Basic: the 401 names the scheme that failed.
-    let response = app.client.post(format!("{}/oauth/token", app.url)).basic_auth("job", Some("s")).form(&[("grant_type", "client_credentials"), ("scope", "orders-producer")]).send().await.unwrap();
+    let response = app
+        .client
+        .post(format!("{}/oauth/token", app.url))
+        .basic_auth("job", Some("s"))
+        .form(&[("grant_type", "client_credentials"), ("scope", "orders-producer")])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 401);
     assert_eq!(response.headers()["www-authenticate"], "Basic realm=\"credbroker\"");
     assert_eq!(response.json::<Value>().await.unwrap()["error"], "invalid_client");
     let job_token = app.issuer.token();
-    let form = [("grant_type", "client_credentials"), ("client_assertion_type", "urn:example:other"), ("client_assertion", &job_token), ("scope", "orders-producer")];
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_assertion_type", "urn:example:other"),
+        ("client_assertion", &job_token),
+        ("scope", "orders-producer"),
+    ];
     assert_refused(&app, &form, 401, "invalid_client", "invalid_request").await;
 }
 
@@ -233,7 +249,8 @@ async fn a_role_refused_through_audience_or_resource_is_invalid_target() {
     let (app, _keys) = spawn().await;
     let job_token = app.issuer.token();
     for field in ["audience", "resource"] {
-        let form = [("grant_type", TOKEN_EXCHANGE), ("subject_token", job_token.as_str()), ("subject_token_type", ID_TOKEN_TYPE), (field, "no-such-role")];
+        let form =
+            [("grant_type", TOKEN_EXCHANGE), ("subject_token", job_token.as_str()), ("subject_token_type", ID_TOKEN_TYPE), (field, "no-such-role")];
         assert_refused(&app, &form, 400, "invalid_target", "access_denied").await;
     }
 }
@@ -275,7 +292,12 @@ async fn only_form_encoded_requests_are_read() {
     let row = app.audit_row(body["issuance_id"].as_str().unwrap()).await;
     assert_eq!((row["code"].as_str(), row["endpoint"].as_str()), (Some("invalid_request"), Some("oauth_token")));
     // A token exchange that names an unusable subject token type.
-    let form = [("grant_type", TOKEN_EXCHANGE), ("subject_token", job_token.as_str()), ("subject_token_type", "urn:ietf:params:oauth:token-type:saml2"), ("scope", "orders-producer")];
+    let form = [
+        ("grant_type", TOKEN_EXCHANGE),
+        ("subject_token", job_token.as_str()),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:saml2"),
+        ("scope", "orders-producer"),
+    ];
     assert_refused(&app, &form, 400, "invalid_request", "invalid_request").await;
     assert_eq!(oauth_rows(&app).await.len(), 2, "one row per request");
 }

@@ -54,9 +54,7 @@ fn routes_in(source: &str, file: &Path) -> BTreeSet<(String, String)> {
         let mut methods = 0;
         for method in METHODS {
             let call = format!("{method}(");
-            let called = arguments.match_indices(&call).any(|(at, _)| {
-                !arguments[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-            });
+            let called = arguments.match_indices(&call).any(|(at, _)| !arguments[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_'));
             if called {
                 routes.insert((method.to_owned(), path.to_owned()));
                 methods += 1;
@@ -183,7 +181,8 @@ fn every_problem_code_is_documented_under_its_status() {
     let status_of: BTreeMap<&str, u16> = codes.iter().map(|(variant, text)| (text.as_str(), statuses[variant])).collect();
     assert_eq!(statuses.len(), codes.len(), "problem.rs gives every code a status");
 
-    let catalogue: BTreeSet<&str> = document["components"]["schemas"]["ErrorCode"]["enum"].as_array().unwrap().iter().map(|code| code.as_str().unwrap()).collect();
+    let catalogue: BTreeSet<&str> =
+        document["components"]["schemas"]["ErrorCode"]["enum"].as_array().unwrap().iter().map(|code| code.as_str().unwrap()).collect();
     assert_eq!(catalogue, status_of.keys().copied().collect(), "components.schemas.ErrorCode lists exactly types::ErrorCode");
 
     let mut used = BTreeSet::new();
@@ -196,7 +195,8 @@ fn every_problem_code_is_documented_under_its_status() {
                         continue;
                     }
                     let where_ = format!("{method} {path} {status}");
-                    let codes = problem_codes(&document, &content["schema"]).unwrap_or_else(|| panic!("{where_}: name the problem codes it can have"));
+                    let codes =
+                        problem_codes(&document, &content["schema"]).unwrap_or_else(|| panic!("{where_}: name the problem codes it can have"));
                     for code in codes {
                         let expected = status_of.get(code.as_str()).unwrap_or_else(|| panic!("{where_}: {code} is no ErrorCode"));
                         assert_eq!(status, &expected.to_string(), "{where_}: {code} always comes with {expected}");
@@ -217,7 +217,8 @@ fn the_audit_row_and_its_filters_are_the_documents() {
     let documented: BTreeSet<&str> = schemas["AuditRecord"]["properties"].as_object().unwrap().keys().map(String::as_str).collect();
     let columns: BTreeSet<&str> = credbroker::audit::RECORD_FIELDS.iter().copied().chain(["claims"]).collect();
     assert_eq!(documented, columns, "components.schemas.AuditRecord has every column of src/audit/record.rs");
-    let decisions: Vec<&str> = schemas["AuditRecord"]["properties"]["decision"]["enum"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    let decisions: Vec<&str> =
+        schemas["AuditRecord"]["properties"]["decision"]["enum"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
     assert_eq!(decisions, credbroker::audit::query::DECISIONS);
 
     let parameters: BTreeSet<&str> = document["paths"]["/v1/issuances"]["get"]["parameters"]
@@ -312,7 +313,8 @@ respond_with_token = true
 
     // A real credential, so the fuzzer can also look up, revoke and release one that exists.
     let valid = issuer.token();
-    let exchange = reqwest::Client::new().post(format!("{url}/v1/credentials")).bearer_auth(&valid).json(&serde_json::json!({"role": "orders-producer"}));
+    let exchange =
+        reqwest::Client::new().post(format!("{url}/v1/credentials")).bearer_auth(&valid).json(&serde_json::json!({"role": "orders-producer"}));
     let issued: Value = exchange.send().await.unwrap().json().await.unwrap();
     let issuance_id = issued["issuance_id"].as_str().unwrap_or_else(|| panic!("{issued}")).to_owned();
     let (signed, signature) = valid.rsplit_once('.').unwrap();
@@ -338,7 +340,8 @@ fn schemathesis_config(token: &str, issuance_id: &str) -> String {
         "[dictionaries]\nroles = {{ values = [\"orders-producer\", \"orders-multi\"] }}\nhooks = {{ values = [\"warehouse\"] }}\n\
          issuances = {{ values = [\"{issuance_id}\"] }}\n\n[parameters]\n"
     );
-    for (parameter, dictionary) in [("body.role", "roles"), ("path.hook", "hooks"), ("path.issuance_id", "issuances"), ("body.issuance", "issuances")] {
+    for (parameter, dictionary) in [("body.role", "roles"), ("path.hook", "hooks"), ("path.issuance_id", "issuances"), ("body.issuance", "issuances")]
+    {
         config.push_str(&format!("\"{parameter}\" = {{ dictionary = \"{dictionary}\", probability = 0.5 }}\n"));
     }
     config.push_str(&format!(

@@ -186,7 +186,14 @@ async fn sighup_reloads_a_running_broker() {
 fn policy_check_writes_a_gitlab_code_quality_report() {
     let dir = common::temp_dir();
     std::fs::write(dir.0.join("policies/test.toml"), POLICIES).unwrap();
-    let check = || std::process::Command::new(BIN).args(["policy", "check", "policies", "--format", "codequality"]).current_dir(&dir.0).env_remove("CREDBROKER_CONFIG").output().unwrap();
+    let check = || {
+        std::process::Command::new(BIN)
+            .args(["policy", "check", "policies", "--format", "codequality"])
+            .current_dir(&dir.0)
+            .env_remove("CREDBROKER_CONFIG")
+            .output()
+            .unwrap()
+    };
     let good = check();
     assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
     assert_eq!(serde_json::from_slice::<Value>(&good.stdout).unwrap(), json!([]));

@@ -281,8 +281,7 @@ async fn the_real_snowflake_connector_logs_in_with_the_env_output() {
     let sf = spawn(Some(&fakesnow.url)).await;
     let (status, _, body) = sf.app.exchange(&sf.app.issuer.token(), json!({"role": "loader"})).await;
     assert_eq!(status, 200, "{body}");
-    let env: Vec<(String, String)> =
-        body["env"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned())).collect();
+    let env: Vec<(String, String)> = body["env"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned())).collect();
     let output = tokio::task::spawn_blocking(move || {
         Command::new("python3")
             .arg(common::repo_path("tests/snowflake_connect.py"))

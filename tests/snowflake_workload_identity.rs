@@ -96,15 +96,24 @@ async fn the_real_connector_logs_in_with_the_minted_token_from_its_connections_t
     let connections = out.join("loader.connections.toml");
     let (logged_in, seen) = connector_login(&app, "snowflakecomputing.com", SUBJECT, &connections, "loader");
     assert!(logged_in, "{seen}");
-    assert_eq!(seen["login"], json!({"ACCOUNT_NAME": "ORG-ACCOUNT", "LOGIN_NAME": "SVC_LOADER", "AUTHENTICATOR": "WORKLOAD_IDENTITY", "PROVIDER": "OIDC"}));
+    assert_eq!(
+        seen["login"],
+        json!({"ACCOUNT_NAME": "ORG-ACCOUNT", "LOGIN_NAME": "SVC_LOADER", "AUTHENTICATOR": "WORKLOAD_IDENTITY", "PROVIDER": "OIDC"})
+    );
     let claims = &seen["verified"];
-    assert_eq!((claims["iss"].as_str(), claims["aud"].as_str(), claims["sub"].as_str()), (Some(app.public_url.as_str()), Some("snowflakecomputing.com"), Some(SUBJECT)));
+    assert_eq!(
+        (claims["iss"].as_str(), claims["aud"].as_str(), claims["sub"].as_str()),
+        (Some(app.public_url.as_str()), Some("snowflakecomputing.com"), Some(SUBJECT))
+    );
     assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 900, "the role's default_ttl");
     let deadline = time::OffsetDateTime::parse(reply["job_deadline"].as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap();
     assert!(claims["exp"].as_i64().unwrap() <= deadline.unix_timestamp());
 
     let row = app.audit_row(reply["issuance_id"].as_str().unwrap()).await;
-    assert_eq!((row["decision"].as_str(), row["backend"].as_str(), row["target"].as_str()), (Some("issued"), Some("snowflake-wif"), Some("snowflake")));
+    assert_eq!(
+        (row["decision"].as_str(), row["backend"].as_str(), row["target"].as_str()),
+        (Some("issued"), Some("snowflake-wif"), Some("snowflake"))
+    );
     assert_eq!(row["credential_sha256"], sha256_hex(token.as_bytes()));
 }
 
@@ -136,7 +145,8 @@ async fn the_token_lives_no_longer_than_the_job() {
     assert_eq!(status, 200, "{body}");
     let token = body["credential"]["token"].as_str().unwrap();
     use base64::Engine;
-    let claims: Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    let claims: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap();
     assert!(claims["exp"].as_i64().unwrap() <= now + 300, "{claims}");
 }
 

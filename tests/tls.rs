@@ -90,7 +90,8 @@ async fn reqwest_curl_and_the_cli_exchange_over_tls_with_the_ca_they_are_given()
 
     // reqwest, trusting the test CA.
     let client = client_trusting(&authority).build().unwrap();
-    let response = client.post(format!("{}/v1/credentials", app.url)).bearer_auth(&token).json(&json!({"role": "orders-producer"})).send().await.unwrap();
+    let response =
+        client.post(format!("{}/v1/credentials", app.url)).bearer_auth(&token).json(&json!({"role": "orders-producer"})).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["role"], "orders-producer", "{body}");
@@ -174,7 +175,8 @@ async fn client_ca_file_requires_a_client_certificate_from_that_ca_on_every_conn
     assert!(anonymous.get(format!("{}/healthz", app.url)).send().await.is_err());
     let stranger = Authority::new("somebody else");
     let (certificate, key) = stranger.issue("intruder", ExtendedKeyUsagePurpose::ClientAuth);
-    let intruder = client_trusting(&authority).identity(reqwest::Identity::from_pem(format!("{certificate}{key}").as_bytes()).unwrap()).build().unwrap();
+    let intruder =
+        client_trusting(&authority).identity(reqwest::Identity::from_pem(format!("{certificate}{key}").as_bytes()).unwrap()).build().unwrap();
     assert!(intruder.get(format!("{}/healthz", app.url)).send().await.is_err());
 
     // curl with the client certificate.
@@ -268,10 +270,8 @@ async fn connect(url: &str, authority_pem: &str) -> (Vec<u8>, tokio_rustls::clie
         .with_no_client_auth();
     let address = url.trim_start_matches("https://");
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+    let stream =
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
     let presented = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
     (presented, stream)
 }

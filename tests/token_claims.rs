@@ -109,10 +109,7 @@ async fn a_batch_writes_the_rows_of_exactly_the_claims_it_takes() {
         claim("t-c", "deploy", 3, Some(&["grp/app"])),
     ];
     let rows: Vec<AuditEvent> = claims.iter().map(|_| issued_row()).collect();
-    let answers = store
-        .claim_token_uses_and_record(&claims.iter().collect::<Vec<_>>(), &rows.iter().collect::<Vec<_>>())
-        .await
-        .unwrap();
+    let answers = store.claim_token_uses_and_record(&claims.iter().collect::<Vec<_>>(), &rows.iter().collect::<Vec<_>>()).await.unwrap();
     let answers: Vec<String> = answers.iter().map(describe).collect();
     assert_eq!(answers, ["claimed 1", "exhausted", "frozen role frozen-role", "claimed 1"]);
     let mut expected = vec![rows[0].id, rows[3].id];
@@ -162,7 +159,8 @@ async fn two_replicas_claiming_with_their_rows_write_exactly_the_uses_there_are(
             let audit = replicas[attempt % 2].clone();
             let row = issued_row();
             let id = row.id;
-            let answer = tokio::spawn(async move { audit.claim_and_record(claim("shared", "deploy", MAX_USES, Some(&["grp/app"])), row).await.unwrap() });
+            let answer =
+                tokio::spawn(async move { audit.claim_and_record(claim("shared", "deploy", MAX_USES, Some(&["grp/app"])), row).await.unwrap() });
             (id, answer)
         })
         .collect();

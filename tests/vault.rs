@@ -251,10 +251,8 @@ async fn the_lease_ends_at_the_jobs_deadline_and_the_user_with_it() {
     assert_eq!(login_and_query(&app.database_url, &credential).await.unwrap(), 3);
     // OpenBao itself drops the user when the lease expires; nothing depends on the broker.
     let database_url = app.database_url.clone();
-    eventually("the user dropped at the deadline", Duration::from_secs(20), async || {
-        login_and_query(&database_url, &credential).await.is_err()
-    })
-    .await;
+    eventually("the user dropped at the deadline", Duration::from_secs(20), async || login_and_query(&database_url, &credential).await.is_err())
+        .await;
     // OpenBao counts whole seconds, so the lease may end up to a second or two before the
     // reported expiry; never after it.
     assert!(OffsetDateTime::now_utc() >= expires_at(&body) - time::Duration::seconds(2), "not long before the deadline");
@@ -553,8 +551,10 @@ async fn a_broker_in_a_namespace_becomes_ready_and_mints_there() {
     in_namespace("POST", "sys/policies/acl/credbroker".into(), Some(json!({ "policy": policy }))).await;
     in_namespace("POST", "auth/approle/role/credbroker".into(), Some(recommended_approle())).await;
     let role_id = in_namespace("GET", "auth/approle/role/credbroker/role-id".into(), None).await["data"]["role_id"].as_str().unwrap().to_owned();
-    let secret_id =
-        in_namespace("POST", "auth/approle/role/credbroker/secret-id".into(), Some(json!({}))).await["data"]["secret_id"].as_str().unwrap().to_owned();
+    let secret_id = in_namespace("POST", "auth/approle/role/credbroker/secret-id".into(), Some(json!({}))).await["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let secrets = common::temp_dir();
     let tables = vault_tables(&bao.url, &approle_table(&secrets, &role_id, &secret_id), Some("platform"));
     let app = TestApp::spawn_full("", &tables, POLICIES, Some(database_url)).await;
@@ -951,7 +951,8 @@ async fn key_pair_users_reach_the_cli_as_snowflake_variables() {
     let vault = VaultStandin::start().await;
     vault.add_db_role("ci-reader", DbRole { default_ttl: 3600, max_ttl: 86400, renewable: true, key_pair: true });
     let secrets = common::temp_dir();
-    let tables = vault_tables(&vault.url, &approle_table(&secrets, ROLE_ID, SECRET_ID), None).replace("plugin = \"postgres\"", "plugin = \"snowflake\"");
+    let tables =
+        vault_tables(&vault.url, &approle_table(&secrets, ROLE_ID, SECRET_ID), None).replace("plugin = \"postgres\"", "plugin = \"snowflake\"");
     let policies = POLICIES.replace("vault_role = \"ci-reader\"", "vault_role = \"ci-reader\"\naccount = \"ACME-PROD\"");
     let app = TestApp::spawn_full("", &tables, &policies, None).await;
     let (url, token) = (app.url.clone(), app.issuer.token());
@@ -991,7 +992,8 @@ async fn snowflake_users_from_vault_log_in_with_their_out_dir_connections_entry(
         let vault = VaultStandin::start().await;
         vault.add_db_role("ci-reader", DbRole { default_ttl: 3600, max_ttl: 86400, renewable: true, key_pair });
         let secrets = common::temp_dir();
-        let tables = vault_tables(&vault.url, &approle_table(&secrets, ROLE_ID, SECRET_ID), None).replace("plugin = \"postgres\"", "plugin = \"snowflake\"");
+        let tables =
+            vault_tables(&vault.url, &approle_table(&secrets, ROLE_ID, SECRET_ID), None).replace("plugin = \"postgres\"", "plugin = \"snowflake\"");
         let policies = POLICIES.replace("vault_role = \"ci-reader\"", "vault_role = \"ci-reader\"\naccount = \"ACME-PROD\"\nwarehouse = \"CI_WH\"");
         let app = TestApp::spawn_full("", &tables, &policies, None).await;
         let out = secrets.0.join("credentials");

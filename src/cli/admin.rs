@@ -162,7 +162,8 @@ pub async fn unfreeze(args: UnfreezeArgs) -> ExitCode {
 async fn send_freeze(connection: &Connection, method: reqwest::Method, body: Value) -> Result<String, (u8, String)> {
     let token = read_token(&connection.token_env, connection.token_file.as_deref())?;
     // The broker's freeze body has no nulls: absent means absent.
-    let body: Map<String, Value> = body.as_object().into_iter().flatten().filter(|(_, v)| !v.is_null() && **v != json!(false)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let body: Map<String, Value> =
+        body.as_object().into_iter().flatten().filter(|(_, v)| !v.is_null() && **v != json!(false)).map(|(k, v)| (k.clone(), v.clone())).collect();
     let reply = call(method, &connection.broker, "/v1/freezes", &token, &Value::Object(body)).await?;
     Ok(format!("{reply:#}\n"))
 }

@@ -11,12 +11,12 @@ use time::OffsetDateTime;
 
 use super::exchange::{http_client, read_token, ClientTls};
 use super::server::load_config;
+use crate::audit::csv;
 use crate::audit::query::{IssuanceFilter, IssuancePage};
 use crate::audit::AuditRecord;
-use crate::types::rfc3339;
 use crate::audit::PgAudit;
-use crate::audit::csv;
 use crate::signing::SigningKey;
+use crate::types::rfc3339;
 
 #[derive(Args)]
 pub struct QueryArgs {
@@ -140,23 +140,15 @@ impl Source {
             }
             Source::Api { url, token, client } => {
                 let endpoint = format!("{}/v1/issuances", url.trim_end_matches('/'));
-                let response = client
-                    .get(&endpoint)
-                    .query(&pairs)
-                    .bearer_auth(token)
-                    .send()
-                    .await
-                    .with_context(|| format!("cannot reach {endpoint}"))?;
+                let response =
+                    client.get(&endpoint).query(&pairs).bearer_auth(token).send().await.with_context(|| format!("cannot reach {endpoint}"))?;
                 let status = response.status();
                 let body: serde_json::Value = response.json().await.with_context(|| format!("{endpoint} answered {status} without JSON"))?;
                 if !status.is_success() {
                     bail!("{}: {}", body["code"].as_str().unwrap_or("error"), body["detail"].as_str().unwrap_or(""));
                 }
                 let items: Vec<AuditRecord> = serde_json::from_value(body["items"].clone()).context("unexpected answer")?;
-                Ok(IssuancePage {
-                    items,
-                    next_cursor: body["next_cursor"].as_str().map(str::to_owned),
-                })
+                Ok(IssuancePage { items, next_cursor: body["next_cursor"].as_str().map(str::to_owned) })
             }
         }
     }
@@ -216,7 +208,10 @@ pub async fn query(args: QueryArgs, config_path: Option<&Path>) -> anyhow::Resul
     if args.csv {
         print!("{}", csv::header());
     } else if !args.json {
-        println!("{:<25}  {:<13} {:<20} {:<20} {:<28} {:<10} {:<10} {:<8} {:<10} id", "occurred_at", "decision", "code", "role", "project_path", "pipeline", "job", "sha", "ttl");
+        println!(
+            "{:<25}  {:<13} {:<20} {:<20} {:<28} {:<10} {:<10} {:<8} {:<10} id",
+            "occurred_at", "decision", "code", "role", "project_path", "pipeline", "job", "sha", "ttl"
+        );
     }
     loop {
         let page = source.page(&pairs, cursor.as_deref()).await?;
@@ -267,9 +262,9 @@ pub struct VerifyArgs {
 fn seal_key(key: Option<PathBuf>, config_path: Option<&Path>) -> anyhow::Result<SigningKey> {
     let key_path = match key {
         Some(path) => path,
-        None => load_config(config_path)?
-            .audit_seal_key_file
-            .context("no seal key: pass --key FILE or set audit_seal_key_file in the configuration")?,
+        None => {
+            load_config(config_path)?.audit_seal_key_file.context("no seal key: pass --key FILE or set audit_seal_key_file in the configuration")?
+        }
     };
     SigningKey::from_pem_file(&key_path).with_context(|| format!("--key {}", key_path.display()))
 }
@@ -278,7 +273,8 @@ fn seal_key(key: Option<PathBuf>, config_path: Option<&Path>) -> anyhow::Result<
 pub async fn verify(args: VerifyArgs, config_path: Option<&Path>) -> anyhow::Result<bool> {
     let key = seal_key(args.key, config_path)?;
     if let Some(path) = &args.archive {
-        let (report, previous_root) = crate::audit::checkpoints::verify_archive(&key, path).with_context(|| format!("--archive {}", path.display()))?;
+        let (report, previous_root) =
+            crate::audit::checkpoints::verify_archive(&key, path).with_context(|| format!("--archive {}", path.display()))?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "report": report, "previous_root": previous_root }))?);
         } else {
@@ -317,7 +313,10 @@ pub async fn verify(args: VerifyArgs, config_path: Option<&Path>) -> anyhow::Res
                 report.checkpoints,
                 report.rows_checked,
                 report.last_checkpoint.map(|n| n.to_string()).unwrap_or_else(|| "none".into()),
-                report.archived_through.map(|n| format!("; checkpoints 1 to {n} archived, the chain continues from the archive record")).unwrap_or_default()
+                report
+                    .archived_through
+                    .map(|n| format!("; checkpoints 1 to {n} archived, the chain continues from the archive record"))
+                    .unwrap_or_default()
             ),
             Some(first) => {
                 println!("TAMPERED: {}", first.message);

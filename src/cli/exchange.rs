@@ -149,8 +149,7 @@ pub(super) fn write_native_files(dir: &std::path::Path, role: &str, reply: &Valu
 pub(super) fn read_token(token_env: &str, token_file: Option<&std::path::Path>) -> Result<String, (u8, String)> {
     let token = match token_file {
         Some(path) => std::fs::read_to_string(path).map_err(|e| (4, format!("cannot read {}: {e}", path.display())))?,
-        None => std::env::var(token_env)
-            .map_err(|_| (4, format!("no job token in ${token_env} (declare it under id_tokens: in .gitlab-ci.yml)")))?,
+        None => std::env::var(token_env).map_err(|_| (4, format!("no job token in ${token_env} (declare it under id_tokens: in .gitlab-ci.yml)")))?,
     };
     let token = token.trim();
     if token.is_empty() {
@@ -234,17 +233,11 @@ fn credential_process(reply: &Value) -> Result<String, (u8, String)> {
 }
 
 fn render_variables(reply: &Value, format: Format) -> String {
-    let mut variables: Vec<(String, String)> = reply["env"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_owned())))
-        .collect();
-    for (name, field) in [
-        ("CREDBROKER_ISSUANCE_ID", "issuance_id"),
-        ("CREDBROKER_EXPIRES_AT", "expires_at"),
-        ("CREDBROKER_JOB_DEADLINE", "job_deadline"),
-    ] {
+    let mut variables: Vec<(String, String)> =
+        reply["env"].as_object().into_iter().flatten().filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_owned()))).collect();
+    for (name, field) in
+        [("CREDBROKER_ISSUANCE_ID", "issuance_id"), ("CREDBROKER_EXPIRES_AT", "expires_at"), ("CREDBROKER_JOB_DEADLINE", "job_deadline")]
+    {
         if let Some(value) = reply[field].as_str() {
             variables.push((name.into(), value.into()));
         }
@@ -297,8 +290,16 @@ mod tests {
     #[test]
     fn every_problem_code_has_its_own_exit_status() {
         let codes = [
-            "invalid_request", "invalid_token", "untrusted_issuer", "access_denied", "token_replayed",
-            "ttl_not_satisfiable", "rate_limited", "backend_failed", "audit_unavailable", "issuer_unavailable",
+            "invalid_request",
+            "invalid_token",
+            "untrusted_issuer",
+            "access_denied",
+            "token_replayed",
+            "ttl_not_satisfiable",
+            "rate_limited",
+            "backend_failed",
+            "audit_unavailable",
+            "issuer_unavailable",
         ];
         let mut statuses: Vec<u8> = codes.iter().map(|c| exit_code_for(c)).collect();
         statuses.sort();

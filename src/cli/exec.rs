@@ -261,7 +261,11 @@ async fn renew(args: &ExecArgs, token: &str, ttl: Option<Ttl>, dir: &Path, entry
         Err((_, message)) => {
             let retry = OffsetDateTime::now_utc() + time::Duration::seconds(5);
             entry.renew_at = (retry < entry.expires_at).then_some(retry);
-            eprintln!("credbroker exec: renewing {} failed: {message}; {}", entry.role, if entry.renew_at.is_some() { "retrying" } else { "giving up" });
+            eprintln!(
+                "credbroker exec: renewing {} failed: {message}; {}",
+                entry.role,
+                if entry.renew_at.is_some() { "retrying" } else { "giving up" }
+            );
         }
     }
 }
@@ -304,12 +308,8 @@ fn private_dir() -> std::io::Result<PathBuf> {
 /// `ROLE.json` (the broker's answer) and `ROLE.env` (NAME=value lines), each written to a
 /// temporary name and renamed, so a reader never sees half a credential.
 fn write_files(dir: &Path, role: &str, reply: &Value) -> std::io::Result<()> {
-    let dotenv: String = reply["env"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(name, value)| Some(format!("{name}={}\n", value.as_str()?)))
-        .collect();
+    let dotenv: String =
+        reply["env"].as_object().into_iter().flatten().filter_map(|(name, value)| Some(format!("{name}={}\n", value.as_str()?))).collect();
     for (extension, content) in [("json", format!("{reply:#}\n")), ("env", dotenv)] {
         let path = dir.join(format!("{role}.{extension}"));
         let partial = dir.join(format!(".{role}.{extension}.partial"));

@@ -36,7 +36,10 @@ pub fn prepare_dir(dir: &Path) -> std::io::Result<PathBuf> {
     }
     let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(std::io::Error::other(format!("{} is mode {mode:o}: credentials need a directory only its owner can open (chmod 700)", dir.display())));
+        return Err(std::io::Error::other(format!(
+            "{} is mode {mode:o}: credentials need a directory only its owner can open (chmod 700)",
+            dir.display()
+        )));
     }
     std::path::absolute(dir)
 }
@@ -121,7 +124,9 @@ pub fn files(context: &Context<'_>, reply: &Value) -> Vec<NativeFile> {
 fn snowflake_database_user(context: &Context<'_>, credential: &Value) -> Vec<NativeFile> {
     let role = context.role;
     let mut entry = format!("[{}]\n", toml_key(role));
-    for (field, key) in [("account", "account"), ("username", "user"), ("warehouse", "warehouse"), ("database", "database"), ("schema", "schema"), ("role", "role")] {
+    for (field, key) in
+        [("account", "account"), ("username", "user"), ("warehouse", "warehouse"), ("database", "database"), ("schema", "schema"), ("role", "role")]
+    {
         if let Some(value) = credential[field].as_str() {
             entry.push_str(&format!("{key} = {}\n", toml_string(value)));
         }

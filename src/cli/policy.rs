@@ -104,7 +104,9 @@ fn offending_line(error: &PolicyError) -> usize {
     let lines: Vec<&str> = text.lines().collect();
     let role_start = match &error.role {
         Some(role) => {
-            let named = |line: &&str| line.trim().strip_prefix("name").map(|rest| rest.trim_start().trim_start_matches('=').trim()) == Some(&format!("\"{role}\""));
+            let named = |line: &&str| {
+                line.trim().strip_prefix("name").map(|rest| rest.trim_start().trim_start_matches('=').trim()) == Some(&format!("\"{role}\""))
+            };
             match lines.iter().position(named) {
                 Some(index) => index,
                 None => return 1,

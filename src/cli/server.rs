@@ -148,4 +148,3 @@ async fn tail(args: TailArgs, config_path: Option<&Path>) -> anyhow::Result<()> 
     }
     Ok(())
 }
-

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use credbroker::signing::SigningKey;
 use credbroker::config::Config;
+use credbroker::signing::SigningKey;
 use credbroker::startup::{Application, ServeOptions};
 use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use serde_json::{json, Map, Value};
@@ -231,10 +231,8 @@ async fn discovery(State(state): State<Arc<IssuerState>>) -> Json<Value> {
 async fn keys(State(state): State<Arc<IssuerState>>) -> Json<Value> {
     state.fetches.fetch_add(1, Ordering::SeqCst);
     let slots = state.published.lock().unwrap().clone();
-    let keys: Vec<Value> = slots
-        .into_iter()
-        .map(|slot| serde_json::to_value(SigningKey::from_pem(rsa_pem(slot).as_bytes()).unwrap().public_jwk()).unwrap())
-        .collect();
+    let keys: Vec<Value> =
+        slots.into_iter().map(|slot| serde_json::to_value(SigningKey::from_pem(rsa_pem(slot).as_bytes()).unwrap().public_jwk()).unwrap()).collect();
     Json(json!({ "keys": keys }))
 }
 
@@ -378,14 +376,7 @@ impl TestApp {
     }
 
     pub async fn exchange(&self, token: &str, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
-        let response = self
-            .client
-            .post(format!("{}/v1/credentials", self.url))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = self.client.post(format!("{}/v1/credentials", self.url)).bearer_auth(token).json(&body).send().await.unwrap();
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = response.json().await.unwrap_or(Value::Null);

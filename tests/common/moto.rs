@@ -146,8 +146,7 @@ impl RecordingProxy {
                 .filter_map(|line| line.split_once(':'))
                 .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
                 .collect();
-            let length: usize =
-                headers.iter().find(|(name, _)| name == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+            let length: usize = headers.iter().find(|(name, _)| name == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
             let body_start = end + 4;
             let body = &rest[body_start..(body_start + length).min(rest.len())];
             let params = url::form_urlencoded::parse(body).into_owned().collect();
@@ -165,10 +164,8 @@ impl RecordingProxy {
 /// STS's documented limits for AssumeRole (REFERENCE.md, "AWS STS"), checked on the request
 /// as sent: what moto would let through but STS would refuse.
 pub fn assert_sts_would_accept(request: &StsRequest) {
-    let name_ok = |value: &str| {
-        (2..=64).contains(&value.chars().count())
-            && value.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
-    };
+    let name_ok =
+        |value: &str| (2..=64).contains(&value.chars().count()) && value.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c));
     let duration: u32 = request.param("DurationSeconds").expect("DurationSeconds always sent").parse().unwrap();
     assert!((900..=43_200).contains(&duration), "DurationSeconds {duration} outside STS's 900..=43200");
     let session_name = request.param("RoleSessionName").expect("RoleSessionName is required");

@@ -40,7 +40,10 @@ fn free_port_pair() -> u16 {
 fn spawn_server(port: u16, dir: &Path) -> Child {
     let config = dir.join("openbao.hcl");
     // `log_raw`: lease ids in the clear, where a production device would hash them.
-    let audit = format!("audit \"file\" \"requests\" {{\n  options {{\n    file_path = \"{}\"\n    log_raw = \"true\"\n  }}\n}}\n", dir.join("audit.log").display());
+    let audit = format!(
+        "audit \"file\" \"requests\" {{\n  options {{\n    file_path = \"{}\"\n    log_raw = \"true\"\n  }}\n}}\n",
+        dir.join("audit.log").display()
+    );
     std::fs::write(&config, audit).unwrap();
     Command::new("bao")
         .args([
@@ -154,8 +157,7 @@ impl OpenBao {
         }
         self.write(&format!("auth/approle/role/{role}"), settings).await;
         let role_id = self.call("GET", &format!("auth/approle/role/{role}/role-id"), None).await["data"]["role_id"].as_str().unwrap().to_owned();
-        let secret_id =
-            self.write(&format!("auth/approle/role/{role}/secret-id"), json!({})).await["data"]["secret_id"].as_str().unwrap().to_owned();
+        let secret_id = self.write(&format!("auth/approle/role/{role}/secret-id"), json!({})).await["data"]["secret_id"].as_str().unwrap().to_owned();
         (role_id, secret_id)
     }
 
@@ -187,9 +189,7 @@ impl OpenBao {
         self.audit_entries()
             .iter()
             .filter(|entry| {
-                entry["type"] == "response"
-                    && entry["request"]["path"] == "sys/leases/revoke"
-                    && entry["error"].as_str().is_none_or(str::is_empty)
+                entry["type"] == "response" && entry["request"]["path"] == "sys/leases/revoke" && entry["error"].as_str().is_none_or(str::is_empty)
             })
             .filter_map(|entry| entry["request"]["data"]["lease_id"].as_str().map(str::to_owned))
             .collect()

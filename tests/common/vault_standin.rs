@@ -91,7 +91,6 @@ pub struct LeaseEntry {
     pub username: String,
 }
 
-
 impl VaultStandin {
     pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
