@@ -20,7 +20,7 @@ use crate::events::kafka::{EventsConfig, KafkaSink};
 use crate::events::Publisher;
 use crate::gogs::{Gogs, GogsConfig};
 use crate::http::audit_page::git_links::GitLinks;
-use crate::http::tls::{PeerAddr, Tls};
+use crate::http::tls::Tls;
 use crate::http::{self, AppState, DevIssuerDocuments};
 use crate::metrics::Metrics;
 use crate::revocation::secret_encryption::RevocationKey;
@@ -278,11 +278,11 @@ impl Application {
             tracing::info!(address = %listener.local_addr().expect("a bound listener has an address"), "serving /metrics");
             tokio::spawn(std::future::IntoFuture::into_future(axum::serve(listener, http::metrics_app(self.state.clone()))))
         });
-        let router = http::app(self.state).into_make_service_with_connect_info::<PeerAddr>();
+        let router = http::app(self.state);
         tracing::info!(address = %self.listener.local_addr()?, tls = self.tls.is_some(), "credbroker listening");
         match self.tls {
-            None => axum::serve(self.listener, router).with_graceful_shutdown(shutdown_signal()).await?,
-            Some(tls) => axum::serve(tls.listen(self.listener), router).with_graceful_shutdown(shutdown_signal()).await?,
+            None => http::serve(self.listener, router, shutdown_signal()).await,
+            Some(tls) => http::serve(tls.listen(self.listener), router, shutdown_signal()).await,
         }
         if let Some(metrics_server) = metrics_server {
             metrics_server.abort();

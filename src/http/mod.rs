@@ -6,6 +6,7 @@ mod issuances;
 mod gogs;
 pub mod oauth;
 mod problem;
+mod serve;
 pub mod tls;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 pub use problem::{status as status_for, Problem};
+pub use serve::serve;
 
 use crate::types::rfc3339;
 

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -131,7 +130,7 @@ async fn accept_connections(listener: TcpListener, tls: Arc<Tls>, accepted: mpsc
     }
 }
 
-/// The listener `axum::serve` takes: connections whose handshake has completed.
+/// The listener `http::serve` takes: connections whose handshake has completed.
 pub struct TlsListener {
     incoming: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local_addr: io::Result<SocketAddr>,
@@ -162,19 +161,7 @@ impl Drop for TlsListener {
     }
 }
 
-/// The TCP peer of a request, over plain HTTP and TLS alike (axum's own `SocketAddr` connect
-/// info covers only its `TcpListener`).
+/// The TCP peer of a request, over plain HTTP and TLS alike (`http::serve` puts it in every
+/// request's extensions as `ConnectInfo`).
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, TcpListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
