@@ -83,7 +83,8 @@ struct PollAgainWhenSelfWoken<F> {
     waker: Waker,
 }
 
-/// `polling` is set while the inner future is being polled; a wake then only records `woken`.
+/// `POLLING` is set in `state` while the inner future is being polled; a wake then only sets
+/// `WOKEN`, and the poll loop sees it.
 struct SelfWake {
     state: AtomicU8,
     task: AtomicWaker,
