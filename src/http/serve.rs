@@ -33,8 +33,8 @@ pub async fn serve<L>(mut listener: L, router: Router, shutdown: impl Future<Out
 where
     L: Listener<Addr = SocketAddr>,
 {
-    // A connection task holds a `closed` receiver until it ends; `closing` tells it to stop.
-    let (closing, closing_signal) = watch::channel(false);
+    // A connection task holds a `closed` receiver until it ends; `stop` tells it to finish.
+    let (stop, stop_signal) = watch::channel(false);
     let (all_closed, closed) = watch::channel(());
     let mut shutdown = pin!(shutdown);
     loop {
@@ -43,7 +43,7 @@ where
             () = &mut shutdown => break,
         };
         let router = router.clone();
-        let mut closing = closing_signal.clone();
+        let mut stop_signal = stop_signal.clone();
         let closed = closed.clone();
         tokio::spawn(PollAgainWhenSelfWoken::new(async move {
             let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -53,7 +53,7 @@ where
             let mut connection = pin!(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service));
             let result = tokio::select! {
                 result = connection.as_mut() => result,
-                _ = closing.changed() => {
+                _ = stop_signal.changed() => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
@@ -66,7 +66,7 @@ where
     }
     drop(listener);
     drop(closed);
-    let _ = closing.send(true);
+    let _ = stop.send(true);
     all_closed.closed().await;
 }
 
