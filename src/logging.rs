@@ -85,7 +85,9 @@ struct FieldsVisitor(Vec<(&'static str, String)>);
 
 impl Visit for FieldsVisitor {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let mut json = String::new();
+        // Room for the usual value (an id, an address, a path) at once, rather than growing
+        // by doubling through every request's fields.
+        let mut json = String::with_capacity(64);
         json_string(&mut json, format_args!("{value:?}"));
         self.0.push((field.name(), json));
     }

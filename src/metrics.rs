@@ -24,13 +24,13 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 pub struct ExchangeLabels {
     pub role: String,
     pub backend: String,
-    pub decision: String,
-    pub code: String,
+    pub decision: &'static str,
+    pub code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabel {
-    pub decision: String,
+    pub decision: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -163,9 +163,9 @@ mod tests {
         let metrics = Metrics::default();
         metrics
             .exchanges
-            .get_or_create(&ExchangeLabels { role: "deploy".into(), backend: "aws".into(), decision: "issued".into(), code: NONE.into() })
+            .get_or_create(&ExchangeLabels { role: "deploy".into(), backend: "aws".into(), decision: "issued", code: NONE })
             .inc();
-        metrics.exchange_duration.get_or_create(&DecisionLabel { decision: "issued".into() }).observe(0.003);
+        metrics.exchange_duration.get_or_create(&DecisionLabel { decision: "issued" }).observe(0.003);
         let text = metrics.render();
         assert!(text.contains(r#"credbroker_exchanges_total{role="deploy",backend="aws",decision="issued",code="none"} 1"#), "{text}");
         assert!(text.contains(r#"credbroker_exchange_duration_seconds_bucket{le="0.004",decision="issued"} 1"#), "{text}");

@@ -29,6 +29,21 @@ pub enum SigningKeyError {
     Remote(String),
 }
 
+/// A JWT's claims as the JSON a signer encodes, serialised once, straight from the struct the
+/// caller built.
+pub struct JwtClaims(Vec<u8>);
+
+impl JwtClaims {
+    /// Claims are structs and string-keyed maps, which always serialise.
+    pub fn new(claims: &impl Serialize) -> Self {
+        Self(serde_json::to_vec(claims).expect("JWT claims serialise"))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// A compact JWS and the `kid` its header names.
 pub struct SignedToken {
     pub token: String,
@@ -38,7 +53,7 @@ pub struct SignedToken {
 #[async_trait]
 pub trait Signer: Send + Sync {
     /// Signs `claims` as a JWT (`typ` JWT, `kid` of the signing key).
-    async fn sign(&self, claims: &serde_json::Value) -> Result<SignedToken, SigningKeyError>;
+    async fn sign(&self, claims: &JwtClaims) -> Result<SignedToken, SigningKeyError>;
     /// Every public key a verifier may still meet, current and retired.
     fn published_keys(&self) -> Vec<Jwk>;
     /// Background work (a remote key list to keep fresh); local keys need none.
@@ -53,8 +68,8 @@ pub struct LocalSigner {
 
 #[async_trait]
 impl Signer for LocalSigner {
-    async fn sign(&self, claims: &serde_json::Value) -> Result<SignedToken, SigningKeyError> {
-        Ok(SignedToken { token: self.current.sign(claims)?, kid: self.current.kid().to_owned() })
+    async fn sign(&self, claims: &JwtClaims) -> Result<SignedToken, SigningKeyError> {
+        Ok(SignedToken { token: self.current.sign_claims(claims)?, kid: self.current.kid().to_owned() })
     }
 
     fn published_keys(&self) -> Vec<Jwk> {
@@ -168,20 +183,24 @@ impl SigningKey {
     }
 
     pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, SigningKeyError> {
+        self.sign_claims(&JwtClaims::new(claims))
+    }
+
+    pub fn sign_claims(&self, claims: &JwtClaims) -> Result<String, SigningKeyError> {
         compact_jws(&self.header_prefix, claims, |message| self.private.sign(message))
     }
 }
 
 /// `header_prefix` (`base64url(header) + "."`), the claims, and the signature over both.
-fn compact_jws<T: Serialize>(
+fn compact_jws(
     header_prefix: &str,
-    claims: &T,
+    claims: &JwtClaims,
     sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, SigningKeyError>,
 ) -> Result<String, SigningKeyError> {
-    let claims = serde_json::to_vec(claims).map_err(|e| SigningKeyError::Remote(format!("claims: {e}")))?;
+    let claims = claims.as_bytes();
     let mut token = String::with_capacity(header_prefix.len() + claims.len() * 4 / 3 + 400);
     token.push_str(header_prefix);
-    URL_SAFE_NO_PAD.encode_string(&claims, &mut token);
+    URL_SAFE_NO_PAD.encode_string(claims, &mut token);
     let signature = sign(token.as_bytes())?;
     token.push('.');
     URL_SAFE_NO_PAD.encode_string(signature, &mut token);
@@ -216,7 +235,7 @@ impl RsaSigningKey {
 
     /// A JWT with header `{"typ":"JWT","alg":"RS256"}`.
     pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, SigningKeyError> {
-        compact_jws(&self.header_prefix, claims, |message| sign_rs256(&self.key, message))
+        compact_jws(&self.header_prefix, &JwtClaims::new(claims), |message| sign_rs256(&self.key, message))
     }
 }
 

@@ -128,12 +128,12 @@ pub fn parse_duration(raw: &str) -> Result<u64, String> {
 }
 
 /// A claim's value as text, the way identity columns and freezes compare claims: strings as
-/// they are, numbers in decimal, booleans as `true`/`false`; anything else has no text.
-pub fn claim_text(value: &serde_json::Value) -> Option<String> {
+/// they are (borrowed), numbers in decimal, booleans as `true`/`false`; anything else has no text.
+pub fn claim_text(value: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
     match value {
-        serde_json::Value::String(text) => Some(text.clone()),
-        serde_json::Value::Number(number) => Some(number.to_string()),
-        serde_json::Value::Bool(flag) => Some(flag.to_string()),
+        serde_json::Value::String(text) => Some(text.into()),
+        serde_json::Value::Number(number) => Some(number.to_string().into()),
+        serde_json::Value::Bool(flag) => Some(flag.to_string().into()),
         _ => None,
     }
 }

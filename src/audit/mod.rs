@@ -167,7 +167,7 @@ impl AuditEvent {
     }
 
     /// A claim as text for the identity columns: strings as they are, numbers in decimal.
-    pub fn claim_text(&self, name: &str) -> Option<String> {
+    pub fn claim_text(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
         crate::types::claim_text(self.claims.as_ref()?.get(name)?)
     }
 }

@@ -85,7 +85,7 @@ pub const PROJECT_IDENTITY_CLAIMS: &[&str] = &[
 
 /// The values of [`PROJECT_IDENTITY_CLAIMS`] a token carries, as text.
 pub fn project_identities(event: &AuditEvent) -> Vec<String> {
-    PROJECT_IDENTITY_CLAIMS.iter().filter_map(|claim| event.claim_text(claim)).collect()
+    PROJECT_IDENTITY_CLAIMS.iter().filter_map(|claim| event.claim_text(claim).map(String::from)).collect()
 }
 
 /// Which issued credentials an on-demand revocation is about. Every set field must match.

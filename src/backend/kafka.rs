@@ -10,7 +10,7 @@ use jsonwebtoken::jwk::Jwk;
 use secrecy::SecretString;
 use serde::Serialize;
 
-use crate::signing::{LocalSigner, Signer, SigningKey};
+use crate::signing::{JwtClaims, LocalSigner, Signer, SigningKey};
 use super::{table_string, Backend, BackendError, BuildContext, Credential, EnvValue, MintRequest};
 use crate::config::ConfigError;
 use crate::policy::ParamSchema;
@@ -123,7 +123,7 @@ impl Backend for KafkaOauthbearer {
             // The issuance id: a Kafka-side log line leads straight to the audit row.
             jti: request.issuance_id.to_string(),
         };
-        let claims = serde_json::to_value(&claims).expect("claims serialise");
+        let claims = JwtClaims::new(&claims);
         let signed = self
             .signer
             .sign(&claims)

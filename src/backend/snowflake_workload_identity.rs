@@ -16,7 +16,7 @@ use super::snowflake_keypair::url_account;
 use super::{table_string, Backend, BackendError, BuildContext, Credential, EnvValue, MintRequest};
 use crate::config::ConfigError;
 use crate::policy::ParamSchema;
-use crate::signing::Signer;
+use crate::signing::{JwtClaims, Signer};
 use crate::types::Ttl;
 
 pub const PARAMS: ParamSchema = ParamSchema {
@@ -114,7 +114,7 @@ impl Backend for SnowflakeWorkloadIdentity {
             // The issuance id: Snowflake's login history leads straight to the audit row.
             jti: request.issuance_id.to_string(),
         };
-        let claims = serde_json::to_value(&claims).expect("claims serialise");
+        let claims = JwtClaims::new(&claims);
         let signed = self.signer.sign(&claims).await.map_err(|e| BackendError::Failed { backend: self.name.clone(), detail: e.to_string() })?;
         let mut credential = Credential::new("token", SecretString::from(signed.token))
             .with_public("authenticator", "WORKLOAD_IDENTITY")

@@ -268,8 +268,8 @@ impl Broker {
         let labels = ExchangeLabels {
             role: role.to_owned(),
             backend: backend.unwrap_or(crate::metrics::NONE).to_owned(),
-            decision: decision.as_str().to_owned(),
-            code: code.to_owned(),
+            decision: decision.as_str(),
+            code,
         };
         self.metrics.exchanges.get_or_create(&labels).inc();
         self.metrics.exchange_duration.get_or_create(&DecisionLabel { decision: labels.decision }).observe(started.elapsed().as_secs_f64());
@@ -485,7 +485,7 @@ impl Broker {
             None => named,
         };
         let same_job = match (token.claims.get("job_id").map(claim_text), &first.record.job_id) {
-            (Some(Some(job)), Some(first_job)) => &job == first_job,
+            (Some(Some(job)), Some(first_job)) => *job == **first_job,
             (Some(_), _) => false,
             (None, _) => first.record.job_token_sha256.as_deref() == Some(token.token_sha256.as_str()),
         };

@@ -27,7 +27,7 @@ pub use config::{GogsConfig, HookConfig};
 
 use crate::audit::deliveries::{self, DeliveryRecord, Recorded};
 use crate::audit::{log_unrecorded, Audit, AuditError, AuditEvent, AuditSlot, Decision, PgAudit};
-use crate::signing::Signer;
+use crate::signing::{JwtClaims, Signer};
 use crate::types::ErrorCode;
 use crate::oidc::{VerifiedToken, VerifyError};
 use crate::types::{rfc3339, sha256_hex, IssuerName};
@@ -413,7 +413,7 @@ impl Gogs {
         for (name, value) in delivery_claims(delivery) {
             claims[name] = json!(value.unwrap_or_default());
         }
-        let signed = self.signer.sign(&claims).await.map_err(|e| HookError::Signing(e.to_string()))?;
+        let signed = self.signer.sign(&JwtClaims::new(&claims)).await.map_err(|e| HookError::Signing(e.to_string()))?;
         Ok((SecretString::from(signed.token), expires_at))
     }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::{binding_conditions, CompileContext, Denial, Matcher, PolicyError};
+use super::{first_failed_binding, CompileContext, Denial, Matcher, PolicyError};
 use crate::types::IssuerName;
 
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ impl AdminBinding {
         if &self.issuer != issuer {
             return Some(format!("{} in {} trust issuer {}, token is from {issuer}", section.name, self.file.display(), self.issuer));
         }
-        binding_conditions(&self.bindings, claims).into_iter().find(|c| !c.passed).map(|c| format!("{}: {}", c.condition, c.reason))
+        first_failed_binding(&self.bindings, claims)
     }
 }
 

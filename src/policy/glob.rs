@@ -46,38 +46,49 @@ impl Glob {
         self.tokens.iter().any(|t| matches!(t, Token::Literal(c) if *c != '/'))
     }
 
+    /// Runs for every claim binding of every exchange, so it allocates nothing for values of
+    /// up to [`ROWS_ON_STACK`] characters (every GitLab claim is shorter).
     pub fn matches(&self, value: &str) -> bool {
-        let value: Vec<char> = value.chars().collect();
-        // reachable[j]: the tokens seen so far can consume exactly value[..j]. Two rows,
-        // swapped per token: this runs for every claim pattern of every exchange.
-        let mut reachable = vec![false; value.len() + 1];
-        let mut next = vec![false; value.len() + 1];
+        if self.tokens.iter().all(|token| matches!(token, Token::Literal(_))) {
+            return value == self.source;
+        }
+        let length = value.chars().count();
+        let mut on_stack = [false; 2 * (ROWS_ON_STACK + 1)];
+        let mut on_heap = Vec::new();
+        let rows = if length <= ROWS_ON_STACK {
+            &mut on_stack[..2 * (length + 1)]
+        } else {
+            on_heap.resize(2 * (length + 1), false);
+            &mut on_heap[..]
+        };
+        // reachable[j]: the tokens seen so far can consume exactly the value's first j
+        // characters. Two rows, swapped per token.
+        let (mut reachable, mut next) = rows.split_at_mut(length + 1);
         reachable[0] = true;
         for token in &self.tokens {
             next.fill(false);
             match token {
                 Token::Literal(expected) => {
-                    for j in 0..value.len() {
-                        if reachable[j] && value[j] == *expected {
-                            next[j + 1] = true;
-                        }
+                    for (j, c) in value.chars().enumerate() {
+                        next[j + 1] = reachable[j] && c == *expected;
                     }
                 }
                 Token::Segment | Token::Any => {
                     let crosses_segments = matches!(token, Token::Any);
-                    for j in 0..=value.len() {
-                        if !reachable[j] && !(j > 0 && next[j - 1] && (crosses_segments || value[j - 1] != '/')) {
-                            continue;
-                        }
-                        next[j] = true;
+                    next[0] = reachable[0];
+                    for (j, c) in value.chars().enumerate() {
+                        next[j + 1] = reachable[j + 1] || (next[j] && (crosses_segments || c != '/'));
                     }
                 }
             }
             std::mem::swap(&mut reachable, &mut next);
         }
-        reachable[value.len()]
+        reachable[length]
     }
 }
+
+/// Characters of a claim value [`Glob::matches`] checks without allocating.
+const ROWS_ON_STACK: usize = 256;
 
 #[cfg(test)]
 mod tests {
@@ -122,5 +133,26 @@ mod tests {
         assert!(!Glob::parse("*/*").unwrap().has_literal());
         assert!(Glob::parse("group/*").unwrap().has_literal());
         assert!(Glob::parse("***").is_err());
+    }
+
+    /// The straightforward backtracking reading of the rules in the module's comment.
+    fn reference(pattern: &[char], value: &[char]) -> bool {
+        match pattern {
+            [] => value.is_empty(),
+            ['*', '*', rest @ ..] => (0..=value.len()).any(|taken| reference(rest, &value[taken..])),
+            ['*', rest @ ..] => (0..=value.len()).take_while(|&taken| !value[..taken].contains(&'/')).any(|taken| reference(rest, &value[taken..])),
+            [literal, rest @ ..] => value.first() == Some(literal) && reference(rest, &value[1..]),
+        }
+    }
+
+    proptest::proptest! {
+        /// Values past the stack rows (300 characters) take the heap path and must agree too.
+        #[test]
+        fn agrees_with_backtracking(pattern in "[ab/*é]{0,8}", value in "[ab/é]{0,12}", padding in 0usize..300) {
+            let (pattern, value) = if padding > 0 { (format!("**/{pattern}"), format!("{}{value}", "a/".repeat(padding / 2))) } else { (pattern, value) };
+            proptest::prop_assume!(!pattern.contains("***"));
+            let chars = |text: &str| text.chars().collect::<Vec<_>>();
+            proptest::prop_assert_eq!(Glob::parse(&pattern).unwrap().matches(&value), reference(&chars(&pattern), &chars(&value)), "{} against {}", pattern, value);
+        }
     }
 }

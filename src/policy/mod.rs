@@ -183,14 +183,14 @@ pub struct DeliveryRequirement {
 impl DeliveryRequirement {
     /// The first delivery binding that fails, for the audit log.
     pub fn first_mismatch(&self, claims: &Map<String, Value>) -> Option<String> {
-        binding_conditions(&self.bindings, claims).into_iter().find(|c| !c.passed).map(|c| format!("delivery {}: {}", c.condition, c.reason))
+        first_failed_binding(&self.bindings, claims).map(|failed| format!("delivery {failed}"))
     }
 }
 
 impl Role {
     /// The first binding that fails, as a reason fit for the audit log (not for the client).
     fn first_mismatch(&self, claims: &Map<String, Value>) -> Option<String> {
-        self.conditions(claims).into_iter().find(|c| !c.passed).map(|c| format!("{}: {}", c.condition, c.reason))
+        first_failed_binding(&self.bindings, claims)
     }
 
     pub fn conditions(&self, claims: &Map<String, Value>) -> Vec<Condition> {
@@ -241,24 +241,29 @@ impl Role {
 }
 
 /// Each claim binding checked against the claims, with a reason either way.
-pub(crate) fn binding_conditions(bindings: &[(String, Matcher)], claims: &Map<String, Value>) -> Vec<Condition> {
-    bindings
-        .iter()
-        .map(|(claim, matcher)| {
-            let condition = format!("claim {claim} = {matcher}");
-            match claims.get(claim) {
-                None => Condition { condition, passed: false, reason: "claim is missing from the token".into() },
-                Some(value) if matcher.matches(value) => {
-                    Condition { condition, passed: true, reason: format!("token has {value}") }
-                }
-                Some(value) => Condition {
-                    condition,
-                    passed: false,
-                    reason: format!("token has {value} ({}), which does not match", json_type(value)),
-                },
-            }
-        })
-        .collect()
+fn binding_conditions(bindings: &[(String, Matcher)], claims: &Map<String, Value>) -> Vec<Condition> {
+    bindings.iter().map(|(claim, matcher)| binding_condition(claim, matcher, claims)).collect()
+}
+
+/// The first binding the claims fail, as `condition: reason`. Every exchange asks this, so a
+/// binding that holds costs a match and no formatting.
+pub(crate) fn first_failed_binding(bindings: &[(String, Matcher)], claims: &Map<String, Value>) -> Option<String> {
+    let (claim, matcher) = bindings.iter().find(|(claim, matcher)| !claims.get(claim).is_some_and(|value| matcher.matches(value)))?;
+    let failed = binding_condition(claim, matcher, claims);
+    Some(format!("{}: {}", failed.condition, failed.reason))
+}
+
+fn binding_condition(claim: &str, matcher: &Matcher, claims: &Map<String, Value>) -> Condition {
+    let condition = format!("claim {claim} = {matcher}");
+    match claims.get(claim) {
+        None => Condition { condition, passed: false, reason: "claim is missing from the token".into() },
+        Some(value) if matcher.matches(value) => Condition { condition, passed: true, reason: format!("token has {value}") },
+        Some(value) => Condition {
+            condition,
+            passed: false,
+            reason: format!("token has {value} ({}), which does not match", json_type(value)),
+        },
+    }
 }
 
 #[derive(Debug, Clone)]

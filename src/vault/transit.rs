@@ -13,11 +13,11 @@ use base64::Engine;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::Algorithm;
 use rustify::enums::RequestMethod;
-use serde_json::{json, Value};
+use serde_json::json;
 use time::OffsetDateTime;
 
 use super::{Vault, VaultError};
-use crate::signing::{public_jwk_from_pem, SignedToken, Signer, SigningKeyError};
+use crate::signing::{public_jwk_from_pem, JwtClaims, SignedToken, Signer, SigningKeyError};
 use crate::config::ConfigError;
 
 pub struct TransitSigner {
@@ -172,7 +172,7 @@ fn remote(error: VaultError) -> SigningKeyError {
 #[async_trait]
 impl Signer for TransitSigner {
     #[tracing::instrument(skip_all, fields(key = %self.inner.key))]
-    async fn sign(&self, claims: &Value) -> Result<SignedToken, SigningKeyError> {
+    async fn sign(&self, claims: &JwtClaims) -> Result<SignedToken, SigningKeyError> {
         let inner = &self.inner;
         if inner.stale() {
             // A failed refresh is fine while a known version exists: Vault refuses the
@@ -193,7 +193,7 @@ impl Signer for TransitSigner {
         let signing_input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
+            URL_SAFE_NO_PAD.encode(claims.as_bytes())
         );
         let mut body = json!({
             "input": STANDARD.encode(&signing_input),
