@@ -150,7 +150,8 @@ mod tests {
         #[test]
         fn agrees_with_backtracking(pattern in "[ab/*é]{0,8}", value in "[ab/é]{0,12}", padding in 0usize..300) {
             let (pattern, value) = if padding > 0 { (format!("**/{pattern}"), format!("{}{value}", "a/".repeat(padding / 2))) } else { (pattern, value) };
-            proptest::prop_assume!(!pattern.contains("***"));
+            // Each star multiplies the reference's backtracking by the value's length.
+            proptest::prop_assume!(!pattern.contains("***") && pattern.matches('*').count() <= 4);
             let chars = |text: &str| text.chars().collect::<Vec<_>>();
             proptest::prop_assert_eq!(Glob::parse(&pattern).unwrap().matches(&value), reference(&chars(&pattern), &chars(&value)), "{} against {}", pattern, value);
         }
