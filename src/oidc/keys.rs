@@ -15,6 +15,7 @@ use tokio::sync::Mutex;
 use url::Url;
 
 use super::fetch::DiscoveryClient;
+use super::rsa_verify::RsaKey;
 use crate::config::IssuerConfig;
 use crate::metrics::{IssuerOutcomeLabels, JwksFetches};
 use crate::types::error_chain;
@@ -23,6 +24,8 @@ use crate::types::IssuerName;
 pub struct VerificationKey {
     pub key: DecodingKey,
     pub algorithms: Vec<Algorithm>,
+    /// The same key parsed once for RS256/384/512, the job tokens' usual algorithms.
+    pub rsa: Option<RsaKey>,
 }
 
 #[derive(Default)]
@@ -165,7 +168,8 @@ impl IssuerKeys {
                 continue;
             }
             let Ok(key) = DecodingKey::from_jwk(&jwk) else { continue };
-            keys.insert(kid, Arc::new(VerificationKey { key, algorithms }));
+            let rsa = RsaKey::from_jwk(&jwk, &algorithms);
+            keys.insert(kid, Arc::new(VerificationKey { key, algorithms, rsa }));
         }
         keys
     }

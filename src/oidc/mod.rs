@@ -143,8 +143,13 @@ impl Verifier {
             return Err(VerifyError::DisallowedAlgorithm(format!("{:?}", header.alg)));
         }
         let (signed, signature) = token.rsplit_once('.').ok_or_else(|| VerifyError::Malformed("not a JWT".into()))?;
-        // The payload was parsed once, above; only the signature is left to jsonwebtoken.
-        match jsonwebtoken::crypto::verify(signature, signed.as_bytes(), &key.key, header.alg) {
+        // The payload was parsed once, above; only the signature is left, checked on the key
+        // parsed when it was fetched if it is RSA, else by jsonwebtoken.
+        let checked = match key.rsa.as_ref().and_then(|rsa| rsa.verify(header.alg, signed.as_bytes(), signature)) {
+            Some(checked) => checked,
+            None => jsonwebtoken::crypto::verify(signature, signed.as_bytes(), &key.key, header.alg),
+        };
+        match checked {
             Ok(true) => {}
             Ok(false) => return Err(VerifyError::BadSignature),
             Err(error) => return Err(self.map_error(error.into_kind())),
