@@ -1,6 +1,9 @@
 //! Keys the broker signs with (Kafka tokens, Gogs delivery tokens, the dev issuer, Snowflake
-//! key-pair JWTs), parsed once and used through `ring` only: the `rsa` crate's private-key
+//! key-pair JWTs), parsed once and used through aws-lc-rs only: the `rsa` crate's private-key
 //! operations are not constant-time (RUSTSEC-2023-0071), so no secret key ever reaches it.
+//! aws-lc-rs rather than ring because it is what checks the job token's RSA signature
+//! (`oidc/rsa_verify.rs`), and because its ES256 signature, one per Kafka token, costs 0.93×
+//! ring's (`cargo bench --bench es256_sign`).
 //! The private half never leaves these structs; the public half is what `/.well-known/jwks.json` serves.
 //! [`Signer`] hides where a key lives: a local PEM file ([`LocalSigner`]) or a Vault transit
 //! key (`TransitSigner` in the Vault module), so every broker-signed JWT can use either.
@@ -8,6 +11,8 @@
 use std::path::Path;
 
 use async_trait::async_trait;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, RsaKeyPair};
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse, ThumbprintHash};
 use jsonwebtoken::{Algorithm, Header};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -207,10 +212,10 @@ fn compact_jws(
     Ok(token)
 }
 
-/// An RSA private key that signs RS256 (RSASSA-PKCS1-v1_5 with SHA-256) through `ring`, for
+/// An RSA private key that signs RS256 (RSASSA-PKCS1-v1_5 with SHA-256), for
 /// JWTs whose header a peer prescribes (Snowflake's key-pair JWT has no `kid`).
 pub struct RsaSigningKey {
-    key: ring::signature::RsaKeyPair,
+    key: RsaKeyPair,
     header_prefix: String,
 }
 
@@ -228,7 +233,7 @@ impl RsaSigningKey {
         use spki::der::Encode;
         let info = spki::SubjectPublicKeyInfoRef {
             algorithm: pkcs1::ALGORITHM_ID,
-            subject_public_key: spki::der::asn1::BitStringRef::from_bytes(self.key.public().as_ref()).ok()?,
+            subject_public_key: spki::der::asn1::BitStringRef::from_bytes(self.key.public_key().as_ref()).ok()?,
         };
         info.to_der().ok()
     }
@@ -240,35 +245,32 @@ impl RsaSigningKey {
 }
 
 /// PKCS#1 v1.5 padding is deterministic: the same key and message always give the same signature.
-fn sign_rs256(key: &ring::signature::RsaKeyPair, message: &[u8]) -> Result<Vec<u8>, SigningKeyError> {
-    let mut signature = vec![0; key.public().modulus_len()];
-    key.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), message, &mut signature)
+fn sign_rs256(key: &RsaKeyPair, message: &[u8]) -> Result<Vec<u8>, SigningKeyError> {
+    let mut signature = vec![0; key.public_modulus_len()];
+    key.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, &SystemRandom::new(), message, &mut signature)
         .map_err(|_| SigningKeyError::Remote("the signing key refused to sign".into()))?;
     Ok(signature)
 }
 
 enum PrivateKey {
-    Ecdsa(ring::signature::EcdsaKeyPair),
-    Rsa(ring::signature::RsaKeyPair),
+    Ecdsa(EcdsaKeyPair),
+    Rsa(RsaKeyPair),
 }
 
 impl PrivateKey {
-    /// Parsed by `ring` (RSA) and `p256` (EC); the PEM armour by `der`, into memory that is
-    /// wiped when dropped. The error says what the PEM is instead.
+    /// Parsed by aws-lc-rs (RSA) and `p256` (EC); the PEM armour by `der`, into memory that
+    /// is wiped when dropped. The error says what the PEM is instead.
     fn from_pem(text: &str) -> Result<Self, String> {
         use p256::pkcs8::DecodePrivateKey;
-        use ring::signature::RsaKeyPair;
         let (label, document) = spki::der::SecretDocument::from_pem(text).map_err(|_| "is not a PEM file".to_owned())?;
         let der = document.as_bytes();
-        let unusable = |rejected: ring::error::KeyRejected| {
-            format!("is not a key this broker signs with ({rejected}): RSA of 2048 to 4096 bits, or EC P-256")
-        };
+        let unusable = |rejected: String| format!("is not a key this broker signs with ({rejected}): RSA of 2048 to 4096 bits, or EC P-256");
         match label {
             "PRIVATE KEY" => match p256::SecretKey::from_pkcs8_der(der) {
                 Ok(key) => Self::ecdsa(&key).map_err(unusable),
-                Err(_) => RsaKeyPair::from_pkcs8(der).map(PrivateKey::Rsa).map_err(unusable),
+                Err(_) => Self::rsa(RsaKeyPair::from_pkcs8(der)).map_err(unusable),
             },
-            "RSA PRIVATE KEY" => RsaKeyPair::from_der(der).map(PrivateKey::Rsa).map_err(unusable),
+            "RSA PRIVATE KEY" => Self::rsa(RsaKeyPair::from_der(der)).map_err(unusable),
             "EC PRIVATE KEY" => {
                 Self::ecdsa(&p256::SecretKey::from_sec1_der(der).map_err(|_| "is not an EC P-256 key".to_owned())?).map_err(unusable)
             }
@@ -276,16 +278,22 @@ impl PrivateKey {
         }
     }
 
-    fn ecdsa(key: &p256::SecretKey) -> Result<Self, ring::error::KeyRejected> {
+    fn ecdsa(key: &p256::SecretKey) -> Result<Self, String> {
         use p256::elliptic_curve::sec1::ToEncodedPoint;
         let public = key.public_key().to_encoded_point(false);
-        ring::signature::EcdsaKeyPair::from_private_key_and_public_key(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &key.to_bytes(),
-            public.as_bytes(),
-            &ring::rand::SystemRandom::new(),
-        )
-        .map(PrivateKey::Ecdsa)
+        EcdsaKeyPair::from_private_key_and_public_key(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &key.to_bytes(), public.as_bytes())
+            .map(PrivateKey::Ecdsa)
+            .map_err(|rejected| rejected.to_string())
+    }
+
+    /// aws-lc-rs takes RSA keys of up to 8192 bits; the broker keeps to what it documents
+    /// (README, "Snowflake key-pair"), which every JWT verifier it signs for accepts.
+    fn rsa(parsed: Result<RsaKeyPair, aws_lc_rs::error::KeyRejected>) -> Result<Self, String> {
+        let key = parsed.map_err(|rejected| rejected.to_string())?;
+        match key.public_modulus_len() * 8 {
+            2048..=4096 => Ok(PrivateKey::Rsa(key)),
+            bits => Err(format!("a {bits}-bit RSA key")),
+        }
     }
 
     fn algorithm(&self) -> Algorithm {
@@ -296,12 +304,13 @@ impl PrivateKey {
     }
 
     fn public_jwk(&self) -> Option<Jwk> {
-        use ring::signature::KeyPair;
         match self {
             PrivateKey::Ecdsa(key) => ec_jwk(&p256::PublicKey::from_sec1_bytes(key.public_key().as_ref()).ok()?),
             PrivateKey::Rsa(key) => {
-                let components = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(key.public());
-                rsa_jwk(&components.n, &components.e)
+                use pkcs1::der::Decode;
+                // aws-lc-rs gives the public key as a PKCS#1 RSAPublicKey.
+                let public = pkcs1::RsaPublicKey::from_der(key.public_key().as_ref()).ok()?;
+                rsa_jwk(public.modulus.as_bytes(), public.public_exponent.as_bytes())
             }
         }
     }
@@ -309,7 +318,7 @@ impl PrivateKey {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SigningKeyError> {
         match self {
             PrivateKey::Ecdsa(key) => Ok(key
-                .sign(&ring::rand::SystemRandom::new(), message)
+                .sign(&SystemRandom::new(), message)
                 .map_err(|_| SigningKeyError::Remote("the signing key refused to sign".into()))?
                 .as_ref()
                 .to_vec()),
@@ -318,7 +327,7 @@ impl PrivateKey {
     }
 }
 
-/// An EC P-256 key (ES256): `ring` cannot generate RSA keys, and nothing in dev mode needs RSA.
+/// An EC P-256 key (ES256): nothing in dev mode needs RSA, and an EC key is generated at once.
 fn write_new_key(path: &Path) -> Result<(), SigningKeyError> {
     use p256::pkcs8::{EncodePrivateKey, LineEnding};
     let key = p256::SecretKey::random(&mut rand::rngs::OsRng);
@@ -385,7 +394,7 @@ mod tests {
             assert_eq!(key.kid(), kid, "{pem}");
             let (from_public, public_algorithm) = public_jwk_from_pem(public_pem).unwrap();
             assert_eq!((&from_public, public_algorithm), (key.public_jwk(), algorithm));
-            // Signed by ring, checked by jsonwebtoken against the published JWK.
+            // Signed by aws-lc-rs, checked by jsonwebtoken against the published JWK.
             let token = key.sign(&serde_json::json!({"sub": "job", "exp": 4_000_000_000u64})).unwrap();
             let mut validation = jsonwebtoken::Validation::new(algorithm);
             validation.validate_aud = false;
@@ -403,6 +412,17 @@ mod tests {
             assert!(SigningKey::from_pem(pem.as_bytes()).is_none(), "{pem}");
         }
         assert!(public_jwk_from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").is_none());
+    }
+
+    /// aws-lc-rs would sign with it; the documented range (README, "Snowflake key-pair") ends at 4096.
+    #[test]
+    fn an_rsa_key_over_4096_bits_is_refused_with_its_size() {
+        use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+        let large = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 4160).unwrap();
+        let pem = large.to_pkcs8_pem(LineEnding::LF).unwrap();
+        assert!(SigningKey::from_pem(pem.as_bytes()).is_none());
+        let refused = RsaSigningKey::from_pem(&pem).err().unwrap();
+        assert!(refused.contains("a 4160-bit RSA key") && refused.contains("2048 to 4096 bits"), "{refused}");
     }
 
     #[test]

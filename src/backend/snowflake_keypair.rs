@@ -68,7 +68,7 @@ struct KeySlot {
 }
 
 struct ParsedKey {
-    /// Signs through `ring`, never the `rsa` crate (RUSTSEC-2023-0071).
+    /// Signs through aws-lc-rs, never the `rsa` crate (RUSTSEC-2023-0071).
     signer: RsaSigningKey,
     /// `SHA256:<base64>` exactly as Snowflake shows it in DESCRIBE USER (RSA_PUBLIC_KEY_FP).
     fingerprint: String,
@@ -369,11 +369,11 @@ mod tests {
     }
 
     /// The JWT is what the `rsa` crate (through jsonwebtoken, as before) would sign, byte for
-    /// byte: RSASSA-PKCS1-v1_5 is deterministic, so ring's signature must equal it exactly; the
+    /// byte: RSASSA-PKCS1-v1_5 is deterministic, so aws-lc-rs's signature must equal it exactly; the
     /// `rsa` crate also verifies it against the public key alone, and the fingerprint is the
     /// SHA-256 of the public key's DER SubjectPublicKeyInfo as `rsa` encodes it.
     #[test]
-    fn jwts_are_signed_by_ring_exactly_as_pkcs1_v1_5_prescribes() {
+    fn jwts_are_signed_exactly_as_pkcs1_v1_5_prescribes() {
         use rsa::pkcs1::EncodeRsaPrivateKey;
         use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
         use rsa::sha2::{Digest, Sha256};

@@ -4,7 +4,7 @@
 //! aws-lc-rs checks a parsed key in about three quarters of ring's time (bench/README.md, tenth
 //! session). Both are several times faster than the pure-Rust `rsa` crate that jsonwebtoken's
 //! default provider uses. Claims validation and other algorithms stay with jsonwebtoken's own
-//! provider; the broker never signs through it (`signing` signs with `ring`).
+//! provider; the broker never signs through it (`signing` signs with aws-lc-rs too).
 
 use std::sync::OnceLock;
 
