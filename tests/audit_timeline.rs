@@ -101,7 +101,7 @@ fn events(replica: usize, count: usize, now: OffsetDateTime) -> Vec<AuditEvent> 
             event.issuer = Some("gitlab".into());
             let mut claims = Map::new();
             claims.insert("project_path".into(), json!("platform/orders"));
-            event.claims = Some(claims.into());
+            event.claims = Some(std::sync::Arc::new(claims.into()));
             if decision == Decision::Issued {
                 event.credential_sha256 = Some(format!("{:064x}", seed));
                 event.expires_at = Some(at + time::Duration::minutes(15));

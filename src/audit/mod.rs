@@ -20,7 +20,6 @@ mod unattributed;
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -106,7 +105,7 @@ pub struct AuditEvent {
     pub subject: Option<String>,
     pub job_token_sha256: Option<String>,
     /// Shared with the verified token it came from: copied only if a delivery adds to it.
-    pub claims: Option<std::sync::Arc<Map<String, Value>>>,
+    pub claims: Option<std::sync::Arc<crate::types::Claims>>,
     pub role: Option<String>,
     pub target: Option<String>,
     pub backend: Option<String>,

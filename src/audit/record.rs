@@ -7,7 +7,9 @@ use std::borrow::Cow;
 
 use serde_json::{Map, Value};
 use sqlx::types::Json;
-use sqlx::postgres::PgArguments;
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgHasArrayType, PgTypeInfo};
 use sqlx::query::Query;
 use sqlx::Postgres;
 use time::OffsetDateTime;
@@ -45,7 +47,7 @@ macro_rules! audit_columns {
         #[derive(Default)]
         struct ColumnArrays<'a> {
             $( $field: Vec<<$type as Column>::Written<'a>>, )*
-            claims: Vec<Option<Json<Cow<'a, Map<String, Value>>>>>,
+            claims: Vec<Option<StoredClaims<'a>>>,
         }
 
         impl<'a> ColumnArrays<'a> {
@@ -90,12 +92,52 @@ fn text(value: &Option<String>) -> Option<Cow<'_, str>> {
     value.as_deref().map(Cow::Borrowed)
 }
 
-/// The claims are the row's largest part: encoded where they lie unless a NUL must be replaced.
-fn storable_claims(row: &AuditEvent) -> Option<Json<Cow<'_, Map<String, Value>>>> {
-    row.claims.as_ref().map(|claims| match fields_hold_nul(claims) {
-        false => Json(Cow::Borrowed(&**claims)),
-        true => Json(Cow::Owned(Map::clone(claims).into_iter().map(|(name, value)| (name.storable(), value.storable())).collect())),
+/// The claims are the row's largest part: the token's own JSON while it is still theirs and
+/// holds no NUL (the only way JSON writes one is `\u0000`; a false alarm, such as an escaped
+/// backslash before `u0000`, only costs writing the fields out), else the fields, encoded where
+/// they lie unless a NUL must be replaced.
+fn storable_claims(row: &AuditEvent) -> Option<StoredClaims<'_>> {
+    let claims = row.claims.as_deref()?;
+    Some(match claims.received_json() {
+        Some(json) if !json.contains("\\u0000") => StoredClaims::Received(json),
+        _ if fields_hold_nul(claims) => {
+            StoredClaims::Fields(Cow::Owned(claims.fields().clone().into_iter().map(|(name, value)| (name.storable(), value.storable())).collect()))
+        }
+        _ => StoredClaims::Fields(Cow::Borrowed(claims.fields())),
     })
+}
+
+/// The `claims` column (jsonb) as bound.
+enum StoredClaims<'a> {
+    /// JSON that serde_json parsed, so Postgres parses it too.
+    Received(&'a str),
+    Fields(Cow<'a, Map<String, Value>>),
+}
+
+impl sqlx::Type<Postgres> for StoredClaims<'_> {
+    fn type_info() -> PgTypeInfo {
+        <Json<()> as sqlx::Type<Postgres>>::type_info()
+    }
+}
+
+impl PgHasArrayType for StoredClaims<'_> {
+    fn array_type_info() -> PgTypeInfo {
+        <Json<()> as PgHasArrayType>::array_type_info()
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for StoredClaims<'_> {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        match self {
+            Self::Fields(fields) => Json(fields).encode_by_ref(buf),
+            Self::Received(json) => {
+                // jsonb's binary format: a version byte, then the text.
+                buf.push(1);
+                buf.extend_from_slice(json.as_bytes());
+                Ok(IsNull::No)
+            }
+        }
+    }
 }
 
 /// Postgres' `text` and `jsonb` cannot hold U+0000, and one row that carries it (a caller's
@@ -280,16 +322,42 @@ pub(super) fn bind_rows<'a>(query: Query<'a, Postgres, PgArguments>, events: imp
 mod tests {
     use super::*;
 
+    fn stored_claims(received: &str) -> Option<Value> {
+        let mut event = AuditEvent::new(Uuid::new_v4(), crate::audit::Decision::Denied, OffsetDateTime::now_utc(), "r");
+        event.claims = Some(std::sync::Arc::new(crate::types::Claims::parse(received.as_bytes().to_vec()).unwrap()));
+        let mut columns = ColumnArrays::default();
+        columns.push(&event);
+        columns.claims.pop().unwrap().map(|claims| match claims {
+            StoredClaims::Received(json) => {
+                assert_eq!(json, received, "the token's own text");
+                serde_json::from_str(json).unwrap()
+            }
+            StoredClaims::Fields(fields) => Value::Object(fields.into_owned()),
+        })
+    }
+
     #[test]
     fn a_nul_is_stored_as_a_replacement_character() {
         let mut event = AuditEvent::new(Uuid::new_v4(), crate::audit::Decision::Denied, OffsetDateTime::now_utc(), "r");
         event.role = Some("a\0b".into());
-        event.claims = Some(serde_json::json!({"sub\0": ["x\0"]}).as_object().unwrap().clone().into());
         let mut columns = ColumnArrays::default();
         columns.push(&event);
         assert_eq!(columns.role, [Some(Cow::from("a\u{FFFD}b"))]);
-        let claims = columns.claims[0].as_ref().map(|claims| Value::Object(claims.0.clone().into_owned()));
-        assert_eq!(claims, Some(serde_json::json!({"sub\u{FFFD}": ["x\u{FFFD}"]})));
+        let received = r#"{"sub\u0000": ["x\u0000"], "ref": "main"}"#;
+        assert_eq!(stored_claims(received), Some(serde_json::json!({"sub\u{FFFD}": ["x\u{FFFD}"], "ref": "main"})));
+    }
+
+    #[test]
+    fn claims_are_stored_as_the_token_sent_them_until_something_is_added() {
+        // An escaped backslash before `u0000` is no NUL: the fields are written out, unchanged.
+        for received in [r#"{"sub": "job", "ref": "main", "n": 1}"#, r#"{"path": "a\\u0000b"}"#] {
+            assert_eq!(stored_claims(received), Some(serde_json::from_str(received).unwrap()), "{received}");
+        }
+        let mut claims = crate::types::Claims::parse(br#"{"sub": "job"}"#.to_vec()).unwrap();
+        assert_eq!(claims.received_json(), Some(r#"{"sub": "job"}"#));
+        claims.insert("delivery_id".into(), Value::from("d1"));
+        assert_eq!(claims.received_json(), None, "the text no longer says what the fields do");
+        assert_eq!(Value::Object(claims.fields().clone()), serde_json::json!({"sub": "job", "delivery_id": "d1"}));
     }
 
     #[test]

@@ -488,7 +488,7 @@ impl Gogs {
             jti: text("jti")?,
             job_deadline,
             token_sha256: sha256_hex(token.as_bytes()),
-            claims: claims.into(),
+            claims: std::sync::Arc::new(claims.into()),
         })
     }
 

@@ -21,7 +21,7 @@ use fetch::DiscoveryClient;
 use keys::IssuerKeys;
 
 use crate::config::IssuerConfig;
-use crate::types::{sha256_hex, IssuerName};
+use crate::types::{sha256_hex, Claims, IssuerName};
 
 /// GitLab tokens are around 1-2 KiB; anything this large is not a job token.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -64,7 +64,7 @@ pub struct VerifiedToken {
     pub jti: String,
     /// The token's `exp`: for a GitLab job, job start plus the job's timeout.
     pub job_deadline: OffsetDateTime,
-    pub claims: std::sync::Arc<Map<String, Value>>,
+    pub claims: std::sync::Arc<Claims>,
     /// Lets the audit log tie a decision to a token without storing the token.
     pub token_sha256: String,
 }
@@ -271,12 +271,12 @@ pub fn reject_critical_extensions(token: &str) -> Result<(), VerifyError> {
     }
 }
 
-fn unverified_claims(token: &str) -> Result<Map<String, Value>, VerifyError> {
+fn unverified_claims(token: &str) -> Result<Claims, VerifyError> {
     let payload = token.split('.').nth(1).ok_or_else(|| VerifyError::Malformed("not a JWT".into()))?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .map_err(|_| VerifyError::Malformed("payload is not base64url".into()))?;
-    serde_json::from_slice(&bytes).map_err(|_| VerifyError::Malformed("payload is not a JSON object".into()))
+    Claims::parse(bytes).map_err(|_| VerifyError::Malformed("payload is not a JSON object".into()))
 }
 
 fn non_empty_string(claims: &Map<String, Value>, name: &str, max_len: usize) -> Result<String, VerifyError> {

@@ -166,7 +166,7 @@ async fn record_attempt(audit: &Audit, revocation: &ClaimedRevocation, result: &
             event.issuer = record.issuer;
             event.subject = record.subject;
             event.claims = record.claims.and_then(|claims| match claims {
-                serde_json::Value::Object(map) => Some(map.into()),
+                serde_json::Value::Object(map) => Some(std::sync::Arc::new(map.into())),
                 _ => None,
             });
             event.role = record.role;
