@@ -88,23 +88,19 @@ pub fn app(state: AppState) -> Router {
     let trusted_proxies = state.trusted_proxies.clone();
     router
         .fallback(|| async { Problem::new(ErrorCode::NotFound, "no such endpoint") })
-        .layer(middleware::from_fn(move |request, next| with_timeout(timeout, request, next)))
-        .layer(middleware::from_fn(move |request, next| with_client_addr(trusted_proxies.clone(), request, next)))
-        .layer(middleware::from_fn(with_request_id))
+        .layer(middleware::from_fn(move |request, next| at_the_edge(timeout, trusted_proxies.clone(), request, next)))
         .with_state(state)
 }
 
-/// Accepts a caller's `x-request-id` when it is sane, otherwise makes one; echoes it, and
-/// wraps the request in a span carrying it so every log line can be correlated. Each request
-/// ends in one log line.
-async fn with_request_id(mut request: Request, next: Next) -> Response {
-    let supplied = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).filter(|id| {
-        !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-    });
-    // A random UUID from the thread's CSPRNG: `Uuid::new_v4` would make a system call per request.
-    let request_id =
-        supplied.map(str::to_owned).unwrap_or_else(|| uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string());
+/// Every request's way in and out, in one layer rather than one per concern (each `from_fn`
+/// layer boxes the service and its future again for every request; bench/README.md, eleventh
+/// session). From the outside in: the request id, the span carrying it and the one log line
+/// each request ends in; the client's address; the time limit.
+async fn at_the_edge(timeout: Duration, trusted_proxies: Arc<Vec<crate::types::IpNetwork>>, mut request: Request, next: Next) -> Response {
+    let request_id = request_id(&request);
     request.extensions_mut().insert(RequestId(request_id.clone()));
+    let address = client_addr_of(&request, &trusted_proxies);
+    request.extensions_mut().insert(address);
     // The exchange fills in `issuance_id` and `role`, so its one "request finished" line says
     // what was issued; the audit row holds the rest.
     let span = tracing::info_span!(
@@ -116,7 +112,7 @@ async fn with_request_id(mut request: Request, next: Next) -> Response {
         role = tracing::field::Empty,
     );
     let started = std::time::Instant::now();
-    let mut response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    let mut response = tracing::Instrument::instrument(within(timeout, next.run(request)), span.clone()).await;
     span.in_scope(|| {
         tracing::info!(status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request finished")
     });
@@ -126,8 +122,17 @@ async fn with_request_id(mut request: Request, next: Next) -> Response {
     response
 }
 
-async fn with_timeout(timeout: Duration, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(timeout, next.run(request)).await {
+/// Accepts a caller's `x-request-id` when it is sane, otherwise makes one.
+fn request_id(request: &Request) -> String {
+    let supplied = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).filter(|id| {
+        !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    });
+    // A random UUID from the thread's CSPRNG: `Uuid::new_v4` would make a system call per request.
+    supplied.map(str::to_owned).unwrap_or_else(|| uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string())
+}
+
+async fn within(timeout: Duration, response: impl std::future::Future<Output = Response>) -> Response {
+    match tokio::time::timeout(timeout, response).await {
         Ok(response) => response,
         Err(_) => Problem::new(ErrorCode::RequestTimeout, format!("the request took longer than {} s", timeout.as_secs()))
             .into_response(),
@@ -152,12 +157,10 @@ struct RequestId(String);
 #[derive(Clone)]
 pub(crate) struct ClientAddr(pub(crate) Option<String>);
 
-async fn with_client_addr(trusted: Arc<Vec<crate::types::IpNetwork>>, mut request: Request, next: Next) -> Response {
+fn client_addr_of(request: &Request, trusted: &[crate::types::IpNetwork]) -> ClientAddr {
     let peer = request.extensions().get::<ConnectInfo<tls::PeerAddr>>().map(|info| info.0 .0.ip());
     let forwarded: Vec<&str> = request.headers().get_all("x-forwarded-for").iter().filter_map(|value| value.to_str().ok()).collect();
-    let address = peer.map(|peer| client_addr(peer, &forwarded.join(","), &trusted).to_string());
-    request.extensions_mut().insert(ClientAddr(address));
-    next.run(request).await
+    ClientAddr(peer.map(|peer| client_addr(peer, &forwarded.join(","), trusted).to_string()))
 }
 
 /// The TCP peer, unless it is a trusted proxy: then the right-most `X-Forwarded-For` address
