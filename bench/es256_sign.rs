@@ -1,31 +1,17 @@
-//! ES256 signing of a broker-signed token (a Kafka OAUTHBEARER token, a Snowflake key-pair
-//! JWT), the broker's other large cost per exchange beside the job token's RS256 check: ring,
+//! ES256 signing of a broker-signed token (the Kafka OAUTHBEARER token of `bench/issuance`'s
+//! role), the broker's other large cost per exchange beside the job token's RS256 check: ring,
 //! as `src/signing.rs` signed before the eleventh session, against aws-lc-rs. Both are given
 //! the same P-256 key and message; each signature is checked by the other library once, so the
 //! two are known to compute the same thing. Alternated in rounds, medians and their ratio from
 //! one run (bench/README.md):
 //!
 //!   cargo bench --bench es256_sign
-use std::time::Instant;
+#[path = "rounds.rs"]
+mod rounds;
 
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 
-const SIGNATURES_PER_ROUND: u32 = 2_000;
-const ROUNDS: usize = 15;
-
-/// Microseconds per call of `sign`, over one round.
-fn per_signature(mut sign: impl FnMut()) -> f64 {
-    let started = Instant::now();
-    for _ in 0..SIGNATURES_PER_ROUND {
-        sign();
-    }
-    started.elapsed().as_secs_f64() * 1e6 / f64::from(SIGNATURES_PER_ROUND)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
+use rounds::{median, per_call, ROUNDS};
 
 fn main() {
     let secret = p256::SecretKey::random(&mut rand::thread_rng());
@@ -59,9 +45,9 @@ fn main() {
 
     let (mut ring_rounds, mut aws_lc_rounds) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        let mut ring = || ring_rounds.push(per_signature(|| _ = std::hint::black_box(ring_key.sign(&ring_random, &message).expect("ring signs"))));
+        let mut ring = || ring_rounds.push(per_call(|| _ = std::hint::black_box(ring_key.sign(&ring_random, &message).expect("ring signs"))));
         let mut aws_lc =
-            || aws_lc_rounds.push(per_signature(|| _ = std::hint::black_box(aws_lc_key.sign(&aws_lc_random, &message).expect("aws-lc-rs signs"))));
+            || aws_lc_rounds.push(per_call(|| _ = std::hint::black_box(aws_lc_key.sign(&aws_lc_random, &message).expect("aws-lc-rs signs"))));
         // Each library goes first in every other round, so neither always meets a warmer cache.
         if round % 2 == 0 {
             ring();

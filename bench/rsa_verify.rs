@@ -5,28 +5,14 @@
 //! run (bench/README.md):
 //!
 //!   cargo bench --bench rsa_verify
-use std::time::Instant;
+#[path = "rounds.rs"]
+mod rounds;
 
 use rsa::pkcs1::EncodeRsaPublicKey;
 use rsa::traits::PublicKeyParts;
 use sha2::Digest;
 
-const CHECKS_PER_ROUND: u32 = 2_000;
-const ROUNDS: usize = 15;
-
-/// Microseconds per call of `check`, over one round.
-fn per_check(mut check: impl FnMut()) -> f64 {
-    let started = Instant::now();
-    for _ in 0..CHECKS_PER_ROUND {
-        check();
-    }
-    started.elapsed().as_secs_f64() * 1e6 / f64::from(CHECKS_PER_ROUND)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
+use rounds::{median, per_call, ROUNDS};
 
 fn main() {
     let private = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("an RSA key");
@@ -41,10 +27,10 @@ fn main() {
     let parsed = aws_lc_rs::signature::ParsedPublicKey::new(&aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256, &der).expect("a parsed key");
     let (mut ring_rounds, mut parsed_rounds) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        ring_rounds.push(per_check(|| {
+        ring_rounds.push(per_call(|| {
             ring_components.verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, &message, &signature).expect("ring verifies");
         }));
-        parsed_rounds.push(per_check(|| parsed.verify_sig(&message, &signature).expect("aws-lc verifies")));
+        parsed_rounds.push(per_call(|| parsed.verify_sig(&message, &signature).expect("aws-lc verifies")));
     }
     let (ring_median, parsed_median) = (median(ring_rounds), median(parsed_rounds));
     println!("ring, key parsed at every check:  {ring_median:6.2} µs per RS256 check");
