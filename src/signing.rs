@@ -2,8 +2,8 @@
 //! key-pair JWTs), parsed once and used through aws-lc-rs only: the `rsa` crate's private-key
 //! operations are not constant-time (RUSTSEC-2023-0071), so no secret key ever reaches it.
 //! aws-lc-rs rather than ring because it is what checks the job token's RSA signature
-//! (`oidc/rsa_verify.rs`), and because its ES256 signature, one per Kafka token, costs 0.93×
-//! ring's (`cargo bench --bench es256_sign`).
+//! (`oidc/rsa_verify.rs`), and because its ES256 signature, one per Kafka token, costs about
+//! 0.94× ring's (`cargo bench --bench es256_sign`).
 //! The private half never leaves these structs; the public half is what `/.well-known/jwks.json` serves.
 //! [`Signer`] hides where a key lives: a local PEM file ([`LocalSigner`]) or a Vault transit
 //! key (`TransitSigner` in the Vault module), so every broker-signed JWT can use either.
