@@ -128,8 +128,9 @@ pub fn parse_duration(raw: &str) -> Result<u64, String> {
 }
 
 /// A token's claims as parsed, and, until something adds to them, the JSON they were parsed
-/// from: the audit row stores that text as it came rather than writing the fields out again
-/// (a few microseconds an exchange; bench/README.md, eleventh session). Both say the same:
+/// from: the audit row stores that text as it came, where Postgres reads it alike
+/// (`readable_as_sent` in `audit/record.rs`), rather than writing the fields out again (a few
+/// microseconds an exchange; bench/README.md, eleventh session). Both say the same:
 /// a repeated name keeps its last value in serde_json's map as in Postgres' jsonb, so the
 /// row shows the value the policy decided on. Read through `Deref`; every change goes through
 /// [`Claims::insert`], which drops the text.

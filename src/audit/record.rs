@@ -93,13 +93,12 @@ fn text(value: &Option<String>) -> Option<Cow<'_, str>> {
 }
 
 /// The claims are the row's largest part: the token's own JSON while it is still theirs and
-/// holds no NUL (the only way JSON writes one is `\u0000`; a false alarm, such as an escaped
-/// backslash before `u0000`, only costs writing the fields out), else the fields, encoded where
+/// Postgres reads it as serde_json did ([`readable_as_sent`]), else the fields, encoded where
 /// they lie unless a NUL must be replaced.
 fn storable_claims(row: &AuditEvent) -> Option<StoredClaims<'_>> {
     let claims = row.claims.as_deref()?;
     Some(match claims.received_json() {
-        Some(json) if !json.contains("\\u0000") => StoredClaims::Received(json),
+        Some(json) if readable_as_sent(json, claims) => StoredClaims::Received(json),
         _ if fields_hold_nul(claims) => {
             StoredClaims::Fields(Cow::Owned(claims.fields().clone().into_iter().map(|(name, value)| (name.storable(), value.storable())).collect()))
         }
@@ -107,9 +106,28 @@ fn storable_claims(row: &AuditEvent) -> Option<StoredClaims<'_>> {
     })
 }
 
+/// Whether jsonb takes the token's text as the same claims serde_json parsed, so that no
+/// signed token can fail its batch (and every other request in it) where its fields would not.
+/// Not when it has a `\u` escape: jsonb refuses `\u0000`, and how it reads an escape above
+/// U+007F depends on the database's encoding. Nor when it has a number serde_json holds as a
+/// float: jsonb's numeric refuses exponents serde_json rounds to zero or infinity (`1e-20000`).
+/// GitLab's claims are strings, integers and booleans, sent without escapes. A false alarm
+/// (an escaped backslash before a `u`) only costs writing the fields out.
+fn readable_as_sent(json: &str, claims: &crate::types::Claims) -> bool {
+    fn integers_only(value: &Value) -> bool {
+        match value {
+            Value::Number(number) => !number.is_f64(),
+            Value::Array(items) => items.iter().all(integers_only),
+            Value::Object(fields) => fields.values().all(integers_only),
+            _ => true,
+        }
+    }
+    !json.contains("\\u") && claims.values().all(integers_only)
+}
+
 /// The `claims` column (jsonb) as bound.
 enum StoredClaims<'a> {
-    /// JSON that serde_json parsed, so Postgres parses it too.
+    /// JSON that serde_json parsed, and Postgres reads alike ([`readable_as_sent`]).
     Received(&'a str),
     Fields(Cow<'a, Map<String, Value>>),
 }
@@ -322,9 +340,14 @@ pub(super) fn bind_rows<'a>(query: Query<'a, Postgres, PgArguments>, events: imp
 mod tests {
     use super::*;
 
-    fn stored_claims(received: &str) -> Option<Value> {
+    fn with_claims(sent: &str) -> AuditEvent {
         let mut event = AuditEvent::new(Uuid::new_v4(), crate::audit::Decision::Denied, OffsetDateTime::now_utc(), "r");
-        event.claims = Some(std::sync::Arc::new(crate::types::Claims::parse(received.as_bytes().to_vec()).unwrap()));
+        event.claims = Some(std::sync::Arc::new(crate::types::Claims::parse(sent.as_bytes().to_vec()).unwrap()));
+        event
+    }
+
+    fn stored_claims(received: &str) -> Option<Value> {
+        let event = with_claims(received);
         let mut columns = ColumnArrays::default();
         columns.push(&event);
         columns.claims.pop().unwrap().map(|claims| match claims {
@@ -349,9 +372,13 @@ mod tests {
 
     #[test]
     fn claims_are_stored_as_the_token_sent_them_until_something_is_added() {
-        // An escaped backslash before `u0000` is no NUL: the fields are written out, unchanged.
-        for received in [r#"{"sub": "job", "ref": "main", "n": 1}"#, r#"{"path": "a\\u0000b"}"#] {
-            assert_eq!(stored_claims(received), Some(serde_json::from_str(received).unwrap()), "{received}");
+        let sent = r#"{"sub": "job", "ref": "main", "n": -1, "big": 18446744073709551615, "é": [true, null, {"k": "\/"}]}"#;
+        assert!(matches!(storable_claims(&with_claims(sent)), Some(StoredClaims::Received(json)) if json == sent));
+        // An escape, a float, an integer past u64 (a float to serde_json), an escaped backslash
+        // before a `u` (a false alarm): the fields, written out, say the same.
+        for sent in [r#"{"ref": "\u006dain"}"#, r#"{"n": 1.5}"#, r#"{"n": 1e-20000}"#, r#"{"n": 18446744073709551616}"#, r#"{"path": "a\\user"}"#] {
+            assert!(matches!(storable_claims(&with_claims(sent)), Some(StoredClaims::Fields(_))), "{sent}");
+            assert_eq!(stored_claims(sent), Some(serde_json::from_str(sent).unwrap()), "{sent}");
         }
         let mut claims = crate::types::Claims::parse(br#"{"sub": "job"}"#.to_vec()).unwrap();
         assert_eq!(claims.received_json(), Some(r#"{"sub": "job"}"#));
