@@ -18,8 +18,9 @@
 //! generator costs little CPU on the machine it shares with the broker and Postgres.
 //! GitLab signs with RS256, and signing costs about a millisecond; so that the generator does
 //! not burn a core on signing, each token is reused up to `--uses-per-token` times (the bench
-//! policy allows that many uses per role). Verification, replay claims and audit rows cost
-//! the broker exactly what they cost with fresh tokens.
+//! policy allows that many uses per role), and tokens are signed ahead of use on a thread of
+//! their own ([`Minter`]). Verification, replay claims and audit rows cost the broker exactly
+//! what they cost with fresh tokens.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -120,32 +121,47 @@ async fn serve_issuer(options: Options) {
     axum::serve(listener, app).await.unwrap();
 }
 
-struct Tokens {
+/// Mints GitLab-shaped job tokens on a thread of its own, one ahead for each connection: RS256
+/// signing costs about a millisecond, and done on the generator's event loop it would stall
+/// every connection at once (all 64 reach their 1,000th use together), adding the
+/// generator's own pauses to the latencies it measures.
+struct Minter {
     key: EncodingKey,
     header: Header,
     issuer: String,
     audience: String,
-    uses_per_token: u64,
-    connection: usize,
-    minted: u64,
-    current: String,
-    uses: u64,
 }
 
-impl Tokens {
+impl Minter {
+    /// Starts the thread; connection `c` takes its tokens from the `c`th receiver.
+    fn start(self, connections: usize) -> (std::sync::mpsc::Sender<usize>, Vec<tokio::sync::mpsc::UnboundedReceiver<String>>) {
+        let (wants, wanted) = std::sync::mpsc::channel::<usize>();
+        let (ready, receivers): (Vec<_>, Vec<_>) = (0..connections).map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+        // Each connection's first token, then one ahead: asked for whenever one is taken.
+        for connection in (0..connections).chain(0..connections) {
+            wants.send(connection).expect("the minter's queue is open");
+        }
+        std::thread::spawn(move || {
+            for (minted, connection) in wanted.into_iter().enumerate() {
+                // A connection that finished has dropped its receiver; the others still want theirs.
+                let _ = ready[connection].send(self.mint(connection, minted));
+            }
+        });
+        (wants, receivers)
+    }
+
     /// A GitLab CI id_token's claims (see REFERENCE.md), with a fresh jti each time.
-    fn mint(&mut self) -> String {
-        self.minted += 1;
+    fn mint(&self, connection: usize, serial: usize) -> String {
         let now = time_now();
         let claims = json!({
             "iss": self.issuer, "aud": self.audience,
             "sub": "project_path:bench/app:ref_type:branch:ref:main",
             "iat": now, "nbf": now, "exp": now + 3600,
-            "jti": format!("bench-{}-{}-{}", std::process::id(), self.connection, self.minted),
+            "jti": format!("bench-{}-{connection}-{serial}", std::process::id()),
             "namespace_id": "7", "namespace_path": "bench", "project_id": "42", "project_path": "bench/app",
             "user_id": "5", "user_login": "bench-bot", "user_email": "bench@example.com",
             "user_access_level": "developer", "pipeline_id": "1001", "pipeline_source": "push",
-            "job_id": format!("{}", 5000 + self.connection), "ref": "main", "ref_type": "branch",
+            "job_id": format!("{}", 5000 + connection), "ref": "main", "ref_type": "branch",
             "ref_path": "refs/heads/main", "ref_protected": "true",
             "sha": "4ee8a0c5a5cfbc3e7a4f3b2a6fbd1f0c9e8d7c6b", "project_visibility": "private",
             "runner_id": 17, "runner_environment": "self-hosted",
@@ -153,10 +169,23 @@ impl Tokens {
         });
         jsonwebtoken::encode(&self.header, &claims, &self.key).unwrap()
     }
+}
 
-    fn next(&mut self) -> &str {
+/// One connection's tokens: each used `uses_per_token` times, the next already minted.
+struct Tokens {
+    connection: usize,
+    ready: tokio::sync::mpsc::UnboundedReceiver<String>,
+    wants: std::sync::mpsc::Sender<usize>,
+    uses_per_token: u64,
+    current: String,
+    uses: u64,
+}
+
+impl Tokens {
+    async fn next(&mut self) -> &str {
         if self.current.is_empty() || self.uses >= self.uses_per_token {
-            self.current = self.mint();
+            self.current = self.ready.recv().await.expect("the minter runs as long as the generator");
+            let _ = self.wants.send(self.connection);
             self.uses = 0;
         }
         self.uses += 1;
@@ -211,19 +240,19 @@ async fn run(options: Options) {
     header.kid = jwk.common.key_id.clone();
     header.typ = Some("JWT".into());
 
+    let minter = Minter { key, header, issuer: options.required("issuer").to_owned(), audience: options.required("audience").to_owned() };
+    let (wants, ready) = minter.start(connections);
+
     let start = Instant::now();
     let measure_from = start + warmup;
     let stop_at = measure_from + duration;
     let mut tasks = Vec::new();
-    for connection in 0..connections {
+    for (connection, ready) in ready.into_iter().enumerate() {
         let tokens = Tokens {
-            key: key.clone(),
-            header: header.clone(),
-            issuer: options.required("issuer").to_owned(),
-            audience: options.required("audience").to_owned(),
-            uses_per_token: options.number("uses-per-token", 1000),
             connection,
-            minted: 0,
+            ready,
+            wants: wants.clone(),
+            uses_per_token: options.number("uses-per-token", 1000),
             current: String::new(),
             uses: 0,
         };
@@ -319,11 +348,11 @@ async fn connection_loop(
                 let body = format!(r#"{{"role":"{role}"}}"#);
                 request
                     .extend_from_slice(b"POST /v1/credentials HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\nAuthorization: Bearer ");
-                request.extend_from_slice(tokens.next().as_bytes());
+                request.extend_from_slice(tokens.next().await.as_bytes());
                 request.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
             }
             Kind::OpenbaoJwtLogin => {
-                let body = format!(r#"{{"role":"{role}","jwt":"{}"}}"#, tokens.next());
+                let body = format!(r#"{{"role":"{role}","jwt":"{}"}}"#, tokens.next().await);
                 request.extend_from_slice(b"POST /v1/auth/jwt/login HTTP/1.1\r\nHost: openbao\r\nContent-Type: application/json");
                 request.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
             }
