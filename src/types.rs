@@ -5,6 +5,10 @@ use std::fmt;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+mod claims;
+
+pub use claims::{ClaimLookup, Claims};
+
 /// Names of issuers, roles and backends share one shape: short, lowercase, no surprises
 /// in logs, URLs or SQL filters.
 fn parse_name(kind: &str, raw: &str) -> Result<String, String> {
@@ -125,56 +129,6 @@ pub fn parse_duration(raw: &str) -> Result<u64, String> {
         return Err(expected());
     }
     Ok(total)
-}
-
-/// A token's claims as parsed, and, until something adds to them, the JSON they were parsed
-/// from: the audit row stores that text as it came, where Postgres reads it alike
-/// (`readable_as_sent` in `audit/record.rs`), rather than writing the fields out again (a few
-/// microseconds an exchange; bench/README.md, eleventh session). Both say the same:
-/// a repeated name keeps its last value in serde_json's map as in Postgres' jsonb, so the
-/// row shows the value the policy decided on. Read through `Deref`; every change goes through
-/// [`Claims::insert`], which drops the text.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Claims {
-    fields: serde_json::Map<String, serde_json::Value>,
-    received: Option<String>,
-}
-
-impl Claims {
-    /// A JSON object, kept as the text it came as.
-    pub fn parse(json: Vec<u8>) -> Result<Self, serde_json::Error> {
-        let fields = serde_json::from_slice(&json)?;
-        // JSON that parsed is UTF-8 (anything else outside a string is a syntax error).
-        Ok(Self { fields, received: String::from_utf8(json).ok() })
-    }
-
-    pub fn insert(&mut self, name: String, value: serde_json::Value) {
-        self.received = None;
-        self.fields.insert(name, value);
-    }
-
-    /// The JSON these claims were parsed from, while nothing has been added to them.
-    pub fn received_json(&self) -> Option<&str> {
-        self.received.as_deref()
-    }
-
-    pub fn fields(&self) -> &serde_json::Map<String, serde_json::Value> {
-        &self.fields
-    }
-}
-
-impl std::ops::Deref for Claims {
-    type Target = serde_json::Map<String, serde_json::Value>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.fields
-    }
-}
-
-impl From<serde_json::Map<String, serde_json::Value>> for Claims {
-    fn from(fields: serde_json::Map<String, serde_json::Value>) -> Self {
-        Self { fields, received: None }
-    }
 }
 
 /// A claim's value as text, the way identity columns and freezes compare claims: strings as

@@ -4,7 +4,8 @@
 //!
 //! Requests queue their job with a oneshot to wait on. Writer tasks take turns at the queue:
 //! the one holding it takes whatever has queued (up to `batch_max`), lets go and runs the batch,
-//! then answers every waiter with its own outcome; while it runs, more jobs queue for the next
+//! then answers every waiter with its own outcome and its job back (a refused claim's row is
+//! written again as a refusal, without a copy kept); while it runs, more jobs queue for the next
 //! writer, so batches grow exactly when the database is the bottleneck. A failed statement
 //! fails every request in the batch. A job that arrives while no batch runs runs at once in its
 //! own task ([`GroupCommit::submit`]): with nothing to share, there is nothing to wait for.
@@ -45,9 +46,12 @@ impl Batch for AuditRows {
     }
 }
 
+/// A job's answer, with the job handed back.
+pub(super) type Answered<B> = (<B as Batch>::Answer, <B as Batch>::Job);
+
 struct Pending<B: Batch> {
     job: B::Job,
-    answer: oneshot::Sender<Result<B::Answer, AuditError>>,
+    answer: oneshot::Sender<Result<Answered<B>, AuditError>>,
 }
 
 pub(super) struct GroupCommit<B: Batch> {
@@ -130,20 +134,22 @@ impl<B: Batch> GroupCommit<B> {
         self.queue.clone().reserve_owned().await.map(QueueSlot).map_err(|_| AuditError::WriterStopped)
     }
 
-    /// Returns once the job's batch has run, with the job's answer or the error that failed the batch.
+    /// Returns once the job's batch has run, with the job's answer and the job itself, or the
+    /// error that failed the batch.
     ///
     /// When no batch is running there is nothing to wait for and nobody to share a statement
     /// with: the job then runs at once in the caller's task, a batch of one, as it would with
     /// `audit_group_commit = false` (same statement, same commit, same answer), and skips the
     /// hand-offs to a writer task and back, which are most of a lone exchange's wait on a busy
     /// machine. Jobs that arrive meanwhile queue for the writers as usual.
-    pub async fn submit(&self, slot: QueueSlot<B>, job: B::Job) -> Result<B::Answer, AuditError> {
+    pub async fn submit(&self, slot: QueueSlot<B>, job: B::Job) -> Result<Answered<B>, AuditError> {
         if self.running.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             // Counted down even when the caller is dropped mid-statement (a request timed out).
             let _running = Running(&self.running);
             drop(slot);
             observe(&self.batch_sizes, 1);
-            return self.work.run(std::slice::from_ref(&job)).await?.pop().ok_or(AuditError::WriterStopped);
+            let answer = self.work.run(std::slice::from_ref(&job)).await?.pop().ok_or(AuditError::WriterStopped)?;
+            return Ok((answer, job));
         }
         let (answer, outcome) = oneshot::channel();
         slot.0.send(Pending { job, answer });
@@ -211,9 +217,9 @@ async fn run<B: Batch>(work: &B, batch: Vec<Pending<B>>) {
     match work.run(&jobs).await {
         Ok(answers) => {
             debug_assert_eq!(answers.len(), waiters.len());
-            for (waiter, answer) in waiters.into_iter().zip(answers) {
+            for ((waiter, answer), job) in waiters.into_iter().zip(answers).zip(jobs) {
                 // The waiter may be gone (request timed out); its work is done all the same.
-                let _ = waiter.send(Ok(answer));
+                let _ = waiter.send(Ok((answer, job)));
             }
         }
         Err(error) => {

@@ -167,7 +167,7 @@ impl AuditEvent {
 
     /// A claim as text for the identity columns: strings as they are, numbers in decimal.
     pub fn claim_text(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
-        crate::types::claim_text(self.claims.as_ref()?.get(name)?)
+        self.claims.as_ref()?.text(name)
     }
 }
 
@@ -255,7 +255,7 @@ impl Audit {
     /// Returns once the row is durably committed.
     pub async fn record_in(&self, slot: AuditSlot, event: AuditEvent) -> Result<(), AuditError> {
         let written = match (&self.writer, slot.0) {
-            (Writer::GroupCommit { rows, .. }, Some(slot)) => rows.submit(slot, event).await,
+            (Writer::GroupCommit { rows, .. }, Some(slot)) => rows.submit(slot, event).await.map(|((), _)| ()),
             _ => {
                 self.metrics.audit_batch_rows.observe(1.0);
                 self.store.write(&event).await
@@ -313,7 +313,7 @@ impl Audit {
                 self.metrics.token_claim_batch_size.observe(1.0);
                 self.store.claim_token_use(&claim).await
             }
-            Writer::GroupCommit { claims, .. } => claims.submit(claims.reserve_waiting().await?, claim).await,
+            Writer::GroupCommit { claims, .. } => claims.submit(claims.reserve_waiting().await?, claim).await.map(|(answer, _)| answer),
         }
     }
 
@@ -321,16 +321,17 @@ impl Audit {
     /// that stands only if the claim is taken: the row is written exactly when the answer is
     /// [`TokenUse::Claimed`]. For a credential minted before its claim, which nobody has seen
     /// until this returns (see `Backend::mints_without_side_effects`).
-    pub async fn claim_and_record(&self, claim: UseClaim, row: AuditEvent) -> Result<TokenUse, AuditError> {
+    /// The row comes back with the answer, for a refusal to be recorded in its place.
+    pub async fn claim_and_record(&self, claim: UseClaim, row: AuditEvent) -> Result<(TokenUse, AuditEvent), AuditError> {
         let answer = match &self.writer {
             Writer::PerRequest => {
                 self.metrics.audit_batch_rows.observe(1.0);
                 self.metrics.token_claim_batch_size.observe(1.0);
-                self.store.claim_token_uses_and_record(&[&claim], &[&row]).await.map(|mut answers| answers.remove(0))
+                self.store.claim_token_uses_and_record(&[&claim], &[&row]).await.map(|mut answers| (answers.remove(0), row))
             }
             Writer::GroupCommit { claimed_rows, .. } => {
                 let shard = &claimed_rows[shard_of(&claim, claimed_rows.len())];
-                shard.submit(shard.reserve_waiting().await?, ClaimedRow { claim, row }).await
+                shard.submit(shard.reserve_waiting().await?, ClaimedRow { claim, row }).await.map(|(answer, job)| (answer, job.row))
             }
         };
         if answer.is_err() {

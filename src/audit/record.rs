@@ -99,7 +99,7 @@ fn storable_claims(row: &AuditEvent) -> Option<StoredClaims<'_>> {
     let claims = row.claims.as_deref()?;
     Some(match claims.received_json() {
         Some(json) if readable_as_sent(json, claims) => StoredClaims::Received(json),
-        _ if fields_hold_nul(claims) => {
+        _ if fields_hold_nul(claims.fields()) => {
             StoredClaims::Fields(Cow::Owned(claims.fields().clone().into_iter().map(|(name, value)| (name.storable(), value.storable())).collect()))
         }
         _ => StoredClaims::Fields(Cow::Borrowed(claims.fields())),
@@ -122,7 +122,7 @@ fn readable_as_sent(json: &str, claims: &crate::types::Claims) -> bool {
             _ => true,
         }
     }
-    !json.contains("\\u") && claims.values().all(integers_only)
+    !json.contains("\\u") && claims.values_other_than_plain_strings().all(integers_only)
 }
 
 /// The `claims` column (jsonb) as bound.

@@ -27,7 +27,7 @@ use tokio::sync::OnceCell;
 use super::{table_string, Backend, BackendError, BuildContext, Credential, EnvValue, MintRequest};
 use crate::config::ConfigError;
 use crate::policy::{Param, ParamProblem, ParamSchema, ParamShape, RenderedParams, Template, POLICY_STRING_MAX_CHARS};
-use crate::types::{sha256_hex, Ttl};
+use crate::types::{sha256_hex, ClaimLookup, Ttl};
 
 pub const PARAMS: ParamSchema = ParamSchema {
     kind: "aws_sts",
@@ -371,7 +371,7 @@ fn check_role_arn(arn: &str) -> Result<(), String> {
 
 /// At every exchange, on the rendered values: defaults, sanitising, and the limits that
 /// depend on claims. Anything it cannot make safe is refused (`access_denied`).
-fn finish_params(params: &mut RenderedParams, claims: &Map<String, Value>) -> Result<(), ParamProblem> {
+fn finish_params(params: &mut RenderedParams, claims: &dyn ClaimLookup) -> Result<(), ParamProblem> {
     if let Some(arn) = params.text.get("role_arn") {
         check_role_arn(arn).map_err(|e| ParamProblem::new("role_arn", e))?;
     }
@@ -402,7 +402,7 @@ fn finish_params(params: &mut RenderedParams, claims: &Map<String, Value>) -> Re
     // identity rather than none at all; an empty rendering omits it too.
     let source_identity = match params.text.remove("source_identity") {
         Some(identity) => identity,
-        None => match claims.get(DEFAULT_SOURCE_IDENTITY_CLAIM) {
+        None => match claims.claim(DEFAULT_SOURCE_IDENTITY_CLAIM) {
             Some(Value::String(login)) => login.clone(),
             _ => String::new(),
         },

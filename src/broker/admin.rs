@@ -18,7 +18,7 @@ use crate::types::{parse_duration, rfc3339, BackendName};
 /// Returns who asked, as the `admin_request` row names them.
 async fn authorize(broker: &Broker, input: &ExchangeInput<'_>, event: &mut AuditEvent, action: &str, now: OffsetDateTime) -> Result<String, ExchangeError> {
     let caller = broker.identify_caller(input, event, now).await?;
-    if let Err(denial) = broker.policies.current().authorize_admin(&caller.token.issuer, &caller.token.claims) {
+    if let Err(denial) = broker.policies.current().authorize_admin(&caller.token.issuer, &*caller.token.claims) {
         return Err(caller.forbidden(event, action, action, "admins", denial));
     }
     Ok(caller.name)

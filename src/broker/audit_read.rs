@@ -28,7 +28,7 @@ pub async fn authorize_read(broker: &Broker, input: &ExchangeInput<'_>, what: &s
     let id = row.event.id;
     let decided: Result<AuditRead, ExchangeError> = async {
         let caller = broker.identify_caller(input, &mut row.event, now).await?;
-        if let Err(denial) = broker.policies.current().authorize_auditor(&caller.token.issuer, &caller.token.claims) {
+        if let Err(denial) = broker.policies.current().authorize_auditor(&caller.token.issuer, &*caller.token.claims) {
             return Err(caller.forbidden(&mut row.event, what, "read the audit log", "auditors", denial));
         }
         row.event.decision = Decision::AuditRead;

@@ -309,7 +309,7 @@ impl Broker {
         // Decide (pure).
         let policies = self.policies.current();
         event.policy_version = Some(policies.version().to_owned());
-        let role = policies.decide(&request.role, &token.issuer, &token.claims).map_err(|denial| ExchangeError::AccessDenied {
+        let role = policies.decide(&request.role, &token.issuer, &*token.claims).map_err(|denial| ExchangeError::AccessDenied {
             role: request.role.clone(),
             reason: denial.0,
             client_may_see: false,
@@ -321,7 +321,7 @@ impl Broker {
             Some(requirement) => {
                 let delivery = self.verify_delivery(input, &request.role, requirement, now).await?;
                 for name in crate::gogs::DELIVERY_CLAIMS {
-                    if let Some(value) = delivery.claims.get(*name) {
+                    if let Some(value) = delivery.claims.get(name) {
                         // `delivery_id` already names itself (the README promises that name).
                         let joined = if name.starts_with("delivery_") { (*name).to_owned() } else { format!("delivery_{name}") };
                         std::sync::Arc::make_mut(&mut token.claims).insert(joined, value.clone());
@@ -348,7 +348,7 @@ impl Broker {
             );
             return Err(ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true });
         }
-        let params = role.render_params(&token.claims).map_err(|reason| ExchangeError::AccessDenied {
+        let params = role.render_params(&*token.claims).map_err(|reason| ExchangeError::AccessDenied {
             role: request.role.clone(),
             reason: format!("role {} cannot be rendered from this token: {reason}", role.name),
             client_may_see: true,
@@ -545,7 +545,8 @@ impl Broker {
             Ok((value, None)) => return self.audit.record_in(slot, event).await.map(|()| value).map_err(unrecorded),
             Ok((value, Some(claim))) => {
                 let (max_uses, role) = (claim.max_uses, claim.role.clone());
-                let answer = self.audit.claim_and_record(claim, event.clone()).await.map_err(unrecorded)?;
+                let (answer, row) = self.audit.claim_and_record(claim, event).await.map_err(unrecorded)?;
+                event = row;
                 match refused_use(answer, max_uses, &role) {
                     Ok(()) => return Ok(value),
                     Err(refusal) => {
@@ -619,7 +620,7 @@ impl Broker {
             return Err(denied("X-Credbroker-Delivery does not hold a delivery token of this broker".into(), true));
         };
         let delivery = gogs.verify_token(raw, now).map_err(|e| denied(format!("delivery token: {e}"), true))?;
-        match requirement.first_mismatch(&delivery.claims) {
+        match requirement.first_mismatch(&*delivery.claims) {
             Some(reason) => Err(denied(reason, false)),
             None => Ok(delivery),
         }

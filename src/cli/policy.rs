@@ -10,6 +10,7 @@ use crate::backend::{self, Backends};
 use crate::config::Config;
 use crate::policy::{CompileContext, PolicyError, PolicySet};
 use crate::startup::load_policies;
+use crate::types::ClaimLookup;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CheckFormat {
@@ -143,7 +144,7 @@ fn load(config_path: Option<&Path>, dir: Option<&Path>) -> anyhow::Result<Policy
 }
 
 /// The explanation as text, one line per condition, ending in the decision.
-pub fn explain(policies: &PolicySet, role_name: &str, claims: &Map<String, Value>, config: Option<&Config>) -> String {
+pub fn explain(policies: &PolicySet, role_name: &str, claims: &dyn ClaimLookup, config: Option<&Config>) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let Some(role) = policies.role(role_name) else {
@@ -155,7 +156,7 @@ pub fn explain(policies: &PolicySet, role_name: &str, claims: &Map<String, Value
         let _ = writeln!(out, "  {description}");
     }
     let mut allowed = true;
-    let iss = claims.get("iss").and_then(Value::as_str);
+    let iss = claims.claim_str("iss");
     match (config, iss) {
         (Some(config), Some(iss)) => {
             let issuer = config.issuers.iter().find(|issuer| issuer.issuer == iss);

@@ -105,7 +105,7 @@ impl Verifier {
     /// The claimed `iss` of a token, read without verification: only to pick the issuer, and
     /// to name an untrusted one in the audit log.
     pub fn claimed_issuer(token: &str) -> Option<String> {
-        unverified_claims(token).ok()?.get("iss")?.as_str().map(|iss| iss.chars().take(256).collect())
+        unverified_claims(token).ok()?.get_str("iss").map(|iss| iss.chars().take(256).collect())
     }
 
     // Debug level: it runs on every exchange, whose request span names it at info already.
@@ -120,10 +120,7 @@ impl Verifier {
         reject_critical_extensions(token)?;
         let header = jsonwebtoken::decode_header(token).map_err(|e| VerifyError::Malformed(e.to_string()))?;
         let claims = unverified_claims(token)?;
-        let claimed_issuer = claims
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or_else(|| VerifyError::MissingClaim("iss".into()))?;
+        let claimed_issuer = claims.get_str("iss").ok_or_else(|| VerifyError::MissingClaim("iss".into()))?;
         let trusted = self
             .by_issuer_url
             .get(claimed_issuer)
@@ -180,7 +177,7 @@ impl Verifier {
     /// caller parsed once: `iss`, `aud`, `exp` and `sub` (and `nbf` when the issuer must send
     /// it) present and well-formed, `exp` not past and `nbf` not ahead by more than the leeway,
     /// `iss` the issuer's and `aud` naming this broker.
-    fn check_registered_claims(&self, claims: &Map<String, Value>, issuer: &str, require_nbf: bool, now: OffsetDateTime) -> Result<(), VerifyError> {
+    fn check_registered_claims(&self, claims: &Claims, issuer: &str, require_nbf: bool, now: OffsetDateTime) -> Result<(), VerifyError> {
         let leeway = self.leeway_seconds as i64;
         let now = now.unix_timestamp();
         // A NumericDate jsonwebtoken would not parse (negative, fractional, not a number) is
@@ -193,15 +190,17 @@ impl Verifier {
                 .map(Some)
                 .ok_or_else(|| VerifyError::Invalid(format!("`{name}` is not a NumericDate"))),
         };
-        let audience = match claims.get("aud") {
-            Some(Value::String(audience)) => Some(audience == &self.audience),
-            Some(Value::Array(audiences)) if audiences.iter().all(Value::is_string) => {
-                Some(audiences.iter().any(|audience| audience.as_str() == Some(self.audience.as_str())))
-            }
-            _ => None,
+        let audience = match claims.get_str("aud") {
+            Some(audience) => Some(audience == self.audience),
+            None => match claims.get("aud") {
+                Some(Value::Array(audiences)) if audiences.iter().all(Value::is_string) => {
+                    Some(audiences.iter().any(|audience| audience.as_str() == Some(self.audience.as_str())))
+                }
+                _ => None,
+            },
         };
-        let issuer_matches = claims.get("iss").and_then(Value::as_str).map(|claimed| claimed == issuer);
-        let subject = claims.get("sub").filter(|sub| sub.is_string());
+        let issuer_matches = claims.get_str("iss").map(|claimed| claimed == issuer);
+        let subject = claims.get_str("sub");
         let (expires, not_before) = (numeric_date("exp"), numeric_date("nbf"));
         for (name, present) in [
             ("iss", issuer_matches.is_some()),
@@ -279,8 +278,8 @@ fn unverified_claims(token: &str) -> Result<Claims, VerifyError> {
     Claims::parse(bytes).map_err(|_| VerifyError::Malformed("payload is not a JSON object".into()))
 }
 
-fn non_empty_string(claims: &Map<String, Value>, name: &str, max_len: usize) -> Result<String, VerifyError> {
-    match claims.get(name).and_then(Value::as_str) {
+fn non_empty_string(claims: &Claims, name: &str, max_len: usize) -> Result<String, VerifyError> {
+    match claims.get_str(name) {
         Some(value) if !value.is_empty() && value.len() <= max_len => Ok(value.to_owned()),
         _ => Err(VerifyError::MissingClaim(name.into())),
     }

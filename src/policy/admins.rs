@@ -14,10 +14,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Value};
-
 use super::{first_failed_binding, CompileContext, Denial, Matcher, PolicyError};
-use crate::types::IssuerName;
+use crate::types::{ClaimLookup, IssuerName};
 
 #[derive(Debug, Clone)]
 pub struct AdminBinding {
@@ -28,7 +26,7 @@ pub struct AdminBinding {
 
 impl AdminBinding {
     /// The first binding that fails, for the audit log.
-    fn first_mismatch(&self, section: Section, issuer: &IssuerName, claims: &Map<String, Value>) -> Option<String> {
+    fn first_mismatch(&self, section: Section, issuer: &IssuerName, claims: &dyn ClaimLookup) -> Option<String> {
         if &self.issuer != issuer {
             return Some(format!("{} in {} trust issuer {}, token is from {issuer}", section.name, self.file.display(), self.issuer));
         }
@@ -37,7 +35,7 @@ impl AdminBinding {
 }
 
 /// Whether any `[admins]` entry accepts this identity; the denial lists why each did not.
-pub fn authorize<'a>(admins: &'a [AdminBinding], issuer: &IssuerName, claims: &Map<String, Value>) -> Result<&'a AdminBinding, Denial> {
+pub fn authorize<'a>(admins: &'a [AdminBinding], issuer: &IssuerName, claims: &dyn ClaimLookup) -> Result<&'a AdminBinding, Denial> {
     authorize_in(Section::ADMINS, admins, issuer, claims)
 }
 
@@ -61,7 +59,7 @@ pub fn authorize_in<'a>(
     section: Section,
     bindings: &'a [AdminBinding],
     issuer: &IssuerName,
-    claims: &Map<String, Value>,
+    claims: &dyn ClaimLookup,
 ) -> Result<&'a AdminBinding, Denial> {
     if bindings.is_empty() {
         return Err(Denial(format!("no [{}] section in any policy file: nobody may {}", section.name, section.power)));

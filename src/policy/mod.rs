@@ -12,14 +12,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 pub use compile::{CompileContext, PolicyError, SCOPING_CLAIMS};
 pub use glob::Glob;
 pub use template::{ClaimValues, JsonTemplate, Template, POLICY_STRING_MAX_CHARS};
 pub use ttl::{grant, GrantedTtl, OnShortDeadline, TtlLimits, TtlNotSatisfiable, TtlRequest};
 
-use crate::types::{BackendName, IssuerName, RoleName, Ttl};
+use crate::types::{BackendName, ClaimLookup, IssuerName, RoleName, Ttl};
 
 /// What a backend kind accepts as role parameters, so policies can be checked without I/O.
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +41,7 @@ pub struct ParamSchema {
 }
 
 pub type CheckParams = fn(&BTreeMap<String, Param>) -> Result<(), ParamProblem>;
-pub type FinishParams = fn(&mut RenderedParams, &Map<String, Value>) -> Result<(), ParamProblem>;
+pub type FinishParams = fn(&mut RenderedParams, &dyn ClaimLookup) -> Result<(), ParamProblem>;
 
 impl ParamSchema {
     /// For `..ParamSchema::PLAIN` in a schema whose parameters are all plain text templates.
@@ -124,11 +124,28 @@ impl Matcher {
     /// Values compare by JSON type: a string pattern never matches a number and vice versa.
     pub fn matches(&self, claim: &Value) -> bool {
         match (self, claim) {
-            (Matcher::Pattern(glob), Value::String(value)) => glob.matches(value),
+            (_, Value::String(value)) => self.matches_str(value),
             (Matcher::Integer(expected), Value::Number(value)) => value.as_i64() == Some(*expected),
             (Matcher::Boolean(expected), Value::Bool(value)) => value == expected,
             (Matcher::AnyOf(options), claim) => options.iter().any(|option| option.matches(claim)),
             _ => false,
+        }
+    }
+
+    /// [`Matcher::matches`] for a claim that is a JSON string.
+    pub fn matches_str(&self, claim: &str) -> bool {
+        match self {
+            Matcher::Pattern(glob) => glob.matches(claim),
+            Matcher::AnyOf(options) => options.iter().any(|option| option.matches_str(claim)),
+            Matcher::Integer(_) | Matcher::Boolean(_) => false,
+        }
+    }
+
+    /// Whether the claims have `name` and it matches; a string claim is read in place.
+    fn holds_for(&self, claims: &dyn ClaimLookup, name: &str) -> bool {
+        match claims.claim_str(name) {
+            Some(text) => self.matches_str(text),
+            None => claims.claim(name).is_some_and(|value| self.matches(value)),
         }
     }
 }
@@ -182,22 +199,22 @@ pub struct DeliveryRequirement {
 
 impl DeliveryRequirement {
     /// The first delivery binding that fails, for the audit log.
-    pub fn first_mismatch(&self, claims: &Map<String, Value>) -> Option<String> {
+    pub fn first_mismatch(&self, claims: &dyn ClaimLookup) -> Option<String> {
         first_failed_binding(&self.bindings, claims).map(|failed| format!("delivery {failed}"))
     }
 }
 
 impl Role {
     /// The first binding that fails, as a reason fit for the audit log (not for the client).
-    fn first_mismatch(&self, claims: &Map<String, Value>) -> Option<String> {
+    fn first_mismatch(&self, claims: &dyn ClaimLookup) -> Option<String> {
         first_failed_binding(&self.bindings, claims)
     }
 
-    pub fn conditions(&self, claims: &Map<String, Value>) -> Vec<Condition> {
+    pub fn conditions(&self, claims: &dyn ClaimLookup) -> Vec<Condition> {
         binding_conditions(&self.bindings, claims)
     }
 
-    pub fn render_params(&self, claims: &Map<String, Value>) -> Result<RenderedParams, String> {
+    pub fn render_params(&self, claims: &dyn ClaimLookup) -> Result<RenderedParams, String> {
         let mut rendered = RenderedParams::default();
         for (key, param) in &self.params {
             let failed = |e: String| format!("{key}: {e}");
@@ -241,21 +258,21 @@ impl Role {
 }
 
 /// Each claim binding checked against the claims, with a reason either way.
-fn binding_conditions(bindings: &[(String, Matcher)], claims: &Map<String, Value>) -> Vec<Condition> {
+fn binding_conditions(bindings: &[(String, Matcher)], claims: &dyn ClaimLookup) -> Vec<Condition> {
     bindings.iter().map(|(claim, matcher)| binding_condition(claim, matcher, claims)).collect()
 }
 
 /// The first binding the claims fail, as `condition: reason`. Every exchange asks this, so a
 /// binding that holds costs a match and no formatting.
-pub(crate) fn first_failed_binding(bindings: &[(String, Matcher)], claims: &Map<String, Value>) -> Option<String> {
-    let (claim, matcher) = bindings.iter().find(|(claim, matcher)| !claims.get(claim).is_some_and(|value| matcher.matches(value)))?;
+pub(crate) fn first_failed_binding(bindings: &[(String, Matcher)], claims: &dyn ClaimLookup) -> Option<String> {
+    let (claim, matcher) = bindings.iter().find(|(claim, matcher)| !matcher.holds_for(claims, claim))?;
     let failed = binding_condition(claim, matcher, claims);
     Some(format!("{}: {}", failed.condition, failed.reason))
 }
 
-fn binding_condition(claim: &str, matcher: &Matcher, claims: &Map<String, Value>) -> Condition {
+fn binding_condition(claim: &str, matcher: &Matcher, claims: &dyn ClaimLookup) -> Condition {
     let condition = format!("claim {claim} = {matcher}");
-    match claims.get(claim) {
+    match claims.claim(claim) {
         None => Condition { condition, passed: false, reason: "claim is missing from the token".into() },
         Some(value) if matcher.matches(value) => Condition { condition, passed: true, reason: format!("token has {value}") },
         Some(value) => Condition {
@@ -313,17 +330,17 @@ impl PolicySet {
     }
 
     /// Whether this verified identity may revoke, freeze and unfreeze (`[admins]`).
-    pub fn authorize_admin(&self, issuer: &IssuerName, claims: &Map<String, Value>) -> Result<&admins::AdminBinding, Denial> {
+    pub fn authorize_admin(&self, issuer: &IssuerName, claims: &dyn ClaimLookup) -> Result<&admins::AdminBinding, Denial> {
         admins::authorize(&self.admins, issuer, claims)
     }
 
     /// Whether this verified identity may read the audit log (`[auditors]`).
-    pub fn authorize_auditor(&self, issuer: &IssuerName, claims: &Map<String, Value>) -> Result<&admins::AdminBinding, Denial> {
+    pub fn authorize_auditor(&self, issuer: &IssuerName, claims: &dyn ClaimLookup) -> Result<&admins::AdminBinding, Denial> {
         admins::authorize_in(admins::Section::AUDITORS, &self.auditors, issuer, claims)
     }
 
     /// Default deny: the role must exist, trust this issuer, and every binding must match.
-    pub fn decide(&self, role: &str, issuer: &IssuerName, claims: &Map<String, Value>) -> Result<&Role, Denial> {
+    pub fn decide(&self, role: &str, issuer: &IssuerName, claims: &dyn ClaimLookup) -> Result<&Role, Denial> {
         let role = self.role(role).ok_or_else(|| Denial(format!("no role named {role:?}")))?;
         if &role.issuer != issuer {
             return Err(Denial(format!("role trusts issuer {}, token is from {issuer}", role.issuer)));

@@ -3,6 +3,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::types::ClaimLookup;
+
 #[derive(Debug, Clone)]
 enum Part {
     Literal(String),
@@ -82,12 +84,12 @@ impl Template {
 
     /// Strings render as they are, integers in decimal; anything else (missing, bool, object)
     /// is refused rather than guessed at.
-    pub fn render(&self, claims: &Map<String, Value>) -> Result<String, String> {
+    pub fn render(&self, claims: &dyn ClaimLookup) -> Result<String, String> {
         self.render_checked(claims, ClaimValues::Any)
     }
 
     /// Like [`Template::render`], with every substituted claim value held to `allowed`.
-    pub fn render_checked(&self, claims: &Map<String, Value>, allowed: ClaimValues) -> Result<String, String> {
+    pub fn render_checked(&self, claims: &dyn ClaimLookup, allowed: ClaimValues) -> Result<String, String> {
         self.render_with(claims, |name, value| {
             allowed.check(&value).map_err(|why| format!("claim `{name}` {why}"))?;
             Ok(value)
@@ -96,7 +98,7 @@ impl Template {
 
     /// For a URL: every substituted value is percent-encoded except `/`, so a claim can add
     /// path segments (`group/project`) but never a query, fragment, host or scheme.
-    pub fn render_url(&self, claims: &Map<String, Value>) -> Result<String, String> {
+    pub fn render_url(&self, claims: &dyn ClaimLookup) -> Result<String, String> {
         self.render_with(claims, |_, value| {
             Ok(value
                 .bytes()
@@ -108,17 +110,19 @@ impl Template {
         })
     }
 
-    fn render_with(&self, claims: &Map<String, Value>, substitute: impl Fn(&str, String) -> Result<String, String>) -> Result<String, String> {
+    fn render_with(&self, claims: &dyn ClaimLookup, substitute: impl Fn(&str, String) -> Result<String, String>) -> Result<String, String> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
                 Part::Claim(name) => {
-                    let value = match claims.get(name) {
-                        Some(Value::String(value)) => value.clone(),
-                        Some(Value::Number(value)) if value.is_i64() || value.is_u64() => value.to_string(),
-                        Some(_) => return Err(format!("claim `{name}` is not a string or integer")),
-                        None => return Err(format!("claim `{name}` is missing")),
+                    let value = match claims.claim_str(name) {
+                        Some(text) => text.to_owned(),
+                        None => match claims.claim(name) {
+                            Some(Value::Number(value)) if value.is_i64() || value.is_u64() => value.to_string(),
+                            Some(_) => return Err(format!("claim `{name}` is not a string or integer")),
+                            None => return Err(format!("claim `{name}` is missing")),
+                        },
                     };
                     out.push_str(&substitute(name, value)?);
                 }
@@ -203,7 +207,7 @@ impl JsonTemplate {
     }
 
     /// Compact JSON; substituted claim values are held to [`ClaimValues::PolicyString`].
-    pub fn render(&self, claims: &Map<String, Value>) -> Result<String, String> {
+    pub fn render(&self, claims: &dyn ClaimLookup) -> Result<String, String> {
         Ok(self.root.render(&|template| template.render_checked(claims, ClaimValues::PolicyString))?.to_string())
     }
 

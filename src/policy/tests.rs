@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use serde_json::json;
+use serde_json::{json, Map};
 
 use super::*;
 
