@@ -137,6 +137,13 @@ async fn critical_header_extensions_are_refused() {
     }
     let plain = signed_with_header(&header(None), &claims());
     assert_eq!(app.exchange(&plain, json!({"role": "orders-producer"})).await.0, 200, "the same token without crit is fine");
+    // Section 4.1: parameters the broker does not understand are ignored unless `crit` names
+    // them, whatever their JSON type.
+    let mut unknown = header(None);
+    unknown["typ"] = json!(7);
+    unknown["urn:example:extra"] = json!({"nested": [true, null]});
+    let token = signed_with_header(&unknown, &claims());
+    assert_eq!(app.exchange(&token, json!({"role": "orders-producer"})).await.0, 200, "unknown header parameters are ignored");
 }
 
 /// `nbf`: required from issuers by default (GitLab always sends it); `require_nbf = false`

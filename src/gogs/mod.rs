@@ -451,8 +451,7 @@ impl Gogs {
         if token.len() > crate::oidc::MAX_TOKEN_BYTES {
             return Err(VerifyError::TooLarge);
         }
-        crate::oidc::reject_critical_extensions(token)?;
-        let header = jsonwebtoken::decode_header(token).map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        let header = crate::oidc::decode_header(token)?;
         let kid = header.kid.ok_or_else(|| VerifyError::Malformed("header has no `kid`".into()))?;
         let keys = self.signer.published_keys();
         let jwk = keys.iter().find(|key| key.common.key_id.as_deref() == Some(kid.as_str())).ok_or_else(|| VerifyError::UnknownKey(kid.chars().take(128).collect()))?;

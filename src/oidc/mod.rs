@@ -14,7 +14,7 @@ use std::time::Duration;
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::Algorithm;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use time::OffsetDateTime;
 
 use fetch::DiscoveryClient;
@@ -117,8 +117,7 @@ impl Verifier {
         if token.split('.').count() != 3 {
             return Err(VerifyError::Malformed("a JWT has three parts separated by dots".into()));
         }
-        reject_critical_extensions(token)?;
-        let header = jsonwebtoken::decode_header(token).map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        let header = decode_header(token)?;
         let claims = unverified_claims(token)?;
         let claimed_issuer = claims.get_str("iss").ok_or_else(|| VerifyError::MissingClaim("iss".into()))?;
         let trusted = self
@@ -242,19 +241,34 @@ impl Verifier {
     }
 }
 
-/// RFC 7515 section 4.1.11: a `crit` header lists extensions the recipient must understand or
-/// reject the token, and is never empty. This broker understands none, so any `crit` is refused.
-/// jsonwebtoken neither checks `crit` nor keeps a malformed one, so the header is read here as
-/// plain JSON. Also for the broker's own tokens (Gogs delivery tokens).
-pub fn reject_critical_extensions(token: &str) -> Result<(), VerifyError> {
+/// What the broker reads of a JWS header (RFC 7515 section 4.1): the algorithm, the key id, and
+/// `crit`. Any other parameter is ignored, as section 4.1 asks of parameters a recipient does
+/// not understand, unless `crit` names them (then the token is refused, below).
+#[derive(serde::Deserialize)]
+pub struct JoseHeader {
+    pub alg: Algorithm,
+    pub kid: Option<String>,
+    /// Present, even as `null` (which is not a list, so refused).
+    #[serde(default, deserialize_with = "present")]
+    crit: Option<Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    serde::Deserialize::deserialize(deserializer).map(Some)
+}
+
+/// The token's header, read once. RFC 7515 section 4.1.11: a `crit` header lists extensions
+/// the recipient must understand or reject the token, and is never empty. This broker
+/// understands none, so any `crit` is refused. Also for the broker's own tokens (Gogs delivery
+/// tokens).
+pub fn decode_header(token: &str) -> Result<JoseHeader, VerifyError> {
     let header = token.split('.').next().unwrap_or_default();
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header)
         .map_err(|_| VerifyError::Malformed("header is not base64url".into()))?;
-    let header: Map<String, Value> =
-        serde_json::from_slice(&bytes).map_err(|_| VerifyError::Malformed("header is not a JSON object".into()))?;
-    match header.get("crit") {
-        None => Ok(()),
+    let header: JoseHeader = serde_json::from_slice(&bytes).map_err(|error| VerifyError::Malformed(format!("header: {error}")))?;
+    match &header.crit {
+        None => Ok(header),
         Some(Value::Array(names)) if !names.is_empty() && names.iter().all(Value::is_string) => {
             let mut listed = Value::Array(names.clone()).to_string();
             if listed.len() > 256 {
