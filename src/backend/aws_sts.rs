@@ -107,7 +107,8 @@ impl AwsSts {
     async fn client(&self) -> &aws_sdk_sts::Client {
         self.client
             .get_or_init(|| async {
-                // rustls with ring: the SDK's default client would build aws-lc-sys.
+                // rustls with ring, the provider of every other TLS client in the broker (sqlx,
+                // the Kafka and Vault clients): one TLS stack to configure and audit.
                 let http_client = aws_smithy_http_client::Builder::new()
                     .tls_provider(Provider::Rustls(CryptoMode::Ring))
                     .build_https();
