@@ -16,6 +16,7 @@ import zlib
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 BASE = os.environ["AUDIT_URL"]
@@ -38,11 +39,21 @@ def chromium():
     return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
 
 
+def click_and_load(driver, element):
+    """Clicks what leads to another page and waits until that page has loaded: the click
+    returns while the old page is still in place, and on a busy machine reading it then finds
+    the old page's elements, gone a moment later (StaleElementReferenceException)."""
+    page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(page))
+    WebDriverWait(driver, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def sign_in(driver, token):
     driver.get(BASE + "/audit")
     check(driver.find_elements(By.ID, "sign-in"), "the sign-in form is shown without a session")
     driver.find_element(By.ID, "token").send_keys(token)
-    driver.find_element(By.CSS_SELECTOR, "#sign-in button").click()
+    click_and_load(driver, driver.find_element(By.CSS_SELECTOR, "#sign-in button"))
 
 
 def rows(driver):
@@ -146,12 +157,9 @@ try:
     # Filter: by project glob and decision, through the form.
     driver.find_element(By.ID, "filter-project_path").send_keys(EXPECT["filter_project"])
     Select(driver.find_element(By.ID, "filter-decision")).select_by_visible_text("denied")
-    driver.find_element(By.ID, "search").click()
     # The form is a plain GET: read the rows once the filtered page has loaded, not while the
     # old one is being replaced (a loaded machine showed an empty table in between).
-    WebDriverWait(driver, 15).until(
-        lambda d: "decision=denied" in d.current_url and d.execute_script("return document.readyState") == "complete"
-    )
+    click_and_load(driver, driver.find_element(By.ID, "search"))
     filtered = rows(driver)
     observed["filtered"] = [(cell(row, 1), cell(row, 5)) for row in filtered]
     check(len(filtered) == EXPECT["filtered_rows"], f"the filter keeps exactly {EXPECT['filtered_rows']} rows")
@@ -165,7 +173,7 @@ try:
 
     # Detail: the hostile record, opened from the table.
     driver.get(BASE + "/audit?role=" + EXPECT["detail_role"])
-    driver.find_element(By.CSS_SELECTOR, "a.detail-link").click()
+    click_and_load(driver, driver.find_element(By.CSS_SELECTOR, "a.detail-link"))
     observed["detail_id"] = driver.find_element(By.ID, "record-id").text
     check(observed["detail_id"] == EXPECT["detail_id"], "the link opens that record")
     claims = {row.find_element(By.TAG_NAME, "th").text: row.find_element(By.TAG_NAME, "td").text for row in driver.find_elements(By.CSS_SELECTOR, "#claims tr")}
@@ -189,14 +197,8 @@ try:
 
     # Sign out: back to the form, and the log is no longer readable.
     driver.get(BASE + "/audit")
-    driver.find_element(By.CSS_SELECTOR, "form.session button").click()
-    # The click returns before the redirect's page has loaded on a busy machine: wait for it.
-    try:
-        WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "sign-in"))
-        signed_out = True
-    except Exception:
-        signed_out = False
-    check(signed_out, "signing out ends the session")
+    click_and_load(driver, driver.find_element(By.CSS_SELECTOR, "form.session button"))
+    check(driver.find_elements(By.ID, "sign-in"), "signing out ends the session")
 finally:
     driver.quit()
 
