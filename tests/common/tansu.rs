@@ -34,10 +34,16 @@ pub struct Tansu {
 
 impl Tansu {
     pub async fn start(dir: &std::path::Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut tansu = Tansu { port, child: None, log: dir.join("tansu.log") };
-        tansu.restart().await;
-        tansu
+        // A port found free can be taken by another test's server before tansu binds it:
+        // tansu then ends at once. Try another port.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut tansu = Tansu { port, child: None, log: dir.join("tansu.log") };
+            if tansu.launch().await.is_ok() {
+                return tansu;
+            }
+        }
+        panic!("tansu did not start on five ports in a row: {}", std::fs::read_to_string(dir.join("tansu.log")).unwrap_or_default());
     }
 
     pub fn bootstrap(&self) -> String {
@@ -45,6 +51,13 @@ impl Tansu {
     }
 
     pub async fn restart(&mut self) {
+        if let Err(status) = self.launch().await {
+            panic!("tansu exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+
+    /// Starts tansu and waits until it listens; its exit status if it ended instead.
+    async fn launch(&mut self) -> Result<(), std::process::ExitStatus> {
         assert!(self.child.is_none(), "tansu is already running");
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
@@ -59,9 +72,15 @@ impl Tansu {
             .unwrap_or_else(|e| panic!("cannot start tansu: {e}"));
         self.child = Some(child);
         let started = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+        loop {
+            let listening = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok();
+            // Checked after a connection too: what listens may be another test's server.
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tansu exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+                self.child = None;
+                return Err(status);
+            }
+            if listening {
+                return Ok(());
             }
             assert!(started.elapsed() < Duration::from_secs(20), "tansu did not listen on {}", self.port);
             tokio::time::sleep(Duration::from_millis(100)).await;
