@@ -148,7 +148,9 @@ impl<B: Batch> GroupCommit<B> {
             let _running = Running(&self.running);
             drop(slot);
             observe(&self.batch_sizes, 1);
-            let answer = self.work.run(std::slice::from_ref(&job)).await?.pop().ok_or(AuditError::WriterStopped)?;
+            // Boxed: the statement's future is large, and every exchange's future would carry
+            // it, even one that queues for a writer instead.
+            let answer = Box::pin(self.work.run(std::slice::from_ref(&job))).await?.pop().ok_or(AuditError::WriterStopped)?;
             return Ok((answer, job));
         }
         let (answer, outcome) = oneshot::channel();

@@ -258,7 +258,9 @@ impl Audit {
             (Writer::GroupCommit { rows, .. }, Some(slot)) => rows.submit(slot, event).await.map(|((), _)| ()),
             _ => {
                 self.metrics.audit_batch_rows.observe(1.0);
-                self.store.write(&event).await
+                // Boxed here and below: the writer off the default, kept out of the size of
+                // every exchange's future.
+                Box::pin(self.store.write(&event)).await
             }
         };
         if written.is_err() {
@@ -327,7 +329,7 @@ impl Audit {
             Writer::PerRequest => {
                 self.metrics.audit_batch_rows.observe(1.0);
                 self.metrics.token_claim_batch_size.observe(1.0);
-                self.store.claim_token_uses_and_record(&[&claim], &[&row]).await.map(|mut answers| (answers.remove(0), row))
+                Box::pin(self.store.claim_token_uses_and_record(&[&claim], &[&row])).await.map(|mut answers| (answers.remove(0), row))
             }
             Writer::GroupCommit { claimed_rows, .. } => {
                 let shard = &claimed_rows[shard_of(&claim, claimed_rows.len())];

@@ -10,6 +10,7 @@ pub mod audit_read;
 pub mod policies;
 pub mod release;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -226,15 +227,22 @@ struct Minted {
 impl Broker {
     /// `POST /v1/credentials`: verify → decide → claim → mint (or mint → claim with the row),
     /// then [`Broker::record`], then hand over. Only a durable `issued` row lets the credential leave.
-    pub async fn exchange(&self, input: ExchangeInput<'_>) -> Result<Issued, ExchangeFailure> {
-        self.exchange_through(input, Door::Credentials).await
+    ///
+    /// Both doors return [`Broker::exchange_through`]'s future itself: a wrapping `async fn`
+    /// would be a second future of that size, copied on every exchange (bench/README.md).
+    pub fn exchange<'a>(&'a self, input: ExchangeInput<'a>) -> impl Future<Output = Result<Issued, ExchangeFailure>> + Send + 'a {
+        self.exchange_through(input, Door::Credentials)
     }
 
     /// `POST /oauth/token`: the same path as [`Broker::exchange`]. The edge has read the form:
     /// `input.bearer_token` is the job token it carried (None when it carried none, and then
     /// `request` says what is missing), `request` the role asked for or what is wrong with the form.
-    pub async fn exchange_oauth(&self, input: ExchangeInput<'_>, request: Result<CredentialRequest, String>) -> Result<Issued, ExchangeFailure> {
-        self.exchange_through(input, Door::OauthToken(request)).await
+    pub fn exchange_oauth<'a>(
+        &'a self,
+        input: ExchangeInput<'a>,
+        request: Result<CredentialRequest, String>,
+    ) -> impl Future<Output = Result<Issued, ExchangeFailure>> + Send + 'a {
+        self.exchange_through(input, Door::OauthToken(request))
     }
 
     /// Records `issuance_id` and `role` on the current span (the HTTP edge's request span),
@@ -250,7 +258,8 @@ impl Broker {
             let claim = minted.deferred_claim.take();
             (minted, claim)
         });
-        let recorded = self.record_claiming(row, outcome).await;
+        // Boxed for the same reason as `issue`'s rare paths: this state is the largest.
+        let recorded = Box::pin(self.record_claiming(row, outcome)).await;
         self.count_exchange(role.as_deref(), backend.as_deref(), recorded.as_ref().map(|_| ()).map_err(|failure| &failure.error), started);
         let minted = recorded?;
         minted.undelivered.delivered();
@@ -290,6 +299,9 @@ impl Broker {
         self.metrics.render()
     }
 
+    /// Awaits off the common path (a renewal, a claim before minting, a sealed revocation)
+    /// are boxed: an exchange's future is copied as it is set up, at the size of its largest
+    /// state, whichever path it takes (bench/README.md, fourteenth session).
     async fn issue(&self, input: &ExchangeInput<'_>, door: &Door, event: &mut AuditEvent, now: OffsetDateTime) -> Result<Minted, ExchangeError> {
         event.endpoint = Some(door.endpoint().as_str());
         // A token request whose form carries no job token has nothing to verify.
@@ -361,7 +373,7 @@ impl Broker {
 
         // A freeze (`credbroker freeze`) stops issuance on every replica at once.
         if let Some(first) = request.renews {
-            event.renews_issuance = Some(self.check_renewal(first, &token, role.name.as_str()).await?);
+            event.renews_issuance = Some(Box::pin(self.check_renewal(first, &token, role.name.as_str())).await?);
         }
 
         // The same statement as the claim refuses while a freeze (`credbroker freeze`) covers
@@ -382,7 +394,7 @@ impl Broker {
         let deferred_claim = if backend.mints_without_side_effects() && delivery.is_none() {
             Some(claim)
         } else {
-            let answer = self.audit.claim_token_use(claim.clone()).await.map_err(ExchangeError::AuditUnavailable)?;
+            let answer = Box::pin(self.audit.claim_token_use(claim.clone())).await.map_err(ExchangeError::AuditUnavailable)?;
             refused_use(answer, claim.max_uses, &claim.role)?;
             None
         };
@@ -395,7 +407,7 @@ impl Broker {
                 token_expires_at: delivery.job_deadline,
                 unless_frozen_for: None,
             };
-            if !matches!(self.audit.claim_token_use(claim).await.map_err(ExchangeError::AuditUnavailable)?, TokenUse::Claimed(_)) {
+            if !matches!(Box::pin(self.audit.claim_token_use(claim)).await.map_err(ExchangeError::AuditUnavailable)?, TokenUse::Claimed(_)) {
                 let reason = format!("the delivery token was already used {max_uses} time(s) for role {}", role.name);
                 return Err(ExchangeError::AccessDenied { role: request.role.clone(), reason, client_may_see: true });
             }
@@ -436,14 +448,11 @@ impl Broker {
         let schedule = credential.outlives_grant || credential.revocation_secret.is_some();
         if let (true, true, Some(handle)) = (schedule, backend.can_revoke(), &credential.handle) {
             let due_at = expires_at.min(token.job_deadline);
-            let sealed = self
-                .revoker
-                .seal(event.id, &credential)
+            let sealed = Box::pin(self.revoker.seal(event.id, &credential))
                 .await
                 .map_err(|detail| BackendError::Failed { backend: role.backend.to_string(), detail })?;
-            self.audit
-                .store()
-                .schedule_revocation(event.id, role.backend.as_str(), handle, due_at, RevocationReason::Deadline, None, sealed.as_deref())
+            let store = self.audit.store();
+            Box::pin(store.schedule_revocation(event.id, role.backend.as_str(), handle, due_at, RevocationReason::Deadline, None, sealed.as_deref()))
                 .await
                 .map_err(ExchangeError::AuditUnavailable)?;
         }
@@ -569,7 +578,7 @@ impl Broker {
         event.code = Some(error.code().as_str().to_owned());
         event.detail.get_or_insert_with(|| error.to_string());
         let written = match event.issuer {
-            None => self.audit.record_unattributed(slot, event.clone()).await,
+            None => Box::pin(self.audit.record_unattributed(slot, event.clone())).await,
             Some(_) => self.audit.record_in(slot, event.clone()).await,
         };
         if let Err(audit_error) = written {

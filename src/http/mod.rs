@@ -267,7 +267,9 @@ async fn release_credential(State(state): State<AppState>, PathParam(issuance_id
 }
 
 async fn create_credential(State(state): State<AppState>, parts: RequestParts) -> Response {
-    match state.broker.exchange(parts.input()).await {
+    // Boxed: axum moves this handler's future into a box of its own on every request, and
+    // the exchange's future is most of it (bench/README.md, "futures copied").
+    match Box::pin(state.broker.exchange(parts.input())).await {
         Ok(issued) => {
             let body = IssuedBody {
                 issuance_id: issued.issuance_id,

@@ -235,7 +235,8 @@ pub(super) async fn token(State(state): State<AppState>, parts: Result<RequestPa
     let form = read_form(&parts.headers, &parts.body);
     let input = crate::broker::ExchangeInput { bearer_token: form.job_token.as_deref(), ..parts.input() };
     let request = form.request.clone().map_err(|problem| problem.description);
-    match state.broker.exchange_oauth(input, request).await {
+    // Boxed, as in `create_credential`: axum copies this handler's future on every request.
+    match Box::pin(state.broker.exchange_oauth(input, request)).await {
         Ok(issued) => {
             let body = json!({
                 "access_token": issued.credential.expose_primary(),
