@@ -15,10 +15,20 @@ for line in sys.stdin:
 # BROKER=path: measure another build of the broker (an A/B of two trees in one sitting).
 BROKER=${BROKER:-target/release/credbroker}
 
-bash scripts/postgres.sh start "$WORK/pg" </dev/null >&2
-ADMIN_URL=$(bash scripts/postgres.sh url "$WORK/pg" postgres)
 PG_BIN=$(dirname "$(command -v pg_ctl 2>/dev/null || echo /usr/lib/postgresql/15/bin/pg_ctl)")
 [ -x "$PG_BIN/pgbench" ] || PG_BIN=/usr/lib/postgresql/15/bin
+bash scripts/postgres.sh start "$WORK/pg" </dev/null >&2
+# POSTGRES_SETTINGS="shared_buffers=1GB bgwriter_lru_maxpages=1000": server settings a deployment
+# would tune (bench/README.md), set with `alter system` and a restart; unset keeps Debian's defaults.
+if [ -n "${POSTGRES_SETTINGS:-}" ]; then
+    for setting in $POSTGRES_SETTINGS; do
+        "$PG_BIN/psql" "$(bash scripts/postgres.sh url "$WORK/pg" postgres)" -qAtX -v ON_ERROR_STOP=1 \
+            -c "alter system set ${setting%%=*} = '${setting#*=}'" >/dev/null
+    done
+    bash scripts/postgres.sh stop "$WORK/pg" >/dev/null
+    bash scripts/postgres.sh start "$WORK/pg" </dev/null >&2
+fi
+ADMIN_URL=$(bash scripts/postgres.sh url "$WORK/pg" postgres)
 psql_admin() { "$PG_BIN/psql" "$ADMIN_URL" -qAtX -v ON_ERROR_STOP=1 "$@"; }
 # A server that has been running reuses its WAL files: each checkpoint renames old ones for
 # the WAL to come. A fresh cluster has none, so each time a 16 MB file fills it creates and

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use jsonwebtoken::jwk::Jwk;
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -47,9 +47,11 @@ pub struct MintRequest<'a> {
 /// What a client needs to use a credential. Secret fields are exposed only when the HTTP
 /// response is serialised; `Debug` and the audit log see a fingerprint instead.
 pub struct Credential {
-    pub public: Map<String, Value>,
+    /// Public fields, in name order (the response's): every name is the backend's own
+    /// constant, so none is copied per credential.
+    pub public: Vec<(&'static str, Value)>,
     secrets: Vec<(&'static str, SecretString)>,
-    pub env: Vec<(String, EnvValue)>,
+    pub env: Vec<(&'static str, EnvValue)>,
     /// SHA-256 of the primary secret: what the audit log keeps.
     pub fingerprint: String,
     /// The backend's own reference (key id, lease id): never a secret.
@@ -74,7 +76,7 @@ pub enum EnvValue {
 impl Credential {
     pub fn new(primary_field: &'static str, primary: SecretString) -> Self {
         let fingerprint = sha256_hex(primary.expose_secret().as_bytes());
-        Self { public: Map::new(), secrets: vec![(primary_field, primary)], env: Vec::new(), fingerprint, handle: None, expires_at: None, outlives_grant: false, revocation_secret: None }
+        Self { public: Vec::new(), secrets: vec![(primary_field, primary)], env: Vec::new(), fingerprint, handle: None, expires_at: None, outlives_grant: false, revocation_secret: None }
     }
 
     /// A further secret field (e.g. a session token next to a secret key).
@@ -83,13 +85,18 @@ impl Credential {
         self
     }
 
-    pub fn with_public(mut self, field: &str, value: impl Into<Value>) -> Self {
-        self.public.insert(field.to_owned(), value.into());
+    /// A public field; one set again takes the new value.
+    pub fn with_public(mut self, field: &'static str, value: impl Into<Value>) -> Self {
+        let value = value.into();
+        match self.public.binary_search_by(|(name, _)| name.cmp(&field)) {
+            Ok(index) => self.public[index].1 = value,
+            Err(index) => self.public.insert(index, (field, value)),
+        }
         self
     }
 
-    pub fn with_env(mut self, name: &str, value: EnvValue) -> Self {
-        self.env.push((name.to_owned(), value));
+    pub fn with_env(mut self, name: &'static str, value: EnvValue) -> Self {
+        self.env.push((name, value));
         self
     }
 
@@ -389,14 +396,20 @@ mod tests {
     fn the_response_fields_and_env_serialize_from_the_secrets() {
         let credential = Credential::new("password", SecretString::from("s3cret".to_owned()))
             .with_secret("token", SecretString::from("t0ken".to_owned()))
-            .with_public("user", "job-42")
+            .with_public("user", "job-41")
             // A public field of a secret's name does not shadow the secret.
             .with_public("password", "not this")
+            .with_public("account", "acme")
+            // Set again, a field takes the new value.
+            .with_public("user", "job-42")
             .with_env("DB_USER", EnvValue::Public("job-42".into()))
             .with_env("DB_PASSWORD", EnvValue::Secret("password"))
             .with_env("MISSING", EnvValue::Secret("absent"));
         let fields = serde_json::to_value(credential.expose_fields()).unwrap();
-        assert_eq!(fields, serde_json::json!({"user": "job-42", "password": "s3cret", "token": "t0ken"}));
+        assert_eq!(fields, serde_json::json!({"account": "acme", "user": "job-42", "password": "s3cret", "token": "t0ken"}));
+        // Public fields in name order, then the secrets.
+        let text = serde_json::to_string(&credential.expose_fields()).unwrap();
+        assert_eq!(text, r#"{"account":"acme","user":"job-42","password":"s3cret","token":"t0ken"}"#);
         let env = serde_json::to_value(credential.expose_env()).unwrap();
         assert_eq!(env, serde_json::json!({"DB_USER": "job-42", "DB_PASSWORD": "s3cret"}));
     }
