@@ -60,12 +60,12 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
     // The server's log lines wait for their thread to run out of work (crate::logging).
     #[cfg(feature = "server")]
-    runtime.on_thread_park(crate::logging::thread_idle).on_thread_stop(crate::logging::thread_idle);
-    let runtime = match runtime.build() {
+    builder.on_thread_park(crate::logging::thread_idle).on_thread_stop(crate::logging::thread_idle);
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("credbroker: cannot start the async runtime: {error}");
