@@ -273,7 +273,7 @@ impl Application {
         let publisher = self.publisher.map(|events| tokio::spawn(publish_events(events)));
         let reloader = tokio::spawn(reload_on_sighup(self.state.broker.clone(), self.tls.clone()));
         let purger = tokio::spawn(purge_token_uses_periodically(audit.store().clone(), self.clock_skew, self.state.broker.metrics.clone()));
-        let compactor = tokio::spawn(compact_timeline_periodically(audit.store().clone()));
+        let timeline_counter = tokio::spawn(catch_up_timeline_periodically(audit.store().clone()));
         let metrics_server = self.metrics_listener.map(|listener| {
             tracing::info!(address = %listener.local_addr().expect("a bound listener has an address"), "serving /metrics");
             tokio::spawn(std::future::IntoFuture::into_future(axum::serve(listener, http::metrics_app(self.state.clone()))))
@@ -291,7 +291,7 @@ impl Application {
         revoker.abort();
         reloader.abort();
         purger.abort();
-        compactor.abort();
+        timeline_counter.abort();
         if let Some(sealer) = sealer {
             sealer.abort();
         }
@@ -371,23 +371,29 @@ async fn purge_token_uses_periodically(store: PgAudit, clock_skew: Duration, met
     }
 }
 
-/// How often the `/audit` chart's rollup is compacted, and which of its buckets: those of the
-/// last day that writers no longer add to (a late row is merged the next time).
-const TIMELINE_COMPACT_INTERVAL: Duration = Duration::from_secs(600);
-const TIMELINE_COMPACT_SPAN: time::Duration = time::Duration::days(1);
-const TIMELINE_COMPACT_AFTER: time::Duration = time::Duration::minutes(30);
+/// How often the `/audit` chart's rollup counts the rows that got below the transaction
+/// horizon (migration 0022). The chart adds the rows not counted yet itself, so this bounds
+/// only how many of them it reads: about a second's worth.
+const TIMELINE_CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Each connection that writes audit rows adds to rollup rows of its own (migration 0018), so
-/// the chart would sum one row per connection of every replica for every 10 minutes; merged,
-/// it sums one.
-async fn compact_timeline_periodically(store: PgAudit) {
-    let mut interval = tokio::time::interval(TIMELINE_COMPACT_INTERVAL);
+async fn catch_up_timeline_periodically(store: PgAudit) {
+    let mut interval = tokio::time::interval(TIMELINE_CATCH_UP_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Warned once per outage, not every second of it.
+    let mut failing = false;
     loop {
         interval.tick().await;
-        let before = time::OffsetDateTime::now_utc() - TIMELINE_COMPACT_AFTER;
-        match store.compact_timeline(before - TIMELINE_COMPACT_SPAN, before).await {
-            Ok(merged) => tracing::debug!(merged, "compacted the audit chart's rollup"),
-            Err(error) => tracing::warn!(%error, "could not compact the audit chart's rollup; will retry"),
+        match store.catch_up_timeline().await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("counting the audit chart's rollup again");
+            }
+            Ok(_) => {}
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(%error, "could not count new audit rows into the chart's rollup; the chart counts them itself meanwhile");
+            }
+            Err(_) => {}
         }
     }
 }

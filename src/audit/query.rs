@@ -69,21 +69,38 @@ impl IssuanceFilter {
         self.project_path.is_none() && self.sha.is_none() && self.exact.iter().all(|(column, _)| *column == "target")
     }
 
-    /// The chart from `audit_timeline`: its rows in the window, summed into buckets counted
-    /// from `since` (both ends on the grain). Writers and 10-minute rows of a bucket add up.
-    fn rollup_timeline(&self, since: OffsetDateTime, until: OffsetDateTime, bucket: i64) -> QueryBuilder<'static, Postgres> {
-        let mut query = QueryBuilder::new("select date_bin(make_interval(secs => ");
-        query.push_bind(bucket as f64).push("), t.bucket_start, ").push_bind(since);
-        query.push(") as start, t.target, t.decision, sum(t.events)::bigint as events from audit_timeline t");
+    /// The chart from the rollup `audit_timeline` (migration 0018), which counts the rows whose
+    /// tx is below `counted_below` (migration 0022), plus the rows from there on, read from the
+    /// log: both in one snapshot, so every row is counted once. Its rows in the window are summed
+    /// into buckets counted from `since` (both ends on the grain).
+    ///
+    /// The log's rows are found by tx alone, materialized, and filtered afterwards: they are a
+    /// second's worth, and given the window too, Postgres would rather intersect them with the
+    /// window's hundreds of thousands of rows from `audit_events_occurred_at`.
+    fn rollup_timeline(&self, since: OffsetDateTime, until: OffsetDateTime, bucket: i64, counted_below: String) -> QueryBuilder<'static, Postgres> {
+        let mut query = QueryBuilder::new("with uncounted as materialized (select a.occurred_at, coalesce(a.target, '') as target, a.decision, a.occurrences");
+        query.push(" from audit_events a where a.tx >= ").push_bind(counted_below).push("::xid8 and a.decision in ('issued', 'denied'))");
+        query.push(" select date_bin(make_interval(secs => ").push_bind(bucket as f64).push("), s.bucket_start, ").push_bind(since);
+        query.push(") as start, s.target, s.decision, sum(s.events)::bigint as events from (");
+        query.push("select t.bucket_start, t.target, t.decision, t.events from audit_timeline t");
         query.push(" where t.bucket_start >= ").push_bind(since).push(" and t.bucket_start < ").push_bind(until);
+        self.push_rollup_conditions(&mut query, "t");
+        query.push(" union all select u.occurred_at, u.target, u.decision, u.occurrences from uncounted u");
+        query.push(" where u.occurred_at >= ").push_bind(since).push(" and u.occurred_at < ").push_bind(until);
+        self.push_rollup_conditions(&mut query, "u");
+        query.push(") s group by 1, 2, 3 order by 1, 2, 3");
+        query
+    }
+
+    /// The filters the rollup keeps besides time, on `table`'s `decision` and `target` ('' for
+    /// none).
+    fn push_rollup_conditions(&self, query: &mut QueryBuilder<'static, Postgres>, table: &str) {
         if !self.decisions.is_empty() {
-            query.push(" and t.decision = any(").push_bind(self.decisions.clone()).push(")");
+            query.push(format_args!(" and {table}.decision = any(")).push_bind(self.decisions.clone()).push(")");
         }
         for (_, target) in &self.exact {
-            query.push(" and t.target = ").push_bind(target.clone());
+            query.push(format_args!(" and {table}.target = ")).push_bind(target.clone());
         }
-        query.push(" group by 1, 2, 3 order by 1, 2, 3");
-        query
     }
 
     /// The chart from the matching rows themselves (below the horizon, as every paged read).
@@ -246,30 +263,48 @@ impl PgAudit {
     /// paging, and likewise planned with the values each time (unnamed statement).
     ///
     /// Filtered by nothing but time, decision and target (the page's default view), it sums
-    /// migration 0018's rollup `audit_timeline`; otherwise it aggregates the matching rows.
-    /// Both answer the same for the same rows. Every bucket width is a multiple of the grain and
-    /// the window starts on one, so each 10-minute rollup row falls inside exactly one bucket.
-    /// The rollup counts every committed row (it changes in the writing transaction), while the
-    /// row aggregate, like the paged reads, counts only rows below the transaction horizon: while
-    /// a transaction runs long elsewhere on the cluster, the unfiltered chart can count rows
-    /// that the table does not list yet.
+    /// migration 0018's rollup `audit_timeline` and the rows it has not counted yet (migration
+    /// 0022); otherwise it aggregates the matching rows. Both answer the same for the same rows.
+    /// Every bucket width is a multiple of the grain and the window starts on one, so each
+    /// 10-minute rollup row falls inside exactly one bucket. The rollup's chart counts every
+    /// committed row, while the row aggregate, like the paged reads, counts only rows below the
+    /// transaction horizon: while a transaction runs long elsewhere on the cluster, the
+    /// unfiltered chart can count rows that the table does not list yet.
     pub async fn issuance_timeline(&self, filter: &IssuanceFilter, now: OffsetDateTime) -> Result<Timeline, AuditError> {
         let until = filter.until.unwrap_or(now);
         let since = filter.since.unwrap_or(until - DEFAULT_TIMELINE_SPAN);
         let bucket = bucket_seconds(until - since);
         let (since, until) = (grain_floor(since), grain_ceil(until));
         let window = IssuanceFilter { since: Some(since), until: Some(until), cursor: None, ..filter.clone() };
-        let mut query = if window.rollup_serves() { window.rollup_timeline(since, until, bucket) } else { window.rows_timeline(since, bucket) };
-        let points = query.build_query_as::<TimelinePoint>().persistent(false).fetch_all(self.pool()).await?;
+        if !window.rollup_serves() {
+            let points = window.rows_timeline(since, bucket).build_query_as::<TimelinePoint>().persistent(false).fetch_all(self.pool()).await?;
+            return Ok(Timeline { since, until, bucket_seconds: bucket, points });
+        }
+        // One snapshot for where the rollup stops and for the rows after it. The value is bound
+        // rather than read in the same statement, so that Postgres plans the log's part for the
+        // few rows it has (an index scan on tx) instead of for an unknown share of the table.
+        // Without JIT: compiling the plan took longer than running it (bench/README.md).
+        let mut transaction = self.pool().begin().await?;
+        for setting in ["set transaction isolation level repeatable read, read only", "set local jit = off"] {
+            sqlx::query(setting).execute(&mut *transaction).await?;
+        }
+        let counted_below: String =
+            sqlx::query_scalar("select counted_below::text from audit_timeline_progress").fetch_one(&mut *transaction).await?;
+        let points = window
+            .rollup_timeline(since, until, bucket, counted_below)
+            .build_query_as::<TimelinePoint>()
+            .persistent(false)
+            .fetch_all(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
         Ok(Timeline { since, until, bucket_seconds: bucket, points })
     }
 
-    /// Merges the chart rollup's rows of each 10 minutes, target and decision from `since` to
-    /// `before` into one (migration 0018: writers add to rows of their own, so that they never
-    /// wait for each other). The sums stay as they were; one broker at a time does it, the
-    /// others get 0. Returns how many rows were merged.
-    pub async fn compact_timeline(&self, since: OffsetDateTime, before: OffsetDateTime) -> Result<i64, AuditError> {
-        Ok(sqlx::query_scalar("select audit_timeline_compact($1, $2)").bind(since).bind(before).fetch_one(self.pool()).await?)
+    /// Counts the log's rows that got below the transaction horizon into the chart's rollup
+    /// (migration 0022). One broker at a time does it, the others get 0. Returns how many
+    /// rollup rows were added to.
+    pub async fn catch_up_timeline(&self) -> Result<i64, AuditError> {
+        Ok(sqlx::query_scalar("select audit_timeline_catch_up()").fetch_one(self.pool()).await?)
     }
 
     /// Any row by id, with claims; for an issued row also its renewals, and the revocations
