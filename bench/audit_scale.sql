@@ -13,7 +13,8 @@
 --   * ~2,000 projects under 100 top-level groups, a quarter of them one subgroup deeper;
 --     skewed: project 0 (a monorepo) gets ~2% of all rows, the quietest ~0.01%;
 --   * decisions: 94% issued, 3.5% denied, 1.5% failed, 1% revoked;
---   * claims: the GitLab ID token's claims, ~1 kB of jsonb, as the broker stores them.
+--   * claims: the GitLab ID token's claims, ~1 kB of json in claims_json, as the broker stores them
+--     (migration 0023).
 
 \set ON_ERROR_STOP on
 begin;
@@ -41,7 +42,7 @@ truncate audit_events;
 insert into audit_events (
     id, occurred_at, recorded_at, request_id, decision, code, detail, issuer, subject, job_token_sha256,
     project_path, job_project_path, namespace_path, pipeline_id, job_id, ref, ref_type, sha, user_login,
-    environment, runner_id, claims, role, target, backend, requested_ttl_seconds, granted_ttl_seconds,
+    environment, runner_id, claims_json, role, target, backend, requested_ttl_seconds, granted_ttl_seconds,
     expires_at, job_deadline, client_addr, user_agent, credential_sha256, credential_handle, occurrences, tx)
 select
     gen_random_uuid(), r.at, r.at + interval '3 milliseconds', 'req-' || md5(r.i::text), r.decision,
@@ -68,7 +69,7 @@ select
         'runner_id', r.pipeline % 300, 'runner_environment', 'self-hosted', 'sha', r.sha,
         'project_visibility', 'internal',
         'ci_config_ref_uri', 'gitlab.example.com/' || r.project_path || '//.gitlab-ci.yml@refs/heads/main',
-        'ci_config_sha', r.sha, 'deployment_tier', 'production', 'environment_protected', 'false'),
+        'ci_config_sha', r.sha, 'deployment_tier', 'production', 'environment_protected', 'false')::json,
     'role-' || (r.project % 20), r.target, r.target, 900,
     case when r.decision = 'issued' then 900 end,
     case when r.decision = 'issued' then r.at + interval '15 minutes' end,

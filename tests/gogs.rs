@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::routing::post;
 use axum::{Json, Router};
-use common::{rsa_pem, temp_dir, TempDir, TestApp};
+use common::{rsa_pem, temp_dir, TempDir, TestApp, AUDIT_ROW};
 use credbroker::audit::outbox::OutboxEvent;
 use credbroker::events::{EventSink, Pass, Publisher, PublisherSettings};
 use jsonwebtoken::jwk::JwkSet;
@@ -1192,7 +1192,7 @@ async fn the_example_automation_receives_the_forwarded_push_exchanges_and_runs_i
     assert_eq!(delivery["forward_status"], "202");
     assert_eq!(delivery["after_sha"], MAIN_SHA);
     assert_eq!(delivery["payload_sha256"], credbroker::types::sha256_hex(payload.as_bytes()));
-    let issued: Vec<Value> = sqlx::query_scalar("select to_jsonb(a) from audit_events a where decision = 'issued' and issuer <> 'gogs'")
+    let issued: Vec<Value> = sqlx::query_scalar(&format!("select {AUDIT_ROW} from audit_events a where decision = 'issued' and issuer <> 'gogs'"))
         .fetch_all(&app.pool)
         .await
         .unwrap();
@@ -1222,7 +1222,8 @@ async fn the_example_automation_receives_the_forwarded_push_exchanges_and_runs_i
     assert!(!everything.contains("eyJ0eXAi") && !everything.contains("eyJhbGci"), "no token of any kind is stored");
     assert_eq!(delivery_token_sha.len(), 64);
     // The delivery's own row: the delivery token, by fingerprint, and what the delivery said.
-    let delivery_row: Value = sqlx::query_scalar("select to_jsonb(a) from audit_events a where issuer = 'gogs'").fetch_one(&app.pool).await.unwrap();
+    let delivery_row: Value =
+        sqlx::query_scalar(&format!("select {AUDIT_ROW} from audit_events a where issuer = 'gogs'")).fetch_one(&app.pool).await.unwrap();
     assert_eq!(delivery_row["decision"], "issued");
     assert_eq!(delivery_row["credential_sha256"], delivery_token_sha.as_str());
     assert_eq!(delivery_row["claims"]["delivery_id"], id);

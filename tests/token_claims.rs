@@ -298,7 +298,8 @@ async fn a_row_written_alone_is_stored_as_the_same_row_written_in_a_batch() {
     assert_eq!(stored.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids, "every row written");
     let alone = &stored[0].1;
     assert_eq!(alone["runner_id"], 56, "{alone}");
-    assert_eq!(alone["claims"]["user_login"], "ada\u{FFFD}lovelace", "{alone}");
+    assert_eq!(alone["claims_json"]["user_login"], "ada\u{FFFD}lovelace", "{alone}");
+    assert_eq!(alone["claims"], serde_json::Value::Null, "jsonb only in rows written before migration 0023");
     assert_eq!(alone["renews_issuance_id"], uuid::Uuid::from_u128(1).to_string(), "{alone}");
     for (id, columns) in &stored[1..] {
         assert_eq!(columns, alone, "row {id}");
@@ -334,12 +335,22 @@ async fn claims_stored_as_the_token_sent_them_read_back_as_the_claims_the_broker
     assert_eq!(refused_by_jsonb.len(), 2, "serde_json refuses 1e400000 itself, so no token carries it this far");
     store.write_batch(&[row(5, refused_by_jsonb[0].clone()), row(6, refused_by_jsonb[1].clone())]).await.unwrap();
 
-    let stored: Vec<(uuid::Uuid, serde_json::Value)> = sqlx::query_as("select id, claims from audit_events where id = any($1) order by id")
-        .bind((1..=6).map(uuid::Uuid::from_u128).collect::<Vec<_>>())
-        .fetch_all(store.pool())
-        .await
-        .unwrap();
-    let claims: Vec<&serde_json::Value> = stored.iter().map(|(_, claims)| claims).collect();
+    // Read as every read and the seal read them: parsed as jsonb (migration 0023).
+    let stored: Vec<(uuid::Uuid, serde_json::Value, String, serde_json::Value)> = sqlx::query_as(
+        "select a.id, coalesce(a.claims_json::jsonb, a.claims), a.claims_json::text, to_jsonb(a) -> 'claims_json'
+         from audit_events a where a.id = any($1) order by a.id",
+    )
+    .bind((1..=6).map(uuid::Uuid::from_u128).collect::<Vec<_>>())
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let claims: Vec<&serde_json::Value> = stored.iter().map(|(_, claims, _, _)| claims).collect();
+    for (id, claims, _, sealed) in &stored {
+        assert_eq!(sealed, claims, "row {id}: the seal's content holds the claims as read");
+    }
+    for (id, _, text, _) in &stored[1..4] {
+        assert_eq!(text, received, "row {id}: the token's own text, repeated name and all");
+    }
     assert_eq!(claims[0], &serde_json::Value::Object(parsed.fields().clone()), "written out field by field");
     assert_eq!(claims[0]["ref"], "main");
     assert_eq!(claims[0]["name"], "été 😀 /");

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 pub use super::filter::{parse_time, Cursor, FilterError, IssuanceFilter, DECISIONS, DEFAULT_LIMIT, FILTERS, MAX_LIMIT};
 use super::filter::ProjectPath;
-use super::record::SELECT_LIST;
+use super::record::{CLAIMS, SELECT_LIST};
 use super::{AuditError, AuditRecord, PgAudit};
 
 impl IssuanceFilter {
@@ -310,7 +310,7 @@ impl PgAudit {
     /// Any row by id, with claims; for an issued row also its renewals, and the revocations
     /// and releases of it and of its renewals, found through the typed lineage columns.
     pub async fn issuance_lifecycle(&self, id: Uuid) -> Result<Option<IssuanceHistory>, AuditError> {
-        let row = sqlx::query_as::<_, AuditRecord>(&format!("select {}, a.claims from audit_events a where a.id = $1", *SELECT_LIST))
+        let row = sqlx::query_as::<_, AuditRecord>(&format!("select {}, {CLAIMS} as claims from audit_events a where a.id = $1", *SELECT_LIST))
             .bind(id)
             .fetch_optional(self.pool())
             .await?;

@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 
 use serde_json::{Map, Value};
-use sqlx::types::Json;
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
+use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgHasArrayType, PgTypeInfo};
 use sqlx::query::Query;
 use sqlx::Postgres;
@@ -18,7 +18,8 @@ use uuid::Uuid;
 use super::AuditEvent;
 
 /// `column: type = "sql array element type", from event => value;` for every written column
-/// but `claims`, which is written always and read only where a single record is shown.
+/// but the claims, which are written always and read only where a single record is shown
+/// ([`CLAIMS`]).
 macro_rules! audit_columns {
     ($( $(#[$meta:meta])* $field:ident $column:literal : $type:ty = $sql:literal, |$event:ident| $value:expr; )*) => {
         /// One row as the API, the CLI, the page and the lifecycle read it. Never a secret:
@@ -106,13 +107,15 @@ fn storable_claims(row: &AuditEvent) -> Option<StoredClaims<'_>> {
     })
 }
 
-/// Whether jsonb takes the token's text as the same claims serde_json parsed, so that no
-/// signed token can fail its batch (and every other request in it) where its fields would not.
-/// Not when it has a `\u` escape: jsonb refuses `\u0000`, and how it reads an escape above
-/// U+007F depends on the database's encoding. Nor when it has a number serde_json holds as a
-/// float: jsonb's numeric refuses exponents serde_json rounds to zero or infinity (`1e-20000`).
-/// GitLab's claims are strings, integers and booleans, sent without escapes. A false alarm
-/// (an escaped backslash before a `u`) only costs writing the fields out.
+/// Whether jsonb takes the token's text as the same claims serde_json parsed. The column is
+/// `json`, which would take more, but every read and the seal parse it as jsonb ([`CLAIMS`],
+/// `to_jsonb(row)`), so what it holds must read there as the broker read it, and no signed
+/// token can leave a row that cannot be read or sealed. Not when it has a `\u` escape: jsonb
+/// refuses `\u0000`, and how it reads an escape above U+007F depends on the database's
+/// encoding. Nor when it has a number serde_json holds as a float: jsonb's numeric refuses
+/// exponents serde_json rounds to zero or infinity (`1e-20000`). GitLab's claims are strings,
+/// integers and booleans, sent without escapes. A false alarm (an escaped backslash before a
+/// `u`) only costs writing the fields out.
 fn readable_as_sent(json: &str, claims: &crate::types::Claims) -> bool {
     fn integers_only(value: &Value) -> bool {
         match value {
@@ -125,36 +128,36 @@ fn readable_as_sent(json: &str, claims: &crate::types::Claims) -> bool {
     !json.contains("\\u") && claims.values_other_than_plain_strings().all(integers_only)
 }
 
-/// The `claims` column (jsonb) as bound.
+/// The `claims_json` column as bound: `json`, whose binary form is the text itself.
 enum StoredClaims<'a> {
     /// JSON that serde_json parsed, and Postgres reads alike ([`readable_as_sent`]).
     Received(&'a str),
     Fields(Cow<'a, Map<String, Value>>),
 }
 
+/// `json` and `json[]`: built-in types, whose OIDs are the same in every database.
+const JSON: Oid = Oid(114);
+const JSON_ARRAY: Oid = Oid(199);
+
 impl sqlx::Type<Postgres> for StoredClaims<'_> {
     fn type_info() -> PgTypeInfo {
-        <Json<()> as sqlx::Type<Postgres>>::type_info()
+        PgTypeInfo::with_oid(JSON)
     }
 }
 
 impl PgHasArrayType for StoredClaims<'_> {
     fn array_type_info() -> PgTypeInfo {
-        <Json<()> as PgHasArrayType>::array_type_info()
+        PgTypeInfo::with_oid(JSON_ARRAY)
     }
 }
 
 impl sqlx::Encode<'_, Postgres> for StoredClaims<'_> {
     fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
         match self {
-            Self::Fields(fields) => Json(fields).encode_by_ref(buf),
-            Self::Received(json) => {
-                // jsonb's binary format: a version byte, then the text.
-                buf.push(1);
-                buf.extend_from_slice(json.as_bytes());
-                Ok(IsNull::No)
-            }
+            Self::Fields(fields) => serde_json::to_writer(&mut **buf, fields)?,
+            Self::Received(json) => buf.extend_from_slice(json.as_bytes()),
         }
+        Ok(IsNull::No)
     }
 }
 
@@ -284,13 +287,24 @@ static INSERT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_
 /// One INSERT for one row: every written column a parameter of its own.
 static INSERT_ONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| insert_one_sql(1, None));
 
-fn column_list() -> String {
-    WRITTEN.iter().map(|(column, _)| *column).chain(["claims"]).collect::<Vec<_>>().join(", ")
+/// A row's claims, as a read selects them from `audit_events a`: `json` since migration 0023,
+/// `jsonb` in rows written before it. Parsed as jsonb, as they always were, so a repeated name
+/// keeps its last value whichever column holds them.
+pub const CLAIMS: &str = "coalesce(a.claims_json::jsonb, a.claims)";
+
+/// One claim of a row of `audit_events a` as text, without parsing the rest as [`CLAIMS`] does
+/// (`->>` on json scans the text, and also keeps a repeated name's last value).
+pub fn claim_text(name: &str) -> String {
+    format!("coalesce(a.claims_json ->> '{name}', a.claims ->> '{name}')")
 }
 
-/// The types of the written columns and of `claims`, in bind order.
+fn column_list() -> String {
+    WRITTEN.iter().map(|(column, _)| *column).chain(["claims_json"]).collect::<Vec<_>>().join(", ")
+}
+
+/// The types of the written columns and of the claims, in bind order.
 fn column_types() -> impl Iterator<Item = &'static str> {
-    WRITTEN.iter().map(|(_, sql)| *sql).chain(["jsonb"])
+    WRITTEN.iter().map(|(_, sql)| *sql).chain(["json"])
 }
 
 /// The INSERT's text, its arrays bound from `$first` on. With `only_where`, a condition on the
@@ -391,9 +405,9 @@ mod tests {
     fn the_insert_binds_one_array_per_column_and_a_lone_row_one_value_per_column() {
         let binds = INSERT.matches("::").count();
         assert_eq!(binds, WRITTEN.len() + 1, "{}", *INSERT);
-        assert!(INSERT.contains(&format!("${}::jsonb[]", WRITTEN.len() + 1)));
+        assert!(INSERT.contains(&format!("${}::json[]", WRITTEN.len() + 1)));
         assert_eq!(INSERT_ONE.matches("::").count(), WRITTEN.len() + 1, "{}", *INSERT_ONE);
-        assert!(INSERT_ONE.ends_with(&format!("${}::jsonb", WRITTEN.len() + 1)), "{}", *INSERT_ONE);
+        assert!(INSERT_ONE.ends_with(&format!("${}::json", WRITTEN.len() + 1)), "{}", *INSERT_ONE);
         let names: std::collections::HashSet<_> = RECORD_FIELDS.iter().collect();
         assert_eq!(names.len(), RECORD_FIELDS.len(), "no column is declared twice");
     }

@@ -7,7 +7,7 @@ use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::record::SELECT_LIST;
+use super::record::{claim_text, CLAIMS, SELECT_LIST};
 use super::{AuditError, AuditEvent, AuditRecord, PgAudit};
 
 /// Why a revocation was scheduled (the `reason` column).
@@ -144,7 +144,7 @@ fn issued_from_row(row: &sqlx::postgres::PgRow) -> Result<IssuedCredential, sqlx
 
 /// `project` of a selector against every project identity an issued row's token carried.
 fn project_condition(parameter: &str) -> String {
-    let claims: Vec<String> = PROJECT_IDENTITY_CLAIMS.iter().map(|claim| format!("a.claims->>'{claim}'")).collect();
+    let claims: Vec<String> = PROJECT_IDENTITY_CLAIMS.iter().map(|&claim| claim_text(claim)).collect();
     format!("{parameter} in ({})", claims.join(", "))
 }
 
@@ -260,7 +260,7 @@ impl PgAudit {
     /// The issued row of one issuance, if it was written.
     pub async fn issued_credential(&self, issuance_id: Uuid) -> Result<Option<IssuedCredential>, AuditError> {
         let row = sqlx::query(&format!(
-            "select {}, a.claims, r.state as revocation_state from audit_events a left join revocations r on r.issuance_id = a.id
+            "select {}, {CLAIMS} as claims, r.state as revocation_state from audit_events a left join revocations r on r.issuance_id = a.id
              where a.id = $1 and a.decision = 'issued'",
             *SELECT_LIST
         ))
@@ -274,7 +274,7 @@ impl PgAudit {
     /// most [`SELECTOR_LIMIT`] + 1 rows, so the caller can tell the limit was passed.
     pub async fn select_live_issued(&self, selector: &IssuanceSelector) -> Result<Vec<IssuedCredential>, AuditError> {
         let rows = sqlx::query(&format!(
-            "select {}, a.claims, r.state as revocation_state from audit_events a left join revocations r on r.issuance_id = a.id
+            "select {}, {CLAIMS} as claims, r.state as revocation_state from audit_events a left join revocations r on r.issuance_id = a.id
              where a.decision = 'issued' and a.expires_at > now()
                and ($1::uuid is null or a.id = $1)
                and ($2::text is null or a.job_id = $2)

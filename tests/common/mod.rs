@@ -83,6 +83,10 @@ pub async fn seed_audit_row(pool: &PgPool, values: Value) -> Uuid {
     id
 }
 
+/// An audit row of `audit_events a` as JSON, its claims under `claims` wherever they are stored
+/// (`claims_json` since migration 0023, `claims` before), as the broker reads them.
+pub const AUDIT_ROW: &str = "(to_jsonb(a) - 'claims_json' || jsonb_build_object('claims', coalesce(a.claims_json::jsonb, a.claims)))";
+
 /// A TCP proxy in front of Postgres that a test can cut, to stage an outage without
 /// disturbing the cluster other tests share.
 pub struct PostgresProxy {
@@ -386,7 +390,7 @@ impl TestApp {
     /// The audit row of an exchange, by the id the response carried.
     pub async fn audit_row(&self, issuance_id: &str) -> Value {
         let id = uuid::Uuid::parse_str(issuance_id).unwrap();
-        sqlx::query_scalar::<_, Value>("select to_jsonb(a) from audit_events a where id = $1")
+        sqlx::query_scalar::<_, Value>(&format!("select {AUDIT_ROW} from audit_events a where id = $1"))
             .bind(id)
             .fetch_one(&self.pool)
             .await
