@@ -179,17 +179,21 @@ struct Tokens {
     uses_per_token: u64,
     current: String,
     uses: u64,
+    /// Tokens taken so far by this connection.
+    taken: usize,
 }
 
 impl Tokens {
-    async fn next(&mut self) -> &str {
+    /// The token to send next, and its number on this connection.
+    async fn next(&mut self) -> (usize, &str) {
         if self.current.is_empty() || self.uses >= self.uses_per_token {
             self.current = self.ready.recv().await.expect("the minter runs as long as the generator");
             let _ = self.wants.send(self.connection);
             self.uses = 0;
+            self.taken += 1;
         }
         self.uses += 1;
-        &self.current
+        (self.taken, &self.current)
     }
 }
 
@@ -255,6 +259,7 @@ async fn run(options: Options) {
             uses_per_token: options.number("uses-per-token", 1000),
             current: String::new(),
             uses: 0,
+            taken: 0,
         };
         let roles = roles.clone();
         let target = Target {
@@ -340,23 +345,28 @@ async fn connection_loop(
         if began >= stop_at {
             break;
         }
-        let role = &roles[(connection + sent as usize) % roles.len()];
+        // A token keeps one role for all its uses, so a run over many roles counts as many
+        // (token, role) uses in Postgres as a run over one: only the policy's size differs.
+        let role_of = |token_number: usize| &roles[(connection + token_number) % roles.len()];
         sent += 1;
         request.clear();
         match target.kind {
             Kind::Credbroker => {
-                let body = format!(r#"{{"role":"{role}"}}"#);
+                let (token_number, token) = tokens.next().await;
+                let body = format!(r#"{{"role":"{}"}}"#, role_of(token_number));
                 request
                     .extend_from_slice(b"POST /v1/credentials HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\nAuthorization: Bearer ");
-                request.extend_from_slice(tokens.next().await.as_bytes());
+                request.extend_from_slice(token.as_bytes());
                 request.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
             }
             Kind::OpenbaoJwtLogin => {
-                let body = format!(r#"{{"role":"{role}","jwt":"{}"}}"#, tokens.next().await);
+                let (token_number, token) = tokens.next().await;
+                let body = format!(r#"{{"role":"{}","jwt":"{token}"}}"#, role_of(token_number));
                 request.extend_from_slice(b"POST /v1/auth/jwt/login HTTP/1.1\r\nHost: openbao\r\nContent-Type: application/json");
                 request.extend_from_slice(format!("\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
             }
             Kind::OpenbaoDatabaseCreds => {
+                let role = role_of(sent as usize); // no token: the role turns with each request
                 let head = format!("GET /v1/database/creds/{role} HTTP/1.1\r\nHost: openbao\r\nX-Vault-Token: {}\r\n\r\n", target.vault_token);
                 request.extend_from_slice(head.as_bytes());
             }
