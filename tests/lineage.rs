@@ -223,3 +223,56 @@ async fn revoke_by_project_selects_a_fork_merge_request_credential() {
     let matched: Vec<&str> = body["credentials"].as_array().unwrap().iter().map(|c| c["issuance_id"].as_str().unwrap()).collect();
     assert_eq!(matched, vec![issuance.as_str()], "{body}");
 }
+
+/// Rows written before migration 0023 keep their claims as jsonb in `claims`; the broker reads
+/// them there as it reads `claims_json` in rows written since: in the issuance's detail and in
+/// a revocation by project, which matches a fork's credential through its claims alone.
+#[tokio::test]
+async fn a_row_written_before_the_claims_became_json_reads_and_revokes_as_one_written_since() {
+    let app = spawn().await;
+    let fork = app.issuer.token_with(json!({"project_path": "someone/orders-fork", "project_id": "99", "namespace_path": "someone"}));
+    let written_since = issue(&app, &fork, json!({"role": "orders-producer"})).await;
+    let written_before = uuid::Uuid::new_v4();
+    sqlx::query(
+        "insert into audit_events (id, occurred_at, request_id, decision, role, target, backend, issuer, subject, project_path,
+             job_project_path, credential_sha256, credential_handle, expires_at, job_deadline, claims)
+         select $1, occurred_at, request_id, decision, role, target, backend, issuer, subject, project_path,
+             job_project_path, credential_sha256, credential_handle, expires_at, job_deadline, claims_json::jsonb
+         from audit_events where id = $2::uuid",
+    )
+    .bind(written_before)
+    .bind(&written_since)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (old, new): (Option<Value>, Option<Value>) =
+        sqlx::query_as("select (select claims_json::jsonb from audit_events where id = $1), (select claims from audit_events where id = $2::uuid)")
+            .bind(written_before)
+            .bind(&written_since)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((old, new), (None, None), "each row holds its claims in one column only");
+
+    let before = lifecycle(&app, &written_before.to_string()).await;
+    let since = lifecycle(&app, &written_since).await;
+    assert_eq!(before["issuance"]["claims"]["project_path"], "someone/orders-fork", "{before}");
+    assert_eq!(before["issuance"]["claims"], since["issuance"]["claims"]);
+
+    let response = app
+        .client
+        .post(format!("{}/v1/revocations", app.url))
+        .bearer_auth(admin_token(&app))
+        .json(&json!({"project": "platform/orders", "dry_run": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    let mut matched: Vec<&str> = body["credentials"].as_array().unwrap().iter().map(|c| c["issuance_id"].as_str().unwrap()).collect();
+    matched.sort();
+    let before_id = written_before.to_string();
+    let mut expected = vec![before_id.as_str(), written_since.as_str()];
+    expected.sort();
+    assert_eq!(matched, expected, "{body}");
+}
