@@ -70,6 +70,7 @@ pub struct Metrics {
     pub jwks_fetches: JwksFetches,
     pub outbox_backlog: Gauge,
     pub outbox_oldest_age: Gauge<f64, AtomicU64>,
+    pub audit_timeline_lag: Gauge<f64, AtomicU64>,
     pub token_uses_purged: Counter,
     /// `accepted`, `ignored` or the problem code that rejected it.
     pub gogs_deliveries: Outcomes,
@@ -114,6 +115,13 @@ impl Default for Metrics {
         registry.register("outbox_backlog", "Events in the outbox not yet published", outbox_backlog.clone());
         let outbox_oldest_age = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit("outbox_oldest_event_age", "Age of the oldest unpublished event", Unit::Seconds, outbox_oldest_age.clone());
+        let audit_timeline_lag = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "audit_timeline_lag",
+            "Age of the oldest audit row the /audit chart's rollup has not counted yet",
+            Unit::Seconds,
+            audit_timeline_lag.clone(),
+        );
         let token_uses_purged = Counter::default();
         registry.register("token_uses_purged", "Use counts of expired job tokens purged", token_uses_purged.clone());
         let gogs_deliveries = Outcomes::default();
@@ -134,6 +142,7 @@ impl Default for Metrics {
             jwks_fetches,
             outbox_backlog,
             outbox_oldest_age,
+            audit_timeline_lag,
             token_uses_purged,
             gogs_deliveries,
             policy_reloads,

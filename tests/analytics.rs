@@ -154,6 +154,14 @@ async fn every_lookml_field_runs_against_the_views_and_counts_right() {
     // The datagroup's trigger query runs too (as credbroker_auditor may: select on audit_events).
     let trigger = model.split("sql_trigger: ").nth(1).unwrap().split(" ;;").next().unwrap();
     sqlx::query(trigger).fetch_one(&pool).await.unwrap();
+
+    // A Looker connection logs in as a member of credbroker_auditor, which may read every view.
+    let mut auditor = pool.acquire().await.unwrap();
+    sqlx::query("set role credbroker_auditor").execute(&mut *auditor).await.unwrap();
+    for view in views.values() {
+        let query = format!("select count(*) from {}", view.table);
+        sqlx::query(&query).fetch_one(&mut *auditor).await.unwrap_or_else(|error| panic!("{query}: {error}"));
+    }
 }
 
 #[tokio::test]

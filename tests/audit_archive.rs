@@ -2,7 +2,7 @@
 //! checkpoints older than a cut move to a file and out of the database, after which
 //! `audit verify` still proves the rest intact (and still catches tampering in it), the file
 //! verifies on its own, a cut inside a checkpoint is refused, and nobody but the owner can
-//! remove sealed rows.
+//! remove sealed rows. Also what the log's tables refuse to hold in the first place.
 
 mod common;
 
@@ -303,4 +303,56 @@ async fn only_the_owner_archives_and_nothing_else_removes_sealed_rows() {
     assert!(error.to_string().contains("audit_archives is append-only"), "{error}");
     assert_eq!(log.rows().await, 6);
     assert!(log.store.verify_seals(&log.key, None).await.unwrap().intact());
+}
+
+/// The CHECKs of `audit_events` and `token_use_counts` hold for every writer, the broker's role
+/// included: every decision the log knows is written, and a value outside them, an issued row
+/// without its credential's fingerprint, or a count below its bound is refused (SQLSTATE 23514).
+#[tokio::test]
+async fn the_log_refuses_every_value_its_checks_refused() {
+    let log = empty_log().await;
+    let mut connection = log.pool.acquire().await.unwrap();
+    sqlx::query("set role credbroker_broker").execute(&mut *connection).await.unwrap();
+    let audit_row = |decision: &str, occurrences: i32, overshoot_seconds: Option<i32>, credential_sha256: Option<&str>| {
+        sqlx::query(
+            "insert into audit_events (id, occurred_at, request_id, decision, occurrences, overshoot_seconds, credential_sha256, expires_at)
+             values (gen_random_uuid(), now(), 'check', $1, $2, $3, $4, now() + interval '1 hour')",
+        )
+        .bind(decision.to_owned())
+        .bind(occurrences)
+        .bind(overshoot_seconds)
+        .bind(credential_sha256.map(str::to_owned))
+    };
+    let token_use = |uses: i32, max_uses: i32, last_claimed: i32| {
+        sqlx::query(
+            "insert into token_use_counts (issuer, jti, role, uses, max_uses, last_claimed, token_expires_at)
+             values ('https://gitlab.example.com', gen_random_uuid()::text, 'r', $1, $2, $3, now())",
+        )
+        .bind(uses)
+        .bind(max_uses)
+        .bind(last_claimed)
+    };
+    for decision in ["issued", "denied", "failed", "revoked", "revoke_failed", "admin_request", "audit_read"] {
+        audit_row(decision, 1, Some(1), Some("fingerprint")).execute(&mut *connection).await.unwrap_or_else(|error| panic!("{decision}: {error}"));
+    }
+    token_use(1, 1, 0).execute(&mut *connection).await.unwrap();
+
+    let refused = [
+        ("an unknown decision", audit_row("granted", 1, None, Some("fingerprint"))),
+        ("a decision in another case", audit_row("Issued", 1, None, Some("fingerprint"))),
+        ("no occurrence", audit_row("denied", 0, None, None)),
+        ("no overshoot", audit_row("issued", 1, Some(0), Some("fingerprint"))),
+        ("a negative overshoot", audit_row("issued", 1, Some(-5), Some("fingerprint"))),
+        ("an issued row without its credential", audit_row("issued", 1, None, None)),
+        ("no use taken", token_use(0, 1, 0)),
+        ("no use allowed", token_use(1, 0, 0)),
+        ("a negative count claimed", token_use(1, 1, -1)),
+    ];
+    for (what, statement) in refused {
+        let error = statement.execute(&mut *connection).await.expect_err(what);
+        assert_eq!(error.as_database_error().and_then(|error| error.code()).as_deref(), Some("23514"), "{what}: {error}");
+    }
+    sqlx::query("reset role").execute(&mut *connection).await.unwrap();
+    drop(connection);
+    assert_eq!(log.rows().await, 7, "only the rows the checks allow");
 }

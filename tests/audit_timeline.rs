@@ -6,7 +6,8 @@
 //! themselves, made here in Rust: rows written by the group-commit writers of two brokers on
 //! one database at once, both running as `credbroker_broker`, with the rollup counting
 //! meanwhile and not; the page's own chart; rows that were there before the migrations; and
-//! rows that leave with an archive, counted in the rollup or not yet.
+//! rows that leave with an archive, counted in the rollup or not yet. And how far behind the
+//! rollup is, as `/metrics` says.
 
 mod common;
 
@@ -508,4 +509,37 @@ async fn only_the_log_writes_the_rollup() {
     assert_eq!(written, 1);
     let events: i64 = sqlx::query_scalar("select sum(events)::bigint from audit_timeline").fetch_one(&owner).await.unwrap();
     assert_eq!(events, 55);
+}
+
+/// The broker's `/metrics` value of `name` (a gauge without labels).
+async fn gauge(app: &TestApp, name: &str) -> f64 {
+    let text = app.client.get(format!("{}/metrics", app.url)).send().await.unwrap().text().await.unwrap();
+    let line = text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')).unwrap_or_else(|| panic!("no {name} in {text}"));
+    line.parse().unwrap()
+}
+
+/// While a transaction that has written something stays open, the rows after it wait uncounted
+/// and the page reads them itself: `credbroker_audit_timeline_lag_seconds` is the age of the
+/// oldest, so an operator sees it grow; once that transaction ends the broker's own catch-up
+/// counts them and it is 0 again.
+#[tokio::test]
+async fn the_metrics_show_how_far_behind_the_rollup_is() {
+    let app = TestApp::spawn().await;
+    let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "orders-producer"})).await;
+    assert_eq!(status, 200, "{body}");
+    let lag = "credbroker_audit_timeline_lag_seconds";
+    common::eventually("the broker counts its first row", Duration::from_secs(20), async || gauge(&app, lag).await == 0.0).await;
+
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("select pg_current_xact_id()").execute(&mut *holder).await.unwrap();
+    let (status, _, body) = app.exchange(&app.issuer.token(), json!({"role": "orders-producer"})).await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let held = gauge(&app, lag).await;
+    assert!((2.5..60.0).contains(&held), "{lag} {held} with the row 2.5 s old and uncounted");
+    assert_eq!(not_counted(&app.pool).await, 1);
+
+    holder.rollback().await.unwrap();
+    common::eventually("the broker counts the row once the horizon passes it", Duration::from_secs(20), async || gauge(&app, lag).await == 0.0).await;
+    assert_eq!(not_counted(&app.pool).await, 0);
 }

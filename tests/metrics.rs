@@ -140,6 +140,7 @@ async fn prometheus_counts_exchanges_by_role_backend_decision_and_code() {
     prometheus.wait_for("credbroker_audit_write_failures_total", 0.0).await;
     prometheus.wait_for("credbroker_revocations_due", 0.0).await;
     prometheus.wait_for("credbroker_outbox_backlog", 0.0).await;
+    prometheus.wait_for("credbroker_audit_timeline_lag_seconds < bool 60", 1.0).await;
     prometheus.wait_for(r#"credbroker_jwks_fetches_total{issuer="gitlab",outcome="ok"}"#, 1.0).await;
 
     // README's alert rules load, evaluate, and do not fire on a healthy broker.
@@ -151,7 +152,7 @@ async fn prometheus_counts_exchanges_by_role_backend_decision_and_code() {
         .map(|rule| (rule["name"].as_str().unwrap().to_owned(), rule["health"].as_str().unwrap().to_owned()))
         .collect();
     let names: Vec<&str> = loaded.iter().map(|(name, _)| name.as_str()).collect();
-    assert_eq!(names, ["CredbrokerAuditWritesFailing", "CredbrokerRevocationsFailing"]);
+    assert_eq!(names, ["CredbrokerAuditWritesFailing", "CredbrokerRevocationsFailing", "CredbrokerAuditChartBehind"]);
     eventually("the rules are evaluated", Duration::from_secs(15), async || {
         let rules: Value = prometheus.client.get(format!("{}/api/v1/rules", prometheus.url)).send().await.unwrap().json().await.unwrap();
         rules["data"]["groups"][0]["rules"].as_array().unwrap().iter().all(|rule| rule["health"] == "ok" && rule["state"] == "inactive")

@@ -13,6 +13,12 @@ pub struct Backlog {
     pub outbox_events: i64,
     /// Age of the oldest of those, 0 when there is none.
     pub outbox_oldest_age_seconds: f64,
+    /// Age of the oldest row the `/audit` chart's rollup has not counted yet (migration 0022),
+    /// 0 when it has counted them all. About a second while brokers run: each counts the rows
+    /// below the transaction horizon every second. More means a transaction that has written
+    /// something stays open somewhere on the cluster (or no broker runs), and every chart reads
+    /// the rows since then itself: the page slows as they pile up.
+    pub timeline_lag_seconds: f64,
 }
 
 impl PgAudit {
@@ -21,7 +27,12 @@ impl PgAudit {
             "select
                  (select count(*) from revocations where state = 'pending' and due_at <= now()) as revocations_due,
                  count(*) as outbox_events,
-                 coalesce(extract(epoch from clock_timestamp() - min(created_at)), 0)::float8 as outbox_oldest_age_seconds
+                 coalesce(extract(epoch from clock_timestamp() - min(created_at)), 0)::float8 as outbox_oldest_age_seconds,
+                 -- The first uncounted row in the order the rollup counts (an index's first entry),
+                 -- not min(occurred_at), which would read every uncounted row.
+                 coalesce((select extract(epoch from clock_timestamp() - a.occurred_at) from audit_events a
+                           where a.tx >= (select counted_below from audit_timeline_progress)
+                           order by a.tx, a.id limit 1), 0)::float8 as timeline_lag_seconds
              from event_outbox
              where delivered_at is null",
         )
@@ -31,6 +42,7 @@ impl PgAudit {
             revocations_due: row.try_get("revocations_due")?,
             outbox_events: row.try_get("outbox_events")?,
             outbox_oldest_age_seconds: row.try_get("outbox_oldest_age_seconds")?,
+            timeline_lag_seconds: row.try_get("timeline_lag_seconds")?,
         })
     }
 }

@@ -293,6 +293,7 @@ impl Broker {
                 self.metrics.revocations_due.set(backlog.revocations_due);
                 self.metrics.outbox_backlog.set(backlog.outbox_events);
                 self.metrics.outbox_oldest_age.set(backlog.outbox_oldest_age_seconds);
+                self.metrics.audit_timeline_lag.set(backlog.timeline_lag_seconds);
             }
             Err(error) => tracing::warn!(%error, "cannot read the revocation and outbox backlog for /metrics"),
         }
