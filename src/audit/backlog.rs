@@ -29,10 +29,11 @@ impl PgAudit {
                  count(*) as outbox_events,
                  coalesce(extract(epoch from clock_timestamp() - min(created_at)), 0)::float8 as outbox_oldest_age_seconds,
                  -- The first uncounted row in the order the rollup counts (an index's first entry),
-                 -- not min(occurred_at), which would read every uncounted row.
-                 coalesce((select extract(epoch from clock_timestamp() - a.occurred_at) from audit_events a
-                           where a.tx >= (select counted_below from audit_timeline_progress)
-                           order by a.tx, a.id limit 1), 0)::float8 as timeline_lag_seconds
+                 -- not min(occurred_at), which would read every uncounted row. A replica whose
+                 -- clock runs ahead can stamp a row in this one's future: that is no lag.
+                 greatest(coalesce((select extract(epoch from clock_timestamp() - a.occurred_at) from audit_events a
+                                    where a.tx >= (select counted_below from audit_timeline_progress)
+                                    order by a.tx, a.id limit 1), 0), 0)::float8 as timeline_lag_seconds
              from event_outbox
              where delivered_at is null",
         )
