@@ -309,7 +309,7 @@ async fn only_the_owner_archives_and_nothing_else_removes_sealed_rows() {
 /// included: every decision the log knows is written, and a value outside them, an issued row
 /// without its credential's fingerprint, or a count below its bound is refused (SQLSTATE 23514).
 #[tokio::test]
-async fn the_log_refuses_every_value_its_checks_refused() {
+async fn the_log_holds_only_what_its_checks_allow() {
     let log = empty_log().await;
     let mut connection = log.pool.acquire().await.unwrap();
     sqlx::query("set role credbroker_broker").execute(&mut *connection).await.unwrap();

@@ -295,7 +295,7 @@ impl Broker {
                 self.metrics.outbox_oldest_age.set(backlog.outbox_oldest_age_seconds);
                 self.metrics.audit_timeline_lag.set(backlog.timeline_lag_seconds);
             }
-            Err(error) => tracing::warn!(%error, "cannot read the revocation and outbox backlog for /metrics"),
+            Err(error) => tracing::warn!(%error, "cannot read the backlog (revocations, outbox, the chart's rollup) for /metrics"),
         }
         self.metrics.render()
     }
