@@ -14,9 +14,9 @@ import sys
 import zlib
 
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 BASE = os.environ["AUDIT_URL"]
@@ -39,14 +39,24 @@ def chromium():
     return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
 
 
+NEW_PAGE_LOADED = "return window.credbrokerOldPage === undefined && document.readyState === 'complete'"
+
+
 def click_and_load(driver, element):
     """Clicks what leads to another page and waits until that page has loaded: the click
     returns while the old page is still in place, and on a busy machine reading it then finds
-    the old page's elements, gone a moment later (StaleElementReferenceException)."""
-    page = driver.find_element(By.TAG_NAME, "html")
+    the old page's elements, gone a moment later (StaleElementReferenceException).
+
+    The old page is marked with a window property that the next page cannot have. Watching an
+    old element go stale instead (selenium's staleness_of) is racy: while the documents swap,
+    chromedriver can answer "Node with given id does not belong to the document", a plain
+    WebDriverException that staleness_of does not catch. Any WebDriverException while the
+    pages swap is read as "not loaded yet"."""
+    driver.execute_script("window.credbrokerOldPage = true")
     element.click()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(page))
-    WebDriverWait(driver, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(driver, 15, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(NEW_PAGE_LOADED)
+    )
 
 
 def sign_in(driver, token):
