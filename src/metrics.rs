@@ -4,6 +4,7 @@
 //! Gauges that describe the database (revocations due, the outbox) are read when scraped.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::LazyLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -47,6 +48,20 @@ pub struct OutcomeLabel {
 pub struct IssuerOutcomeLabels {
     pub issuer: String,
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NonceLabel {
+    pub nonce: &'static str,
+}
+
+/// ES256 signatures by how their nonce was made (`src/signing/es256.rs`). The one count kept
+/// for the whole process rather than per broker: one pool of nonces serves every key in it.
+static ES256_SIGNATURES: LazyLock<Family<NonceLabel, Counter>> = LazyLock::new(Family::default);
+
+/// Counts an ES256 signature: finished from a nonce prepared ahead, or made whole because none was ready.
+pub fn count_es256_signature(prepared: bool) {
+    ES256_SIGNATURES.get_or_create(&NonceLabel { nonce: if prepared { "prepared" } else { "at_once" } }).inc();
 }
 
 type Histograms<Labels> = Family<Labels, Histogram, fn() -> Histogram>;
@@ -128,6 +143,11 @@ impl Default for Metrics {
         registry.register("gogs_deliveries", "Gogs webhook deliveries by outcome", gogs_deliveries.clone());
         let policy_reloads = Outcomes::default();
         registry.register("policy_reloads", "Policy reloads by outcome (ok, failed)", policy_reloads.clone());
+        registry.register(
+            "es256_signatures",
+            "ES256 signatures made by this process, by nonce: prepared ahead, or at_once when none was ready",
+            ES256_SIGNATURES.clone(),
+        );
         Self {
             registry,
             exchanges,
