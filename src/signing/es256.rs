@@ -168,6 +168,11 @@ impl Pool {
             drop(ready);
             loop {
                 let mut batch = prepare(BATCH);
+                if batch.is_empty() {
+                    // aws-lc makes no keys: stop rather than spin; every signature is then made whole.
+                    tracing::warn!("cannot prepare ES256 nonces: every ES256 signature is made whole");
+                    return;
+                }
                 let mut ready = self.ready.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 ready.extend(batch.drain(..));
                 // What was moved out still lies in the batch's buffer.

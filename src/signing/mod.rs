@@ -1,6 +1,8 @@
 //! Keys the broker signs with (Kafka tokens, Gogs delivery tokens, the dev issuer, Snowflake
-//! key-pair JWTs), parsed once and used through aws-lc-rs only: the `rsa` crate's private-key
-//! operations are not constant-time (RUSTSEC-2023-0071), so no secret key ever reaches it.
+//! key-pair JWTs), parsed once and used through aws-lc-rs, and `p256`'s constant-time scalar
+//! arithmetic where an ES256 signature is finished from a prepared nonce: the `rsa` crate's
+//! private-key operations are not constant-time (RUSTSEC-2023-0071), so no secret key ever
+//! reaches it.
 //! aws-lc-rs rather than ring because it is what checks the job token's RSA signature
 //! (`oidc/rsa_verify.rs`), and because its ES256 signature, one per Kafka token, costs about
 //! 0.94× ring's (`cargo bench --bench es256_sign`). Most ES256 signatures are finished from a
