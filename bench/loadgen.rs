@@ -12,7 +12,10 @@
 //!   `database/creds/ROLE` from OpenBao directly (`--roles` names database roles): the cost of a
 //!   database user minted by OpenBao itself, beside credbroker's `vault_database` backend.
 //!   `--ids-file F` writes the `issuance_id` of every 200 (the fault run checks each has its
-//!   row). A connection that fails (a replica killed) counts as status 0 and reconnects.
+//!   row). `--slow-file F` writes each measured request slower than `--slow-micros` (default
+//!   1000) as `unix_ms latency_us` (when it began, in Unix milliseconds): when in a run the tail
+//!   happens, to lay beside the broker's and Postgres' logs.
+//!   A connection that fails (a replica killed) counts as status 0 and reconnects.
 //!
 //! The HTTP client is a minimal HTTP/1.1 writer/reader on a single-threaded runtime, so the
 //! generator costs little CPU on the machine it shares with the broker and Postgres.
@@ -47,7 +50,8 @@ fn usage() -> ! {
     eprintln!("usage: loadgen serve-issuer --key K --listen ADDR [--issuers N]");
     eprintln!(
         "       loadgen run --url URL[,URL..] --issuer ISS --key K --audience A --roles R1,R2 [--connections N] [--duration S] [--warmup S] \\
-         [--uses-per-token N] [--kind credbroker|openbao-jwt-login|openbao-database-creds] [--vault-token T] [--ids-file F]"
+         [--uses-per-token N] [--kind credbroker|openbao-jwt-login|openbao-database-creds] [--vault-token T] [--ids-file F] \\
+         [--slow-file F] [--slow-micros N]"
     );
     std::process::exit(2)
 }
@@ -210,6 +214,9 @@ struct Tally {
     issuance_ids: Vec<String>,
     /// The problem `code` of each other response that has one.
     codes: std::collections::BTreeMap<String, u64>,
+    /// Requests slower than `--slow-micros`, when asked for (`--slow-file`): when each began,
+    /// in milliseconds from the generator's start, and its latency in microseconds.
+    slow: Vec<(u64, u32)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -235,6 +242,7 @@ async fn run(options: Options) {
         _ => usage(),
     };
     let ids_file = options.get("ids-file").map(str::to_owned);
+    let slow_file = options.get("slow-file").map(str::to_owned);
     let connections = options.number("connections", 16) as usize;
     let duration = Duration::from_secs(options.number("duration", 10));
     let warmup = Duration::from_secs(options.number("warmup", 2));
@@ -266,9 +274,10 @@ async fn run(options: Options) {
             address: addresses[connection % addresses.len()],
             kind,
             keep_ids: ids_file.is_some(),
+            slow_micros: slow_file.as_ref().map(|_| options.number("slow-micros", 1000) as u32),
             vault_token: options.get("vault-token").unwrap_or_default().to_owned(),
         };
-        tasks.push(tokio::spawn(connection_loop(target, tokens, roles, connection, measure_from, stop_at)));
+        tasks.push(tokio::spawn(connection_loop(target, tokens, roles, connection, start, measure_from, stop_at)));
     }
     let mut measured = Tally::default();
     let mut ok_total = 0;
@@ -280,6 +289,7 @@ async fn run(options: Options) {
         }
         measured.latencies_micros.extend(tally.latencies_micros);
         measured.issuance_ids.extend(tally.issuance_ids);
+        measured.slow.extend(tally.slow);
         for (code, count) in tally.codes {
             *measured.codes.entry(code).or_default() += count;
         }
@@ -287,6 +297,12 @@ async fn run(options: Options) {
     if let Some(path) = ids_file {
         let mut text = measured.issuance_ids.join("\n");
         text.push('\n');
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
+    }
+    if let Some(path) = slow_file {
+        measured.slow.sort_unstable();
+        let started_ms = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap() - start.elapsed()).as_millis() as u64;
+        let text: String = measured.slow.iter().map(|(offset_ms, latency)| format!("{} {latency}\n", started_ms + offset_ms)).collect();
         std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
     }
     measured.latencies_micros.sort_unstable();
@@ -320,6 +336,8 @@ struct Target {
     address: SocketAddr,
     kind: Kind,
     keep_ids: bool,
+    /// Record the requests slower than this (`--slow-file`).
+    slow_micros: Option<u32>,
     vault_token: String,
 }
 
@@ -331,6 +349,7 @@ async fn connection_loop(
     mut tokens: Tokens,
     roles: Vec<String>,
     connection: usize,
+    start: Instant,
     measure_from: Instant,
     stop_at: Instant,
 ) -> (Tally, u64) {
@@ -391,7 +410,11 @@ async fn connection_loop(
         }
         if began >= measure_from {
             *tally.statuses.entry(status).or_default() += 1;
-            tally.latencies_micros.push(began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            let latency = began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            tally.latencies_micros.push(latency);
+            if target.slow_micros.is_some_and(|slow| latency > slow) {
+                tally.slow.push(((began - start).as_millis() as u64, latency));
+            }
         }
     }
     (tally, ok_total)
