@@ -118,10 +118,10 @@ impl PgAudit {
         Ok(())
     }
 
-    /// The latest rows, newest first (`audit tail`).
+    /// The latest rows, newest first in the log's order (`audit tail`), as the API lists them.
     pub async fn tail(&self, limit: i64) -> Result<Vec<AuditRecord>, AuditError> {
         let rows = sqlx::query_as::<_, AuditRecord>(&format!(
-            "select {}, null::jsonb as claims from audit_events a order by a.recorded_at desc, a.id limit $1",
+            "select {}, null::jsonb as claims from audit_events a order by a.tx desc, a.id desc limit $1",
             *SELECT_LIST
         ))
         .bind(limit)

@@ -1,0 +1,6 @@
+-- `audit tail` now lists the latest rows in the log's own order, newest transaction first
+-- (`tx desc, id desc`), as /v1/audit and the /audit page always have, from the (tx, id) index
+-- (audit_events_tx) they use. Nothing else read audit_events by recorded_at, so its index only
+-- cost every inserted row one more index entry, and every batch one more relation to lock
+-- (bench/README.md, twenty-third session). The column stays: it is when the row was written.
+drop index audit_events_recorded_at;
